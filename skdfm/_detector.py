@@ -1,0 +1,318 @@
+"""DFMDetector: Deep Feature Modeling's PCA head as a scikit-learn outlier detector."""
+
+from __future__ import annotations
+
+import warnings
+from numbers import Integral, Real
+
+import numpy as np
+import torch
+from sklearn.base import BaseEstimator, OutlierMixin, _fit_context
+from sklearn.utils._param_validation import Interval, RealNotInt, StrOptions
+from sklearn.utils.validation import check_is_fitted, validate_data
+
+from ._device import resolve_device
+from ._gaussian import gaussian_variances, negative_log_likelihood
+from ._pca import fit_pca, n_components_for_level, project, reconstruction_error
+from ._persistence import PersistenceMixin
+
+__all__ = ["DFMDetector"]
+
+
+def _as_host_array(X):
+    """Torch tensors (any device, any float dtype) to numpy; other inputs unchanged."""
+    if isinstance(X, torch.Tensor):
+        X = X.detach()
+        if X.is_floating_point() and X.dtype not in (torch.float32, torch.float64):
+            X = X.to(torch.float32)
+        return X.cpu().numpy()
+    return X
+
+
+def _as_tensor(X: np.ndarray, device: torch.device) -> torch.Tensor:
+    """Zero-copy on CPU (also for read-only arrays, which are never written)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        return torch.as_tensor(X, device=device)
+
+
+class DFMDetector(PersistenceMixin, OutlierMixin, BaseEstimator):
+    """Deep Feature Modeling (DFM) outlier detector on a 2-D feature matrix.
+
+    Fits the mean and a PCA of the training rows, keeping ``pca_level`` of the
+    variance, and scores a row by its feature reconstruction error (``"fre"``) or its
+    Gaussian negative log-likelihood in the principal subspace (``"nll"``). It is the
+    head of anomalib's DFM model; rows usually come from
+    ``DeepFeatureTransformer``, but any feature matrix works. All the maths runs in
+    torch on ``device``.
+
+    Parameters
+    ----------
+    pca_level : float in (0, 1] or int >= 1, default=0.97
+        A float keeps the smallest number of components whose cumulative
+        explained-variance ratio exceeds it, as scikit-learn's
+        ``PCA(n_components=pca_level)`` does (anomalib keeps one component fewer:
+        pass the integer it ends with to reproduce its numbers). ``1.0`` keeps the
+        numerical rank. An integer keeps exactly that many components; it may not
+        exceed ``min(n_samples - 1, n_features)`` (``n_features - 1`` for ``"fre"``).
+    score_type : {"fre", "nll"}, default="fre"
+        ``"fre"``: squared distance to the principal subspace,
+        ``||x - mean_||^2 - ||(x - mean_) V||^2``. ``"nll"``: ``-2 log`` likelihood
+        of the projection under the Gaussian of the projected training rows, without
+        its constant ``k log(2 pi)``.
+    contamination : float in (0, 0.5], default=0.1
+        Expected proportion of outliers in the training set: ``offset_`` is that
+        percentile of the training scores, so ``predict`` flags that share of the
+        training rows. See Notes for why in-sample scores are optimistic.
+    solver : {"auto", "gram", "covariance"}, default="auto"
+        Eigenproblem that finds the components. ``"gram"`` (N x N, chosen when
+        ``n_samples <= n_features``) or ``"covariance"`` (D x D, otherwise). Both are
+        float64-accurate; they differ only in cost.
+    device : str or torch.device, default="auto"
+        Where the maths runs: ``"auto"`` (the current CUDA device when available,
+        else CPU), ``"cpu"``, ``"cuda"`` or ``"cuda:N"``. Resolved at fit into
+        ``device_``.
+
+    Attributes
+    ----------
+    mean_ : ndarray of shape (n_features,)
+        Per-feature mean of the training rows (float64).
+    components_ : ndarray of shape (n_components_, n_features)
+        Orthonormal principal axes, by decreasing explained variance (float64).
+    n_components_ : int
+        Number of components kept.
+    explained_variance_ : ndarray of shape (n_components_,)
+        Variance of the training rows along each component (``ddof=1``, as PCA).
+    explained_variance_ratio_ : ndarray of shape (n_components_,)
+        Share of the total variance along each component; its sum is the variance
+        kept.
+    singular_values_ : ndarray of shape (n_components_,)
+        Singular values of the centred training matrix.
+    n_samples_ : int
+        Number of training rows.
+    solver_ : str
+        The eigenproblem used, ``"gram"`` or ``"covariance"``.
+    device_ : str
+        The device the maths runs on. A model loaded on a machine without that
+        device moves to ``"cpu"`` with a :class:`~skdfm.DeviceWarning`.
+    offset_ : float
+        ``decision_function(X) == score_samples(X) - offset_``: the
+        ``100 * contamination`` percentile of the training scores.
+    n_features_in_ : int
+        Number of features seen during fit.
+    feature_names_in_ : ndarray of shape (n_features_in_,)
+        Names of features seen during fit, when X has string column names.
+
+    See Also
+    --------
+    sklearn.decomposition.PCA : Same components, without a score.
+    sklearn.covariance.EllipticEnvelope : Gaussian outlier detector on raw features.
+    sklearn.ensemble.IsolationForest : Tree-based outlier detector.
+
+    Notes
+    -----
+    For ``"fre"`` at most ``n_features - 1`` components are kept, even when the
+    level asks for all of them: with every axis kept the reconstruction is the
+    identity and every score would be zero.
+
+    **In-sample scores are optimistic.** The components are fitted to the training
+    rows, so a training row's FRE is smaller than that of a new normal row from the
+    same distribution; the gap is large when ``n_samples`` is not much larger than
+    ``n_components_`` (with ``n_samples <= n_components_ + 1`` the training FRE is
+    zero). The default ``offset_`` is taken from in-sample scores, as scikit-learn's
+    detectors do, and then flags far more than ``contamination`` of new normal
+    images. To calibrate honestly, score normal images that were not used for
+    fitting (a held-out split) and take the threshold from those scores, e.g.
+    ``np.percentile(det.score_samples(X_holdout), 1)``, or use a labelled validation
+    set. Ranking metrics such as ROC AUC on ``score_samples`` are unaffected.
+
+    The Gaussian of ``"nll"`` is centred at the training mean with the biased
+    (``1/N``) covariance of the projected training rows, ``diag(s^2 / N)``;
+    variances below ``1e-12`` of the largest are raised to it, so scores stay
+    finite. anomalib centres its data twice and so measures distances from the
+    origin instead.
+
+    Components are found without a full SVD of the data: by an eigendecomposition
+    of the N x N Gram matrix (float32 products accumulated in float64, then a
+    float64 Rayleigh-Ritz refinement) or of the D x D scatter matrix (float64).
+    Scores are computed in float64 from ``||x - mean||^2 - ||(x - mean) V||^2``
+    without forming the D-dimensional reconstruction.
+
+    References
+    ----------
+    .. [1] Ahuja, N. A. et al., "Probabilistic Modeling of Deep Features for
+       Out-of-Distribution and Adversarial Detection", arXiv:1909.11786, 2019.
+    .. [2] Ndiour, I. et al., "FRE: A Fast Method For Anomaly Detection And
+       Segmentation", arXiv:2203.10422, 2022.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from skdfm import DFMDetector
+    >>> rng = np.random.default_rng(0)
+    >>> basis = rng.normal(size=(5, 40))
+    >>> X = rng.normal(size=(200, 5)) @ basis + 0.01 * rng.normal(size=(200, 40))
+    >>> det = DFMDetector(pca_level=0.99, device="cpu").fit(X)
+    >>> det.n_components_
+    5
+    >>> normal = rng.normal(size=(1, 5)) @ basis
+    >>> defect = normal + rng.normal(size=(1, 40))
+    >>> det.predict(np.vstack([normal, defect]))
+    array([ 1, -1])
+    """
+
+    _parameter_constraints: dict = {
+        "pca_level": [
+            Interval(RealNotInt, 0, 1, closed="right"),
+            Interval(Integral, 1, None, closed="left"),
+        ],
+        "score_type": [StrOptions({"fre", "nll"})],
+        "contamination": [Interval(Real, 0, 0.5, closed="right")],
+        "solver": [StrOptions({"auto", "gram", "covariance"})],
+        "device": [str, torch.device],
+    }
+
+    def __init__(
+        self,
+        *,
+        pca_level=0.97,
+        score_type="fre",
+        contamination=0.1,
+        solver="auto",
+        device="auto",
+    ):
+        self.pca_level = pca_level
+        self.score_type = score_type
+        self.contamination = contamination
+        self.solver = solver
+        self.device = device
+
+    def _validate_features(self, X, *, reset: bool) -> np.ndarray:
+        return validate_data(
+            self,
+            _as_host_array(X),
+            reset=reset,
+            dtype=[np.float64, np.float32],
+            ensure_min_samples=2 if reset else 1,
+        )
+
+    @_fit_context(prefer_skip_nested_validation=True)
+    def fit(self, X, y=None):
+        """Fit the mean, the principal components and the threshold.
+
+        Parameters
+        ----------
+        X : array-like or torch.Tensor of shape (n_samples, n_features)
+            Feature rows of normal (defect-free) samples.
+        y : Ignored
+            Not used, present for API consistency by convention.
+
+        Returns
+        -------
+        self : object
+            Fitted estimator.
+        """
+        device = resolve_device(self.device)
+        X = self._validate_features(X, reset=True)
+        n_samples, n_features = X.shape
+        max_components = min(
+            n_samples - 1, n_features - (1 if self.score_type == "fre" else 0)
+        )
+        level = self.pca_level
+        if isinstance(level, Integral) and level > max_components:
+            raise ValueError(
+                f"pca_level={level} components requested, but at most "
+                f"{max_components} can be kept with n_samples={n_samples} and "
+                f"n_features={n_features} (min(n_samples - 1, n_features"
+                f"{' - 1' if self.score_type == 'fre' else ''}) for "
+                f"score_type={self.score_type!r})."
+            )
+
+        def n_components(eigenvalues, total, rank_tol):
+            if isinstance(level, Integral):
+                return int(level)
+            k = n_components_for_level(eigenvalues, total, float(level), rank_tol)
+            return min(k, max_components)
+
+        Xt = _as_tensor(X, device)
+        pca = fit_pca(Xt, n_components, solver=self.solver)
+
+        singular_values = pca.singular_values.cpu().numpy()
+        self.device_ = str(device)
+        self.solver_ = pca.solver
+        self.n_samples_ = n_samples
+        self.mean_ = pca.mean.cpu().numpy()
+        self.components_ = np.ascontiguousarray(pca.components.T.cpu().numpy())
+        self.n_components_ = self.components_.shape[0]
+        self.singular_values_ = singular_values
+        self.explained_variance_ = singular_values**2 / (n_samples - 1)
+        self.explained_variance_ratio_ = singular_values**2 / pca.total_sum_squares
+        self.offset_ = float(
+            np.percentile(self._score_samples(Xt), 100.0 * self.contamination)
+        )
+        return self
+
+    def _score_samples(self, Xt: torch.Tensor) -> np.ndarray:
+        """Scores of a validated tensor on ``device_``; no validation."""
+        device = Xt.device
+        z, sq_norm = project(
+            Xt,
+            torch.as_tensor(self.mean_, device=device),
+            torch.as_tensor(self.components_, device=device).T,
+        )
+        if self.score_type == "fre":
+            score = reconstruction_error(z, sq_norm)
+        else:
+            variances = gaussian_variances(
+                torch.as_tensor(self.singular_values_, device=device), self.n_samples_
+            )
+            score = negative_log_likelihood(z, variances)
+        return -score.cpu().numpy()
+
+    def score_samples(self, X):
+        """Opposite of the anomaly score: higher means more normal.
+
+        Parameters
+        ----------
+        X : array-like or torch.Tensor of shape (n_samples, n_features)
+
+        Returns
+        -------
+        scores : ndarray of shape (n_samples,), float64
+            ``-FRE`` or ``-NLL`` of each row.
+        """
+        check_is_fitted(self)
+        X = self._validate_features(X, reset=False)
+        return self._score_samples(_as_tensor(X, torch.device(self.device_)))
+
+    def decision_function(self, X):
+        """Shifted scores: negative for outliers, ``score_samples(X) - offset_``.
+
+        Parameters
+        ----------
+        X : array-like or torch.Tensor of shape (n_samples, n_features)
+
+        Returns
+        -------
+        decision : ndarray of shape (n_samples,), float64
+        """
+        return self.score_samples(X) - self.offset_
+
+    def predict(self, X):
+        """Label each row: +1 for an inlier, -1 for an outlier.
+
+        Parameters
+        ----------
+        X : array-like or torch.Tensor of shape (n_samples, n_features)
+
+        Returns
+        -------
+        labels : ndarray of shape (n_samples,), int
+            ``1`` where ``decision_function(X) >= 0``, else ``-1``.
+        """
+        return np.where(self.decision_function(X) >= 0, 1, -1)
+
+    def __sklearn_tags__(self):
+        tags = super().__sklearn_tags__()
+        tags.input_tags.allow_nan = False
+        return tags

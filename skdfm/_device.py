@@ -1,0 +1,89 @@
+"""Where torch work runs: resolving a user's ``device`` argument, in one place."""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+
+__all__ = ["DeviceWarning", "resolve_device", "loadable_device"]
+
+
+class DeviceWarning(UserWarning):
+    """A fitted model was loaded where its device does not exist and moved to CPU."""
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """Turn a ``device`` parameter into an available :class:`torch.device`.
+
+    Parameters
+    ----------
+    device : {"auto", "cpu", "cuda", "cuda:N"}, torch.device or None
+        ``"auto"`` (or None) picks the current CUDA device when one is available and
+        the CPU otherwise. ``"mps"`` is accepted where torch supports it.
+
+    Returns
+    -------
+    torch.device
+        An available device; CUDA devices always carry their index.
+
+    Raises
+    ------
+    ValueError
+        If ``device`` is not a device torch knows, or names a device this machine
+        does not have.
+    """
+    if device is None or (isinstance(device, str) and device == "auto"):
+        if torch.cuda.is_available():
+            return torch.device("cuda", torch.cuda.current_device())
+        return torch.device("cpu")
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise ValueError(
+            f"device={device!r} is not a valid device; use 'auto', 'cpu', 'cuda' "
+            "or 'cuda:N'."
+        ) from exc
+    if resolved.type == "cpu":
+        return torch.device("cpu")
+    if resolved.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(
+                f"device={device!r} was requested but CUDA is not available on this "
+                "machine (torch.cuda.is_available() is False); use device='cpu' or "
+                "device='auto'."
+            )
+        count = torch.cuda.device_count()
+        index = torch.cuda.current_device() if resolved.index is None else resolved.index
+        if index >= count:
+            raise ValueError(
+                f"device={device!r} was requested but this machine has {count} CUDA "
+                f"device(s) (valid indices 0..{count - 1})."
+            )
+        return torch.device("cuda", index)
+    if resolved.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise ValueError(f"device={device!r} was requested but MPS is not available.")
+        return resolved
+    raise ValueError(
+        f"device={device!r} is not supported; use 'auto', 'cpu', 'cuda' or 'cuda:N'."
+    )
+
+
+def loadable_device(device: str) -> str:
+    """Return ``device`` if it exists on this machine, else ``"cpu"`` with a warning.
+
+    Used when a fitted model is unpickled: a model fitted on a GPU must still load and
+    score on a machine without one.
+    """
+    try:
+        return str(resolve_device(device))
+    except ValueError:
+        warnings.warn(
+            f"This model was fitted on device {device!r}, which this machine does not "
+            "have; it will compute on 'cpu'. Call set_params(device=...) and refit, or "
+            "ignore this warning: results are the same.",
+            DeviceWarning,
+            stacklevel=3,
+        )
+        return "cpu"

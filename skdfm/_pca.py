@@ -1,0 +1,245 @@
+"""PCA kernels in torch: the principal subspace of a feature matrix, and projections.
+
+The subspace is found by the cheapest route that is exact in float64 terms:
+
+* ``"gram"`` (N <= D, the usual DFM case of few images with long feature rows): the
+  N x N Gram matrix of the centred rows, accumulated from float32 products into
+  float64, is eigendecomposed in float64; the top-k basis Xc^T U is orthonormalised
+  and refined by a Rayleigh-Ritz step in float64 (an SVD of the N x k projection
+  Xc Q), which restores float64 accuracy to the singular values and to the
+  orthonormality that float32 products alone would lose.
+* ``"covariance"`` (N > D): the D x D scatter matrix, accumulated in float64, is
+  eigendecomposed in float64; its eigenvectors are the components.
+
+Neither route forms a full SVD of the N x D matrix (anomalib's O(N^2 D) float64 SVD
+with its ~9x memory), nor a copy of the centred matrix: every pass walks the data in
+chunks of about ``_CHUNK_BYTES``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+__all__ = [
+    "PCAFit",
+    "choose_solver",
+    "column_mean",
+    "fit_pca",
+    "n_components_for_level",
+    "project",
+    "reconstruction_error",
+]
+
+# Temporaries per chunk; large enough for efficient GEMMs, small enough that big
+# score/fit batches do not page-fault fresh buffers (see PERF_NOTES).
+_CHUNK_BYTES = 64 * 2**20
+
+
+def _step(n_items: int, bytes_per_item: int) -> int:
+    """Number of items per chunk so that a chunk holds about ``_CHUNK_BYTES``."""
+    return max(1, min(n_items, _CHUNK_BYTES // max(1, bytes_per_item)))
+
+
+@dataclass(frozen=True)
+class PCAFit:
+    """Result of :func:`fit_pca` (all tensors float64, on the input's device)."""
+
+    mean: torch.Tensor  #: (D,) column means
+    components: torch.Tensor  #: (D, k) orthonormal principal axes, by decreasing variance
+    singular_values: torch.Tensor  #: (k,) singular values of the centred matrix
+    total_sum_squares: float  #: squared Frobenius norm of the centred matrix
+    solver: str  #: "gram" or "covariance"
+
+
+def choose_solver(n_samples: int, n_features: int) -> str:
+    """Pick the eigenproblem of the smaller side: N x N Gram or D x D covariance."""
+    return "gram" if n_samples <= n_features else "covariance"
+
+
+def column_mean(X: torch.Tensor) -> torch.Tensor:
+    """Float64 mean of the rows of ``X``, summed chunk by chunk."""
+    n, d = X.shape
+    total = torch.zeros(d, dtype=torch.float64, device=X.device)
+    step = _step(n, d * 8)
+    for start in range(0, n, step):
+        total += X[start : start + step].sum(dim=0, dtype=torch.float64)
+    return total / n
+
+
+def project(
+    X: torch.Tensor, mean: torch.Tensor, components: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Centre ``X`` and project it on ``components``, in float64, chunk by chunk.
+
+    Returns ``(z, sq_norm)``: the (n, k) coordinates z = (x - mean) V and the (n,)
+    squared norms ||x - mean||^2. The D-dimensional reconstruction is never formed.
+    """
+    n, d = X.shape
+    k = components.shape[1]
+    z = torch.empty((n, k), dtype=torch.float64, device=X.device)
+    sq_norm = torch.empty(n, dtype=torch.float64, device=X.device)
+    step = _step(n, d * 8)
+    for start in range(0, n, step):
+        xc = X[start : start + step].to(torch.float64) - mean
+        sq_norm[start : start + step] = torch.einsum("ij,ij->i", xc, xc)
+        z[start : start + step] = xc @ components
+    return z, sq_norm
+
+
+def reconstruction_error(z: torch.Tensor, sq_norm: torch.Tensor) -> torch.Tensor:
+    """FRE = ||x - mean||^2 - ||z||^2 with z = (x - mean) V, V orthonormal.
+
+    Both terms are float64, so the cancellation loses about 1e-16 of ||x - mean||^2;
+    the clamp only removes the sign of rounding noise when x lies in the subspace.
+    """
+    return (sq_norm - torch.einsum("ij,ij->i", z, z)).clamp_min_(0.0)
+
+
+def n_components_for_level(
+    eigenvalues: np.ndarray, total: float, level: float, rank_tol: float
+) -> int:
+    """Smallest k whose cumulative explained-variance ratio exceeds ``level``.
+
+    The rule of scikit-learn's ``PCA(n_components=level)``; anomalib keeps one
+    component fewer. ``level == 1`` keeps every component whose eigenvalue exceeds
+    ``rank_tol`` (the numerical rank), since rounding may keep the cumulative ratio
+    just below 1.
+
+    Parameters
+    ----------
+    eigenvalues : ndarray of shape (m,)
+        Squared singular values of the centred matrix, in decreasing order.
+    total : float
+        Their exact sum, the squared Frobenius norm of the centred matrix.
+    level : float in (0, 1]
+    rank_tol : float
+        Eigenvalues at or below this are numerically zero.
+    """
+    rank = int(np.count_nonzero(eigenvalues > rank_tol))
+    if level >= 1.0:
+        return rank
+    cumulative = np.cumsum(eigenvalues / total)
+    return min(int(np.searchsorted(cumulative, level, side="right")) + 1, rank)
+
+
+def _centred_columns(X: torch.Tensor, mean: torch.Tensor, dtype: torch.dtype):
+    """Yield ``(slice, Xc[:, slice])`` column blocks of the centred matrix in ``dtype``."""
+    n, d = X.shape
+    step = _step(d, n * torch.finfo(dtype).bits // 8)
+    for start in range(0, d, step):
+        cols = slice(start, start + step)
+        yield cols, X[:, cols].to(dtype) - mean[cols].to(dtype)
+
+
+def _centred_rows(X: torch.Tensor, mean: torch.Tensor):
+    """Yield float64 row blocks of the centred matrix."""
+    n, d = X.shape
+    step = _step(n, d * 8)
+    for start in range(0, n, step):
+        yield X[start : start + step].to(torch.float64) - mean
+
+
+def _descending_eigh(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    eigenvalues, eigenvectors = torch.linalg.eigh(matrix)
+    return eigenvalues.flip(0).clamp_min(0.0), eigenvectors.flip(1)
+
+
+def _rayleigh_ritz(
+    X: torch.Tensor, mean: torch.Tensor, basis: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Best rank-k approximation of Xc within span(``basis``), in float64.
+
+    With Q = orth(basis), the SVD of the N x k matrix Xc Q = P S W^T gives the
+    principal axes Q W and their singular values S inside that subspace.
+    """
+    q, _ = torch.linalg.qr(basis)
+    projected = torch.zeros(
+        (X.shape[0], q.shape[1]), dtype=torch.float64, device=X.device
+    )
+    for cols, block in _centred_columns(X, mean, torch.float64):
+        projected += block @ q[cols]
+    _, singular_values, wt = torch.linalg.svd(projected, full_matrices=False)
+    return q @ wt.T, singular_values
+
+
+def _gram_route(X, mean, choose_k):
+    n = X.shape[0]
+    gram = torch.zeros((n, n), dtype=torch.float64, device=X.device)
+    for _, block in _centred_columns(X, mean, torch.float32):
+        gram += (block @ block.T).to(torch.float64)
+    eigenvalues, eigenvectors = _descending_eigh(gram)
+    # Eigenvalues of a Gram matrix built from float32 products are exact to about
+    # float32 epsilon times the largest one.
+    k = choose_k(eigenvalues, float(eigenvalues[0]) * n * torch.finfo(torch.float32).eps)
+    if k == 0:
+        return X.new_zeros((X.shape[1], 0), dtype=torch.float64), eigenvalues[:0]
+    top = eigenvectors[:, :k]
+    basis = torch.empty((X.shape[1], k), dtype=torch.float64, device=X.device)
+    for cols, block in _centred_columns(X, mean, torch.float64):
+        basis[cols] = block.T @ top
+    return _rayleigh_ritz(X, mean, basis)
+
+
+def _covariance_route(X, mean, choose_k):
+    d = X.shape[1]
+    scatter = torch.zeros((d, d), dtype=torch.float64, device=X.device)
+    for block in _centred_rows(X, mean):
+        scatter += block.T @ block
+    eigenvalues, eigenvectors = _descending_eigh(scatter)
+    k = choose_k(eigenvalues, float(eigenvalues[0]) * d * torch.finfo(torch.float64).eps)
+    return eigenvectors[:, :k], eigenvalues[:k].sqrt()
+
+
+def fit_pca(
+    X: torch.Tensor,
+    n_components: Callable[[np.ndarray, float, float], int],
+    solver: str = "auto",
+) -> PCAFit:
+    """Fit the principal subspace of the rows of ``X``.
+
+    Parameters
+    ----------
+    X : torch.Tensor of shape (N, D), float32 or float64
+        The data, on the device where the work should run. It is not modified and
+        not copied whole.
+    n_components : callable
+        ``n_components(eigenvalues, total, rank_tol) -> k``, called once with the
+        whole spectrum (float64 numpy, decreasing), the squared Frobenius norm of the
+        centred matrix and the eigenvalue below which the spectrum is numerical noise.
+        It returns how many components to keep.
+    solver : {"auto", "gram", "covariance"}
+        ``"auto"`` takes :func:`choose_solver`.
+
+    Returns
+    -------
+    PCAFit
+        Components are sign-normalised: the largest-magnitude entry of each is
+        positive, so refits give identical components.
+    """
+    n, d = X.shape
+    if solver == "auto":
+        solver = choose_solver(n, d)
+    mean = column_mean(X)
+    total = 0.0
+    for block in _centred_rows(X, mean):
+        total += float(torch.einsum("ij,ij->", block, block))
+    if total == 0.0:
+        raise ValueError(
+            "All samples are identical (the centred data are zero): there is no "
+            "variance to model."
+        )
+
+    def choose_k(eigenvalues: torch.Tensor, rank_tol: float) -> int:
+        return n_components(eigenvalues.cpu().numpy(), total, rank_tol)
+
+    route = _gram_route if solver == "gram" else _covariance_route
+    components, singular_values = route(X, mean, choose_k)
+    if components.shape[1]:
+        peak = components.abs().argmax(dim=0)
+        signs = torch.sign(components[peak, torch.arange(components.shape[1])])
+        components = components * torch.where(signs == 0, 1.0, signs)
+    return PCAFit(mean, components, singular_values, total, solver)

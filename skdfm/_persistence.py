@@ -1,0 +1,49 @@
+"""Pickling contract shared by skdfm's estimators.
+
+A pickle records the skdfm version that wrote it (scikit-learn's own check covers only
+its modules) and, on load, re-resolves the fitted device so that a model fitted on a
+GPU loads and computes on a machine without one.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+from ._device import loadable_device
+
+__all__ = ["PersistenceMixin", "SkdfmVersionWarning"]
+
+
+class SkdfmVersionWarning(UserWarning):
+    """A model is loaded by a different skdfm version than the one that saved it."""
+
+
+class PersistenceMixin:
+    """Version stamp and device re-resolution for pickle, joblib and skops.
+
+    Fitted state must be numpy or plain Python (never device tensors), so that the
+    pickle is portable; ``device_`` is the only device-bound attribute.
+    """
+
+    def __getstate__(self):
+        from . import __version__
+
+        state = super().__getstate__()
+        state["_skdfm_version"] = __version__
+        return state
+
+    def __setstate__(self, state):
+        from . import __version__
+
+        saved = state.pop("_skdfm_version", "unknown")
+        if saved != __version__:
+            warnings.warn(
+                f"This {type(self).__name__} was saved with skdfm {saved} and is "
+                f"loaded with skdfm {__version__}; results may differ. Refit it, or "
+                "load it with the version that saved it.",
+                SkdfmVersionWarning,
+                stacklevel=2,
+            )
+        if "device_" in state:
+            state["device_"] = loadable_device(state["device_"])
+        super().__setstate__(state)
