@@ -32,7 +32,9 @@ def _as_host_array(X):
 def _as_tensor(X: np.ndarray, device: torch.device) -> torch.Tensor:
     """Zero-copy on CPU (also for read-only arrays, which are never written)."""
     with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        warnings.filterwarnings(
+            "ignore", message="The given NumPy array is not writable"
+        )
         return torch.as_tensor(X, device=device)
 
 
@@ -133,8 +135,8 @@ class DFMDetector(PersistenceMixin, OutlierMixin, BaseEstimator):
     origin instead.
 
     Components are found without a full SVD of the data: by an eigendecomposition
-    of the N x N Gram matrix (float32 products accumulated in float64, then a
-    float64 Rayleigh-Ritz refinement) or of the D x D scatter matrix (float64).
+    of the N x N Gram matrix or of the D x D scatter matrix, whichever is smaller,
+    in float64.
     Scores are computed in float64 from ``||x - mean||^2 - ||(x - mean) V||^2``
     without forming the D-dimensional reconstruction.
 

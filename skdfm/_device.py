@@ -54,7 +54,9 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
                 "device='auto'."
             )
         count = torch.cuda.device_count()
-        index = torch.cuda.current_device() if resolved.index is None else resolved.index
+        index = (
+            torch.cuda.current_device() if resolved.index is None else resolved.index
+        )
         if index >= count:
             raise ValueError(
                 f"device={device!r} was requested but this machine has {count} CUDA "
@@ -63,7 +65,9 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
         return torch.device("cuda", index)
     if resolved.type == "mps":
         if not torch.backends.mps.is_available():
-            raise ValueError(f"device={device!r} was requested but MPS is not available.")
+            raise ValueError(
+                f"device={device!r} was requested but MPS is not available."
+            )
         return resolved
     raise ValueError(
         f"device={device!r} is not supported; use 'auto', 'cpu', 'cuda' or 'cuda:N'."

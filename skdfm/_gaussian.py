@@ -23,7 +23,9 @@ def gaussian_variances(singular_values: torch.Tensor, n_samples: int) -> torch.T
     variances = singular_values.to(torch.float64) ** 2 / n_samples
     if variances.numel() == 0:
         return variances
-    floor = max(float(variances.max()) * VARIANCE_FLOOR, torch.finfo(torch.float64).tiny)
+    floor = max(
+        float(variances.max()) * VARIANCE_FLOOR, torch.finfo(torch.float64).tiny
+    )
     return variances.clamp_min(floor)
 
 

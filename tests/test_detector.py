@@ -1,0 +1,356 @@
+import re
+
+import joblib
+import numpy as np
+import pytest
+import torch
+from sklearn.decomposition import PCA
+from sklearn.exceptions import NotFittedError
+
+from skdfm import DFMDetector
+
+from .conftest import make_features
+
+
+def reference_dfm(X_train, X_test, k):
+    """Independent float64 numpy implementation of anomalib's DFM formulas.
+
+    Full SVD of the centred training matrix; FRE as the norm of the explicit
+    residual; NLL from a Gaussian fitted to the projected training rows (mean and
+    biased covariance, eigendecomposed as anomalib does), correctly centred.
+    """
+    X = np.asarray(X_train, dtype=np.float64)
+    mean = X.mean(axis=0)
+    _, _, vt = np.linalg.svd(X - mean, full_matrices=False)
+    V = vt[:k].T
+    Y = np.asarray(X_test, dtype=np.float64) - mean
+    residual = Y - Y @ V @ V.T
+    fre = (residual**2).sum(axis=1)
+    z_train = (X - mean) @ V
+    m = z_train.mean(axis=0)
+    cov = np.cov(z_train, rowvar=False, bias=True).reshape(k, k)
+    sigma2, U = np.linalg.eigh(cov)
+    w = ((Y @ V - m) @ U) / np.sqrt(sigma2)
+    nll = (w**2).sum(axis=1) + np.log(sigma2).sum()
+    return fre, nll
+
+
+@pytest.mark.parametrize("solver", ["gram", "covariance"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_scores_equal_float64_reference(features, solver, dtype):
+    X_train, X_test = (x.astype(dtype) for x in features)
+    if solver == "covariance":  # N > D for the covariance route's usual regime
+        X_train, X_test = X_train[:, :60], X_test[:, :60]
+    k = 12
+    fre_ref, nll_ref = reference_dfm(X_train, X_test, k)
+    for score_type, expected in (("fre", fre_ref), ("nll", nll_ref)):
+        det = DFMDetector(pca_level=k, score_type=score_type, solver=solver)
+        det.set_params(device="cpu").fit(X_train)
+        got = -det.score_samples(X_test)
+        assert det.n_components_ == k
+        np.testing.assert_allclose(got, expected, rtol=1e-5)
+        in_sample = reference_dfm(X_train, X_train, k)[score_type == "nll"]
+        np.testing.assert_allclose(-det.score_samples(X_train), in_sample, rtol=1e-5)
+
+
+def test_fre_equals_sklearn_pca_reconstruction_error(features):
+    X_train, X_test = (x.astype(np.float64) for x in features)
+    det = DFMDetector(pca_level=0.9, device="cpu").fit(X_train)
+    pca = PCA(n_components=0.9, svd_solver="full").fit(X_train)
+    assert det.n_components_ == pca.n_components_
+    recon = pca.inverse_transform(pca.transform(X_test))
+    np.testing.assert_allclose(
+        -det.score_samples(X_test), ((X_test - recon) ** 2).sum(1), rtol=1e-8
+    )
+    np.testing.assert_allclose(det.explained_variance_, pca.explained_variance_)
+    np.testing.assert_allclose(
+        det.explained_variance_ratio_, pca.explained_variance_ratio_
+    )
+    np.testing.assert_allclose(det.singular_values_, pca.singular_values_)
+    np.testing.assert_allclose(
+        np.abs(det.components_ @ pca.components_.T),
+        np.eye(det.n_components_),
+        atol=1e-8,
+    )
+
+
+def test_nll_is_the_centred_gaussian_log_likelihood(features):
+    from scipy.stats import multivariate_normal
+
+    X_train, X_test = features
+    det = DFMDetector(pca_level=0.8, score_type="nll", device="cpu").fit(X_train)
+    k = det.n_components_
+    z_train = (X_train - det.mean_) @ det.components_.T
+    z_test = (X_test - det.mean_) @ det.components_.T
+    gaussian = multivariate_normal(z_train.mean(0), np.cov(z_train.T, bias=True))
+    expected = -2 * gaussian.logpdf(z_test) - k * np.log(2 * np.pi)
+    np.testing.assert_allclose(-det.score_samples(X_test), expected, rtol=1e-5)
+
+
+def test_nll_is_centred_at_the_training_mean():
+    # Far from the origin, anomalib's double centring would score the mean row as
+    # a far outlier; the correctly centred Gaussian scores it as the most normal.
+    X = make_features(100, 30) + 100.0
+    det = DFMDetector(pca_level=5, score_type="nll", device="cpu").fit(X)
+    assert det.score_samples(det.mean_[None])[0] > det.score_samples(X).max()
+
+
+def test_float_level_keeps_sklearn_count_and_integer_is_exact(features):
+    X_train, _ = features
+    det = DFMDetector(pca_level=0.97, device="cpu").fit(X_train)
+    assert det.n_components_ == PCA(0.97, svd_solver="full").fit(X_train).n_components_
+    assert det.explained_variance_ratio_.sum() > 0.97
+    assert det.explained_variance_ratio_[:-1].sum() <= 0.97
+    assert DFMDetector(pca_level=7, device="cpu").fit(X_train).n_components_ == 7
+    # 1 is an integer (one component), 1.0 a level (the numerical rank)
+    assert DFMDetector(pca_level=1, device="cpu").fit(X_train).n_components_ == 1
+    full = DFMDetector(pca_level=1.0, score_type="nll", device="cpu").fit(X_train)
+    assert full.n_components_ == len(X_train) - 1
+
+
+def test_fre_never_keeps_every_feature():
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(200, 2)) * [3.0, 2.0]
+    det = DFMDetector(pca_level=0.999, device="cpu").fit(X)
+    assert det.n_components_ == 1
+    assert np.ptp(det.score_samples(X)) > 0
+    nll = DFMDetector(pca_level=0.999, score_type="nll", device="cpu").fit(X)
+    assert nll.n_components_ == 2
+
+
+@pytest.mark.parametrize("score_type", ["fre", "nll"])
+def test_too_many_components_is_an_error(features, score_type):
+    X_train, _ = features
+    n, d = X_train[:10].shape
+    with pytest.raises(ValueError, match=r"at most 9 can be kept"):
+        DFMDetector(pca_level=10, score_type=score_type, device="cpu").fit(X_train[:10])
+    d_cap = 4 if score_type == "fre" else 5
+    X = X_train[:, :5]
+    DFMDetector(pca_level=d_cap, score_type=score_type, device="cpu").fit(X)
+    with pytest.raises(ValueError, match=f"at most {d_cap} can be kept"):
+        DFMDetector(pca_level=d_cap + 1, score_type=score_type, device="cpu").fit(X)
+
+
+def test_outlier_api_and_contamination(features):
+    X_train, X_test = features
+    det = DFMDetector(contamination=0.05, device="cpu").fit(X_train)
+    scores = det.score_samples(X_test)
+    assert scores.dtype == np.float64 and scores.shape == (len(X_test),)
+    np.testing.assert_array_equal(det.decision_function(X_test), scores - det.offset_)
+    pred = det.predict(X_test)
+    assert pred.dtype.kind == "i"
+    np.testing.assert_array_equal(pred, np.where(scores - det.offset_ >= 0, 1, -1))
+    assert np.sum(det.predict(X_train) == -1) == 6  # 5 % of 120
+    np.testing.assert_array_equal(det.fit_predict(X_train), det.predict(X_train))
+    assert det.offset_ == pytest.approx(np.percentile(det.score_samples(X_train), 5))
+
+
+def test_defects_score_lower_than_normal_rows(features):
+    X_train, X_test = features
+    rng = np.random.default_rng(0)
+    defects = X_test + rng.normal(scale=3 * X_test.std(), size=X_test.shape)
+    for score_type in ("fre", "nll"):
+        det = DFMDetector(score_type=score_type, device="cpu").fit(X_train)
+        assert det.score_samples(defects).max() < det.score_samples(X_test).min()
+
+
+def test_in_sample_scores_are_optimistic(features):
+    # The documented pitfall: with N close to k, training rows are reconstructed
+    # almost exactly, so an in-sample threshold flags most new normal rows.
+    X_train, X_test = features
+    det = DFMDetector(pca_level=0.99, device="cpu").fit(X_train)
+    assert det.n_components_ > len(X_train) / 2
+    assert np.median(-det.score_samples(X_test)) > 5 * np.median(
+        -det.score_samples(X_train)
+    )
+    assert np.mean(det.predict(X_test) == -1) > 0.5
+
+
+@pytest.mark.parametrize(
+    "convert",
+    [
+        lambda X: X.tolist(),
+        torch.from_numpy,
+        lambda X: torch.from_numpy(X).double(),
+        lambda X: torch.from_numpy(X).to(torch.bfloat16),
+    ],
+    ids=["list", "tensor-fp32", "tensor-fp64", "tensor-bf16"],
+)
+def test_accepts_lists_and_tensors(features, convert):
+    X_train, X_test = features
+    det = DFMDetector(device="cpu").fit(X_train)
+    expected = det.score_samples(X_test)
+    if "bfloat16" in repr(convert(X_test[:1])):
+        X_test = torch.from_numpy(X_test).to(torch.bfloat16).float().numpy()
+        expected = det.score_samples(X_test)
+    np.testing.assert_allclose(det.score_samples(convert(X_test)), expected, rtol=1e-6)
+    refit = DFMDetector(device="cpu").fit(convert(X_train))
+    assert refit.n_components_ > 0
+
+
+def test_device_is_resolved_into_a_fitted_attribute(features, monkeypatch):
+    X_train, _ = features
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    det = DFMDetector().fit(X_train)
+    assert det.device == "auto"
+    assert det.device_ == "cpu"
+    assert DFMDetector(device=torch.device("cpu")).fit(X_train).device_ == "cpu"
+
+
+def test_fitted_attributes_are_numpy(features):
+    det = DFMDetector(device="cpu").fit(features[0])
+    for name in (
+        "mean_",
+        "components_",
+        "explained_variance_",
+        "explained_variance_ratio_",
+        "singular_values_",
+    ):
+        assert isinstance(getattr(det, name), np.ndarray), name
+    assert isinstance(det.offset_, float)
+    assert det.n_features_in_ == features[0].shape[1]
+
+
+# --- bad input -------------------------------------------------------------
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_non_finite_input_is_rejected(features, bad):
+    X_train, X_test = features
+    X_bad = X_train.copy()
+    X_bad[3, 4] = bad
+    with pytest.raises(ValueError, match="NaN|infinity"):
+        DFMDetector(device="cpu").fit(X_bad)
+    det = DFMDetector(device="cpu").fit(X_train)
+    with pytest.raises(ValueError, match="NaN|infinity"):
+        det.score_samples(X_bad)
+    with pytest.raises(ValueError, match="NaN|infinity"):
+        det.fit(torch.from_numpy(X_bad))
+
+
+def test_wrong_number_of_features_is_rejected(features):
+    X_train, X_test = features
+    det = DFMDetector(device="cpu").fit(X_train)
+    with pytest.raises(ValueError, match="300 features"):
+        det.predict(X_test[:, :-1])
+
+
+def test_one_sample_is_rejected(features):
+    with pytest.raises(ValueError, match="1 sample"):
+        DFMDetector(device="cpu").fit(features[0][:1])
+
+
+def test_wrong_ndim_is_rejected(features):
+    with pytest.raises(ValueError, match="2D array"):
+        DFMDetector(device="cpu").fit(features[0][0])
+    with pytest.raises(ValueError, match="dim 3"):
+        DFMDetector(device="cpu").fit(features[0].reshape(4, 30, 300))
+
+
+def test_identical_samples_are_rejected():
+    with pytest.raises(ValueError, match="identical"):
+        DFMDetector(device="cpu").fit(np.ones((5, 8)))
+
+
+@pytest.mark.parametrize(
+    "params, message",
+    [
+        ({"pca_level": 0.0}, "pca_level"),
+        ({"pca_level": 1.5}, "pca_level"),
+        ({"pca_level": -3}, "pca_level"),
+        ({"pca_level": "all"}, "pca_level"),
+        ({"score_type": "mahalanobis"}, "score_type"),
+        ({"contamination": 0.6}, "contamination"),
+        ({"solver": "svd"}, "solver"),
+        ({"device": 3}, "device"),
+    ],
+)
+def test_invalid_parameters_are_rejected(features, params, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        DFMDetector(**params).fit(features[0])
+
+
+@pytest.mark.parametrize("device", ["gpu", "cuda:x", "tpu"])
+def test_unknown_device_is_rejected(features, device):
+    with pytest.raises(ValueError, match="not a valid device|not supported"):
+        DFMDetector(device=device).fit(features[0])
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+def test_unavailable_cuda_is_rejected(features):
+    with pytest.raises(ValueError, match="CUDA is not available"):
+        DFMDetector(device="cuda").fit(features[0])
+
+
+def test_unfitted_model_raises_not_fitted(features):
+    for method in ("score_samples", "decision_function", "predict"):
+        with pytest.raises(NotFittedError):
+            getattr(DFMDetector(), method)(features[1])
+
+
+# --- persistence -----------------------------------------------------------
+
+
+@pytest.mark.parametrize("score_type", ["fre", "nll"])
+def test_joblib_round_trip_gives_identical_scores(features, tmp_path, score_type):
+    X_train, X_test = features
+    det = DFMDetector(score_type=score_type, device="cpu").fit(X_train)
+    joblib.dump(det, tmp_path / "det.joblib")
+    loaded = joblib.load(tmp_path / "det.joblib")
+    np.testing.assert_array_equal(
+        loaded.score_samples(X_test), det.score_samples(X_test)
+    )
+    assert loaded.offset_ == det.offset_
+
+
+def test_model_fitted_on_cuda_loads_on_a_machine_without_cuda(
+    features, tmp_path, monkeypatch
+):
+    from skdfm import DeviceWarning
+
+    X_train, X_test = features
+    det = DFMDetector(device="cpu").fit(X_train)
+    expected = det.score_samples(X_test)
+    det.set_params(device="cuda")
+    det.device_ = "cuda:0"  # as a fit on a GPU machine leaves it
+    joblib.dump(det, tmp_path / "det.joblib")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.warns(DeviceWarning, match="cuda:0"):
+        loaded = joblib.load(tmp_path / "det.joblib")
+    assert loaded.device_ == "cpu"
+    np.testing.assert_array_equal(loaded.score_samples(X_test), expected)
+
+
+# --- CUDA (skipped without a GPU) --------------------------------------------
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("score_type", ["fre", "nll"])
+@pytest.mark.parametrize("solver", ["gram", "covariance"])
+def test_cuda_fit_matches_cpu(features, score_type, solver):
+    X_train, X_test = features
+    params = dict(score_type=score_type, solver=solver, pca_level=10)
+    cpu = DFMDetector(device="cpu", **params).fit(X_train)
+    gpu = DFMDetector(device="cuda", **params).fit(X_train)
+    assert gpu.device_.startswith("cuda:")
+    assert isinstance(gpu.components_, np.ndarray)
+    np.testing.assert_allclose(
+        gpu.score_samples(X_test), cpu.score_samples(X_test), rtol=1e-6
+    )
+    np.testing.assert_allclose(
+        gpu.score_samples(torch.from_numpy(X_test).cuda()),
+        cpu.score_samples(X_test),
+        rtol=1e-6,
+    )
+
+
+@pytest.mark.cuda
+def test_cuda_model_round_trips_with_joblib(features, tmp_path):
+    X_train, X_test = features
+    det = DFMDetector(device="cuda").fit(X_train)
+    joblib.dump(det, tmp_path / "det.joblib")
+    loaded = joblib.load(tmp_path / "det.joblib")
+    assert loaded.device_ == det.device_
+    np.testing.assert_array_equal(
+        loaded.score_samples(X_test), det.score_samples(X_test)
+    )
