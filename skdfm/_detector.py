@@ -249,9 +249,11 @@ class DFMDetector(PersistenceMixin, OutlierMixin, BaseEstimator):
         self.singular_values_ = singular_values
         self.explained_variance_ = singular_values**2 / (n_samples - 1)
         self.explained_variance_ratio_ = singular_values**2 / pca.total_sum_squares
-        self.offset_ = float(
-            np.percentile(self._score_samples(Xt), 100.0 * self.contamination)
-        )
+        if pca.training_projection is None:
+            train_scores = self._score_samples(Xt)
+        else:
+            train_scores = self._score_projection(*pca.training_projection)
+        self.offset_ = float(np.percentile(train_scores, 100.0 * self.contamination))
         return self
 
     def _score_samples(self, Xt: torch.Tensor) -> np.ndarray:
@@ -262,6 +264,11 @@ class DFMDetector(PersistenceMixin, OutlierMixin, BaseEstimator):
             torch.as_tensor(self.mean_, device=device),
             torch.as_tensor(self.components_, device=device).T,
         )
+        return self._score_projection(z, sq_norm)
+
+    def _score_projection(self, z: torch.Tensor, sq_norm: torch.Tensor) -> np.ndarray:
+        """``score_samples`` from the output of ``_pca.project``."""
+        device = z.device
         if self.score_type == "fre":
             score = reconstruction_error(z, sq_norm)
         else:

@@ -54,6 +54,9 @@ class PCAFit:
     singular_values: torch.Tensor  #: (k,) singular values of the centred matrix
     total_sum_squares: float  #: squared Frobenius norm of the centred matrix
     solver: str  #: "gram" or "covariance"
+    #: ``project(X, mean, components)`` of the training rows when the route gives it
+    #: for free (the Gram route: z = U diag(s), ||xc||^2 = diag(G)), else None.
+    training_projection: tuple[torch.Tensor, torch.Tensor] | None = None
 
 
 def choose_solver(n_samples: int, n_features: int) -> str:
@@ -170,7 +173,9 @@ def _gram_route(X, mean, choose_k):
         basis[cols] = block.T @ top
     if k and float(eigenvalues[k - 1]) < float(eigenvalues[0]) * 1e-6:
         basis, _ = torch.linalg.qr(basis)
-    return basis, singular_values
+        return basis, singular_values, None
+    training = (eigenvectors[:, :k] * singular_values, gram.diagonal().clone())
+    return basis, singular_values, training
 
 
 def _covariance_route(X, mean, choose_k):
@@ -182,7 +187,7 @@ def _covariance_route(X, mean, choose_k):
     k = choose_k(
         eigenvalues, float(eigenvalues[0]) * d * torch.finfo(torch.float64).eps
     )
-    return eigenvectors[:, :k], eigenvalues[:k].sqrt()
+    return eigenvectors[:, :k], eigenvalues[:k].sqrt(), None
 
 
 def fit_pca(
@@ -228,9 +233,12 @@ def fit_pca(
         return n_components(eigenvalues.cpu().numpy(), total, rank_tol)
 
     route = _gram_route if solver == "gram" else _covariance_route
-    components, singular_values = route(X, mean, choose_k)
+    components, singular_values, training = route(X, mean, choose_k)
     if components.shape[1]:
         peak = components.abs().argmax(dim=0)
         signs = torch.sign(components[peak, torch.arange(components.shape[1])])
-        components = components * torch.where(signs == 0, 1.0, signs)
-    return PCAFit(mean, components, singular_values, total, solver)
+        signs = torch.where(signs == 0, 1.0, signs)
+        components = components * signs
+        if training is not None:
+            training = (training[0] * signs, training[1])
+    return PCAFit(mean, components, singular_values, total, solver, training)

@@ -125,3 +125,13 @@ def test_zero_variance_is_an_error():
     X = torch.ones(5, 4)
     with pytest.raises(ValueError, match="identical"):
         fit_pca(X, _keep(1))
+
+
+def test_gram_route_gives_the_training_projection_for_free():
+    X = torch.from_numpy(make_features(50, 120))
+    pca = fit_pca(X, _keep(9), "gram")
+    z, sq = pca.training_projection
+    z_ref, sq_ref = project(X, pca.mean, pca.components)
+    torch.testing.assert_close(sq, sq_ref, rtol=1e-12, atol=0)
+    torch.testing.assert_close(z, z_ref, rtol=1e-9, atol=1e-12)
+    assert fit_pca(X, _keep(9), "covariance").training_projection is None

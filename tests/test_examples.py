@@ -1,0 +1,15 @@
+"""The examples double as smoke tests: each runs and prints what it promises."""
+
+import runpy
+from pathlib import Path
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+
+
+def test_quickstart_runs(capsys):
+    runpy.run_path(str(EXAMPLES / "quickstart.py"), run_name="__main__")
+    out = capsys.readouterr().out
+    assert "image ROC AUC" in out
+    assert "reloaded scores identical: True" in out
+    auc = float(out.split("image ROC AUC (normal vs defect): ")[1].split()[0])
+    assert auc > 0.9
