@@ -236,7 +236,8 @@ def fit_pca(
     components, singular_values, training = route(X, mean, choose_k)
     if components.shape[1]:
         peak = components.abs().argmax(dim=0)
-        signs = torch.sign(components[peak, torch.arange(components.shape[1])])
+        columns = torch.arange(components.shape[1], device=components.device)
+        signs = torch.sign(components[peak, columns])
         signs = torch.where(signs == 0, 1.0, signs)
         components = components * signs
         if training is not None:

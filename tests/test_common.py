@@ -7,7 +7,7 @@ from skdfm import DFMDetector
 
 @parametrize_with_checks(
     [
-        DFMDetector(device="cpu"),
+        DFMDetector(),
         DFMDetector(device="cpu", score_type="nll"),
         DFMDetector(device="cpu", solver="gram"),
     ],
