@@ -48,9 +48,8 @@ class PCAFit:
     """Result of :func:`fit_pca` (all tensors float64, on the input's device)."""
 
     mean: torch.Tensor  #: (D,) column means
-    components: (
-        torch.Tensor
-    )  #: (D, k) orthonormal principal axes, by decreasing variance
+    #: (D, k) orthonormal principal axes, by decreasing variance
+    components: torch.Tensor
     singular_values: torch.Tensor  #: (k,) singular values of the centred matrix
     total_sum_squares: float  #: squared Frobenius norm of the centred matrix
     solver: str  #: "gram" or "covariance"
@@ -147,9 +146,23 @@ def _centred_rows(X: torch.Tensor, mean: torch.Tensor):
         yield X[start : start + step].to(torch.float64) - mean
 
 
-def _descending_eigh(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _spectrum(matrix: torch.Tensor, choose_k):
+    """Eigendecompose a Gram or scatter matrix and pick k from its spectrum.
+
+    Returns the eigenvalues (decreasing, clipped at 0), the eigenvectors, the total
+    sum of squares (the trace) and k.
+    """
+    total = float(matrix.trace())
+    if total == 0.0:
+        raise ValueError(
+            "All samples are identical (the centred data are zero): there is no "
+            "variance to model."
+        )
     eigenvalues, eigenvectors = torch.linalg.eigh(matrix)
-    return eigenvalues.flip(0).clamp_min(0.0), eigenvectors.flip(1)
+    eigenvalues, eigenvectors = eigenvalues.flip(0).clamp_min(0.0), eigenvectors.flip(1)
+    rank_tol = float(eigenvalues[0]) * len(matrix) * torch.finfo(torch.float64).eps
+    k = choose_k(eigenvalues.cpu().numpy(), total, rank_tol)
+    return eigenvalues, eigenvectors, total, k
 
 
 def _gram_route(X, mean, choose_k):
@@ -157,25 +170,21 @@ def _gram_route(X, mean, choose_k):
     gram = torch.zeros((n, n), dtype=torch.float64, device=X.device)
     for _, block in _centred_columns(X, mean):
         gram += block @ block.T
-    eigenvalues, eigenvectors = _descending_eigh(gram)
-    k = choose_k(
-        eigenvalues, float(eigenvalues[0]) * n * torch.finfo(torch.float64).eps
-    )
+    eigenvalues, eigenvectors, total, k = _spectrum(gram, choose_k)
     singular_values = eigenvalues[:k].sqrt()
     # V = Xc^T U / s is orthonormal to about eps64 * s_1^2 / s_k^2, i.e. to 1e-10 or
     # better down to s_k^2 / s_1^2 = 1e-6. Below that (an integer pca_level near or
     # past the numerical rank) orthonormalise explicitly.
-    top = eigenvectors[:, :k] / singular_values.clamp_min(
-        torch.finfo(torch.float64).tiny
-    )
+    tiny = torch.finfo(torch.float64).tiny
+    top = eigenvectors[:, :k] / singular_values.clamp_min(tiny)
     basis = torch.empty((X.shape[1], k), dtype=torch.float64, device=X.device)
     for cols, block in _centred_columns(X, mean):
         basis[cols] = block.T @ top
     if k and float(eigenvalues[k - 1]) < float(eigenvalues[0]) * 1e-6:
         basis, _ = torch.linalg.qr(basis)
-        return basis, singular_values, None
+        return basis, singular_values, total, None
     training = (eigenvectors[:, :k] * singular_values, gram.diagonal().clone())
-    return basis, singular_values, training
+    return basis, singular_values, total, training
 
 
 def _covariance_route(X, mean, choose_k):
@@ -183,11 +192,8 @@ def _covariance_route(X, mean, choose_k):
     scatter = torch.zeros((d, d), dtype=torch.float64, device=X.device)
     for block in _centred_rows(X, mean):
         scatter += block.T @ block
-    eigenvalues, eigenvectors = _descending_eigh(scatter)
-    k = choose_k(
-        eigenvalues, float(eigenvalues[0]) * d * torch.finfo(torch.float64).eps
-    )
-    return eigenvectors[:, :k], eigenvalues[:k].sqrt(), None
+    eigenvalues, eigenvectors, total, k = _spectrum(scatter, choose_k)
+    return eigenvectors[:, :k], eigenvalues[:k].sqrt(), total, None
 
 
 def fit_pca(
@@ -220,20 +226,8 @@ def fit_pca(
     if solver == "auto":
         solver = choose_solver(n, d)
     mean = column_mean(X)
-    total = 0.0
-    for block in _centred_rows(X, mean):
-        total += float(torch.einsum("ij,ij->", block, block))
-    if total == 0.0:
-        raise ValueError(
-            "All samples are identical (the centred data are zero): there is no "
-            "variance to model."
-        )
-
-    def choose_k(eigenvalues: torch.Tensor, rank_tol: float) -> int:
-        return n_components(eigenvalues.cpu().numpy(), total, rank_tol)
-
     route = _gram_route if solver == "gram" else _covariance_route
-    components, singular_values, training = route(X, mean, choose_k)
+    components, singular_values, total, training = route(X, mean, n_components)
     if components.shape[1]:
         peak = components.abs().argmax(dim=0)
         columns = torch.arange(components.shape[1], device=components.device)
