@@ -28,9 +28,8 @@ class PersistenceMixin:
     def __getstate__(self):
         from . import __version__
 
-        state = super().__getstate__()
-        state["_skdfm_version"] = __version__
-        return state
+        # object.__getstate__ returns the live __dict__: copy before stamping.
+        return dict(super().__getstate__(), _skdfm_version=__version__)
 
     def __setstate__(self, state):
         from . import __version__

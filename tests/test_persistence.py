@@ -14,6 +14,13 @@ def test_pickle_records_the_skdfm_version():
     assert not hasattr(loaded, "_skdfm_version")
 
 
+def test_pickling_leaves_the_estimator_unchanged():
+    det = DFMDetector(device="cpu").fit(np.random.default_rng(0).normal(size=(20, 5)))
+    before = dict(det.__dict__)
+    pickle.dumps(det)
+    assert det.__dict__.keys() == before.keys()
+
+
 def test_loading_with_another_version_warns(monkeypatch):
     det = DFMDetector(device="cpu").fit(np.random.default_rng(0).normal(size=(20, 5)))
     blob = pickle.dumps(det)
