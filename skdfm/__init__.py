@@ -3,7 +3,14 @@
 from ._detector import DFMDetector
 from ._device import DeviceWarning
 from ._persistence import SkdfmVersionWarning
+from ._transformer import DeepFeatureTransformer
 
 __version__ = "0.1.0"
 
-__all__ = ["DFMDetector", "DeviceWarning", "SkdfmVersionWarning", "__version__"]
+__all__ = [
+    "DFMDetector",
+    "DeepFeatureTransformer",
+    "DeviceWarning",
+    "SkdfmVersionWarning",
+    "__version__",
+]

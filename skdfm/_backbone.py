@@ -1,0 +1,245 @@
+"""timm backbones truncated after one feature layer: building, weights, pickling.
+
+Layer names come from timm's ``feature_info`` (never from a hard-coded table). The
+model is cut after the chosen layer (timm's ``FeatureListNet``), so no weight and no
+compute past it exist. Pretrained weights come from the local cache with no network
+call when they are there; otherwise a fast reachability check turns an air-gapped
+download (which huggingface_hub retries for ~50 s) into an immediate, clear error.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlparse
+
+import numpy as np
+import timm
+import torch
+from timm.models import FeatureDictNet, get_pretrained_cfg
+
+__all__ = ["Backbone", "build_backbone", "backbone_state", "rebuild_backbone"]
+
+_PROXY_VARIABLES = ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")
+
+
+@dataclass(frozen=True)
+class Backbone:
+    """A truncated backbone and what the transformer needs to know about it."""
+
+    model: torch.nn.Module
+    layer_name: str
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+
+
+def _check_model_name(name: str) -> None:
+    if timm.is_model(name):
+        return
+    stem = name.split(".")[0]
+    close = timm.list_models(f"*{stem[:5]}*")[:8]
+    hint = f" Close names: {', '.join(close)}." if close else ""
+    raise ValueError(
+        f"backbone={name!r} is not a timm model (see timm.list_models()).{hint}"
+    )
+
+
+def _feature_kwargs(name: str, layer) -> tuple[dict, str]:
+    """``create_model`` keywords that cut ``name`` after ``layer``, on the meta device.
+
+    timm's own ``features_only`` wrapper truncates ResNet-like models; EfficientNet and
+    MobileNet wrappers keep every block, so they are rebuilt as a ``FeatureListNet``.
+    Models that cannot be cut (e.g. ViTs) keep timm's wrapper.
+    """
+    with torch.device("meta"):
+        try:
+            probe = timm.create_model(name, pretrained=False, features_only=True)
+        except RuntimeError as exc:
+            raise ValueError(
+                f"backbone={name!r} cannot return intermediate features "
+                f"(timm features_only): {exc}"
+            ) from exc
+        names = probe.feature_info.module_name()
+        if isinstance(layer, str):
+            if layer not in names:
+                raise ValueError(
+                    f"layer={layer!r} is not a feature layer of {name!r}; valid names "
+                    f"are {names} (or their indices 0..{len(names) - 1})."
+                )
+            index = names.index(layer)
+        else:
+            if not 0 <= layer < len(names):
+                raise ValueError(
+                    f"layer={layer} is out of range for {name!r}: valid indices are "
+                    f"0..{len(names) - 1} for the layers {names}."
+                )
+            index = int(layer)
+        kwargs = dict(features_only=True, out_indices=(index,), exportable=True)
+        if not isinstance(probe, FeatureDictNet):
+            cut = dict(
+                kwargs, feature_cls="list", feature_cfg={"flatten_sequential": True}
+            )
+            try:
+                timm.create_model(name, pretrained=False, **cut)
+                kwargs = cut
+            except (AssertionError, RuntimeError, TypeError, KeyError):
+                pass
+    return kwargs, names[index]
+
+
+def _cached_weights(name: str) -> str | None:
+    """Path of ``name``'s pretrained weights in the local caches, if present."""
+    cfg = get_pretrained_cfg(name, allow_unregistered=True)
+    if cfg is None:
+        return None
+    if cfg.hf_hub_id:
+        from huggingface_hub import try_to_load_from_cache
+
+        repo, _, revision = cfg.hf_hub_id.partition("@")
+        filenames = (
+            [cfg.hf_hub_filename]
+            if cfg.hf_hub_filename
+            else [
+                "model.safetensors",
+                "pytorch_model.bin",
+            ]
+        )
+        for filename in filenames:
+            found = try_to_load_from_cache(repo, filename, revision=revision or None)
+            if isinstance(found, str):
+                return found
+    if cfg.url:
+        checkpoint = Path(
+            torch.hub.get_dir(), "checkpoints", Path(urlparse(cfg.url).path).name
+        )
+        if checkpoint.is_file():
+            return str(checkpoint)
+    return None
+
+
+def _download_blocker(name: str) -> str | None:
+    """Why a download of ``name``'s weights cannot work here, or None if it may."""
+    cfg = get_pretrained_cfg(name, allow_unregistered=True)
+    if cfg.hf_hub_id:
+        from huggingface_hub import constants
+
+        if constants.HF_HUB_OFFLINE:
+            return "HF_HUB_OFFLINE is set"
+        host = urlparse(constants.ENDPOINT).hostname
+    else:
+        host = urlparse(cfg.url).hostname
+    if any(os.environ.get(variable) for variable in _PROXY_VARIABLES):
+        return None  # only the proxy can tell; let the download try
+    try:
+        socket.create_connection((host, 443), timeout=5).close()
+    except OSError as exc:
+        return f"{host} cannot be reached ({exc})"
+    return None
+
+
+def _offline_message(name: str, reason: str) -> str:
+    return (
+        f"The pretrained weights of backbone={name!r} are not in the local cache and "
+        f"cannot be downloaded: {reason}. Either copy a timm checkpoint of {name!r} "
+        "(e.g. the model.safetensors of its Hugging Face repository, or "
+        "torch.save(timm.create_model(name, pretrained=True).state_dict(), path) on "
+        "a machine with network) to this machine and pass "
+        "checkpoint_path='/path/to/weights', or fill the Hugging Face cache "
+        "(~/.cache/huggingface) and run again, or use pretrained=False for random "
+        "weights (tests and experiments only)."
+    )
+
+
+def _weights_kwargs(name: str, pretrained: bool, checkpoint_path) -> dict:
+    if checkpoint_path is not None:
+        path = Path(checkpoint_path)
+        if not path.is_file():
+            raise FileNotFoundError(f"checkpoint_path={str(path)!r} is not a file.")
+        return dict(pretrained=True, pretrained_cfg_overlay=dict(file=str(path)))
+    if not pretrained:
+        return dict(pretrained=False)
+    cfg = get_pretrained_cfg(name, allow_unregistered=True)
+    if cfg is None or not (cfg.hf_hub_id or cfg.url or cfg.file):
+        raise ValueError(
+            f"timm has no pretrained weights for backbone={name!r}; pass "
+            "checkpoint_path=... or use pretrained=False."
+        )
+    cached = _cached_weights(name)
+    if cached is not None:
+        return dict(pretrained=True, pretrained_cfg_overlay=dict(file=cached))
+    blocker = _download_blocker(name)
+    if blocker is not None:
+        raise OSError(_offline_message(name, blocker))
+    return dict(pretrained=True)
+
+
+def build_backbone(
+    name: str,
+    layer: str | int,
+    *,
+    pretrained: bool = True,
+    checkpoint_path: str | os.PathLike | None = None,
+    seed: int | None = None,
+) -> Backbone:
+    """Create ``name`` cut after ``layer``, in eval mode, without gradients, on CPU.
+
+    Parameters
+    ----------
+    name : str
+        A timm model name, optionally with a pretrained tag (``"resnet18.tv_in1k"``).
+    layer : str or int
+        A name from the model's ``feature_info`` or its index.
+    pretrained : bool
+        Load timm's pretrained weights (local cache first, then download).
+    checkpoint_path : path-like or None
+        A local timm checkpoint of the full model, loaded instead of downloading.
+    seed : int or None
+        Seed of the random initialisation (``pretrained=False``).
+
+    Raises
+    ------
+    ValueError
+        Unknown model or layer, or a checkpoint that does not fit the model.
+    OSError
+        Pretrained weights neither cached nor downloadable.
+    """
+    _check_model_name(name)
+    features, layer_name = _feature_kwargs(name, layer)
+    weights = _weights_kwargs(name, pretrained, checkpoint_path)
+    with torch.random.fork_rng(devices=[], enabled=seed is not None):
+        if seed is not None:
+            torch.manual_seed(seed)
+        try:
+            model = timm.create_model(name, **features, **weights)
+        except (RuntimeError, KeyError) as exc:
+            if checkpoint_path is None:
+                raise
+            raise ValueError(
+                f"checkpoint_path={os.fspath(checkpoint_path)!r} does not fit "
+                f"backbone={name!r}: {exc}"
+            ) from exc
+        except OSError as exc:
+            if checkpoint_path is not None or not weights["pretrained"]:
+                raise
+            raise OSError(_offline_message(name, str(exc))) from exc
+    model.eval().requires_grad_(False)
+    cfg = model.pretrained_cfg
+    return Backbone(model, layer_name, tuple(cfg["mean"]), tuple(cfg["std"]))
+
+
+def backbone_state(model: torch.nn.Module) -> dict[str, np.ndarray]:
+    """The model's ``state_dict`` as CPU numpy arrays (portable in any pickle)."""
+    return {
+        key: value.detach().cpu().numpy() for key, value in model.state_dict().items()
+    }
+
+
+def rebuild_backbone(
+    name: str, layer: str, state: dict[str, np.ndarray]
+) -> torch.nn.Module:
+    """Rebuild a truncated backbone from :func:`backbone_state`, with no network."""
+    model = build_backbone(name, layer, pretrained=False, seed=0).model
+    model.load_state_dict({key: torch.tensor(value) for key, value in state.items()})
+    return model

@@ -1,0 +1,332 @@
+"""Images in, normalised model-input batches out.
+
+The input rules of :class:`~skdfm.DeepFeatureTransformer` live here: which
+collections count as images, how their layout is read, and how a batch becomes the
+backbone's input (RGB float in [0, 1], bilinear anti-aliased resize, the backbone's
+normalisation), as anomalib prepares images for DFM. Collections are validated
+cheaply up front; pixels are decoded and checked one batch at a time, so a list of
+100 000 file paths never sits decoded in memory.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, UnidentifiedImageError
+from scipy.sparse import issparse
+
+__all__ = ["ImageCollection", "as_image_collection", "model_input"]
+
+# Unsigned integers are scaled by their dtype's maximum; floats must lie in [0, 1].
+_NUMPY_DTYPES = {
+    np.dtype(np.uint8): 255.0,
+    np.dtype(np.uint16): 65535.0,
+    np.dtype(np.float16): None,
+    np.dtype(np.float32): None,
+    np.dtype(np.float64): None,
+}
+_TORCH_DTYPES = {
+    torch.uint8: 255.0,
+    torch.float16: None,
+    torch.bfloat16: None,
+    torch.float32: None,
+    torch.float64: None,
+}
+
+_LAYOUT_HELP = (
+    "Batches are (N, H, W) grayscale, or (N, H, W, C) / (N, C, H, W) with C = 1 or 3; "
+    "single images in a list are (H, W), (H, W, C) or (C, H, W)."
+)
+
+
+def _channel_axis(shape: tuple[int, ...], axes: tuple[int, int], what: str) -> int:
+    """The one axis among ``axes`` (first or last) whose size is 1 or 3."""
+    first, last = (shape[a] for a in axes)
+    is_channel = [size in (1, 3) for size in (first, last)]
+    if all(is_channel):
+        raise ValueError(
+            f"Ambiguous {what} of shape {shape}: both axis {axes[0]} and axis "
+            f"{axes[1]} could hold the colour channels. {_LAYOUT_HELP}"
+        )
+    if is_channel[0]:
+        return axes[0]
+    if is_channel[1]:
+        return axes[1]
+    if first in (2, 4) or last in (2, 4):
+        raise ValueError(
+            f"{what.capitalize()} of shape {shape} has 2 or 4 channels; only "
+            "grayscale (1) and RGB (3) are supported. Drop an alpha channel first "
+            "(e.g. X[..., :3])."
+        )
+    raise ValueError(
+        f"{what.capitalize()} of shape {shape} has no channel axis of size 1 or 3. "
+        f"{_LAYOUT_HELP}"
+    )
+
+
+def _scale_of(dtype, what: str) -> float | None:
+    is_torch = isinstance(dtype, torch.dtype)
+    table = _TORCH_DTYPES if is_torch else _NUMPY_DTYPES
+    if dtype.is_complex if is_torch else np.dtype(dtype).kind == "c":
+        raise ValueError(f"Complex data not supported: {what} has dtype {dtype}.")
+    if dtype not in table:
+        allowed = ", ".join(str(d).replace("torch.", "") for d in table)
+        raise ValueError(
+            f"{what} has dtype {dtype}; images must be {allowed}. Integer images "
+            "are read as 0..max of their dtype, float images must lie in [0, 1]."
+        )
+    return table[dtype]
+
+
+def _to_chw_tensor(image) -> torch.Tensor:
+    """A single image array/tensor as a (C, H, W) tensor sharing memory."""
+    tensor = image if isinstance(image, torch.Tensor) else _from_numpy(image)
+    if tensor.ndim == 2:
+        return tensor.unsqueeze(0)
+    if tensor.ndim == 3:
+        axis = _channel_axis(tuple(tensor.shape), (0, 2), "image")
+        return tensor if axis == 0 else tensor.permute(2, 0, 1)
+    raise ValueError(
+        f"An image in the list has {tensor.ndim} dimensions (shape "
+        f"{tuple(tensor.shape)}); expected 2 or 3. {_LAYOUT_HELP}"
+    )
+
+
+def _from_numpy(array: np.ndarray) -> torch.Tensor:
+    if array.dtype == np.uint16:  # torch has too few uint16 kernels: go through float
+        return torch.from_numpy(array.astype(np.float32) / 65535.0)
+    if not array.flags.writeable:  # read-only input (memmap): never written, copy
+        array = np.array(array)
+    return torch.from_numpy(np.ascontiguousarray(array))
+
+
+def _read_file(path) -> torch.Tensor:
+    """Decode an image file as anomalib does (Pillow, ``convert("RGB")``)."""
+    try:
+        with Image.open(path) as image:
+            rgb = image.convert("RGB")
+    except FileNotFoundError:
+        raise FileNotFoundError(f"Image file not found: {os.fspath(path)!r}") from None
+    except (UnidentifiedImageError, OSError, ValueError) as exc:
+        raise ValueError(
+            f"Cannot decode image file {os.fspath(path)!r}: {exc}"
+        ) from exc
+    return torch.from_numpy(np.array(rgb)).permute(2, 0, 1)
+
+
+def _from_pil(image: Image.Image) -> torch.Tensor:
+    return torch.from_numpy(np.array(image.convert("RGB"))).permute(2, 0, 1)
+
+
+@dataclass(frozen=True)
+class ImageCollection:
+    """A validated collection of images, decoded batch by batch.
+
+    ``kind`` is ``"array"`` (one 3-D/4-D array or tensor), ``"path"``, ``"pil"`` or
+    ``"element"`` (a list of per-image arrays or tensors).
+    """
+
+    kind: str
+    data: object
+    channel_axis: int | None = None
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def batches(self, batch_size: int) -> Iterator[tuple[int, object]]:
+        """Yield ``(start, batch)``: a (B, C, H, W) tensor or a list of (C, H, W)."""
+        for start in range(0, len(self), batch_size):
+            yield start, self._batch(start, min(start + batch_size, len(self)))
+
+    def _batch(self, start: int, stop: int):
+        if self.kind == "array":
+            chunk = self.data[start:stop]
+            if isinstance(chunk, np.ndarray):
+                chunk = _from_numpy(chunk)
+            if self.channel_axis is None:
+                return chunk.unsqueeze(1)
+            return chunk if self.channel_axis == 1 else chunk.permute(0, 3, 1, 2)
+        items = self.data[start:stop]
+        if self.kind == "path":
+            return [_read_file(item) for item in items]
+        if self.kind == "pil":
+            return [_from_pil(item) for item in items]
+        return [_to_chw_tensor(item) for item in items]
+
+
+def _element_kind(item) -> str | None:
+    if isinstance(item, (str, os.PathLike)):
+        return "path"
+    if isinstance(item, Image.Image):
+        return "pil"
+    if isinstance(item, (np.ndarray, torch.Tensor)):
+        return "element"
+    return None
+
+
+def as_image_collection(X) -> ImageCollection:
+    """Validate the structure of ``X`` (no pixel is read) and wrap it.
+
+    Raises
+    ------
+    ValueError
+        For an empty collection, a tabular (2-D) array, an ambiguous or unsupported
+        layout, an unsupported dtype, or mixed or unsupported element types.
+    """
+    if isinstance(X, (str, os.PathLike)):
+        raise ValueError(
+            f"X is a single path ({os.fspath(X)!r}); pass a list of image paths."
+        )
+    if isinstance(X, Image.Image):
+        raise ValueError("X is a single PIL image; pass a list of images.")
+    if issparse(X):
+        raise TypeError(
+            "Sparse input is not supported: images must be dense arrays, tensors or "
+            "a sequence of images."
+        )
+    if isinstance(X, np.ndarray) and X.dtype.kind in "UO":
+        X = list(X)
+    if isinstance(X, (np.ndarray, torch.Tensor)):
+        return _array_collection(X)
+    if not hasattr(X, "__len__") or not hasattr(X, "__iter__"):
+        raise ValueError(
+            f"X must be an array, a tensor or a sequence of images, got "
+            f"{type(X).__name__}; wrap an iterator in list()."
+        )
+    items = X if isinstance(X, Sequence) else list(X)
+    if len(items) == 0:
+        raise ValueError("X contains no images (0 samples); at least 1 is required.")
+    kinds = {}
+    for index, item in enumerate(items):
+        kind = _element_kind(item)
+        if kind is None:
+            raise ValueError(
+                f"X[{index}] is a {type(item).__name__}; images must be file paths, "
+                "PIL images, numpy arrays or torch tensors."
+            )
+        kinds.setdefault(kind, (index, type(item).__name__))
+    if len(kinds) > 1:
+        found = ", ".join(
+            f"{kind} (first at X[{index}], a {type_name})"
+            for kind, (index, type_name) in kinds.items()
+        )
+        raise ValueError(
+            f"X mixes element types: {found}; use one kind of image per call."
+        )
+    (kind,) = kinds
+    if kind == "element":
+        for index, item in enumerate(items):
+            _scale_of(item.dtype, f"X[{index}]")
+            if item.ndim not in (2, 3) or min(item.shape) == 0:
+                raise ValueError(
+                    f"X[{index}] has shape {tuple(item.shape)}; expected one "
+                    f"non-empty image. {_LAYOUT_HELP}"
+                )
+    return ImageCollection(kind, items)
+
+
+def _array_collection(X) -> ImageCollection:
+    shape = tuple(X.shape)
+    _scale_of(X.dtype, "X")
+    if X.ndim == 2:
+        raise ValueError(
+            f"X is a 2-D array of shape {shape}, but images are expected: a batch of "
+            f"images needs 3 or 4 dimensions (one grayscale image: X[None]). "
+            f"{_LAYOUT_HELP}"
+        )
+    if X.ndim not in (3, 4):
+        raise ValueError(
+            f"X has {X.ndim} dimensions (shape {shape}); expected 3 or 4. "
+            f"{_LAYOUT_HELP}"
+        )
+    if shape[0] == 0:
+        raise ValueError("X contains no images (0 samples); at least 1 is required.")
+    if X.ndim == 3:
+        if shape[-1] <= 4:
+            raise ValueError(
+                f"Ambiguous array of shape {shape}: 3-D arrays are read as N "
+                f"grayscale images (N, H, W), but a width of {shape[-1]} looks like "
+                "the channels of one image; for one image pass X[None]."
+            )
+        channel_axis = None
+    else:
+        channel_axis = _channel_axis(shape, (1, 3), "array")
+    if min(shape) == 0:
+        raise ValueError(f"X has an empty image dimension (shape {shape}).")
+    return ImageCollection("array", X, channel_axis)
+
+
+def _as_unit_float(batch: torch.Tensor, first_index: int) -> torch.Tensor:
+    """Integer pixels scaled to [0, 1]; float pixels checked to be finite, in range."""
+    scale = _scale_of(batch.dtype, "Image batch")
+    if scale is not None:
+        return batch.to(torch.float32).div_(scale)
+    batch = batch.to(torch.float32)
+    finite = torch.isfinite(batch).flatten(1).all(1)
+    inside = ((batch >= 0) & (batch <= 1)).flatten(1).all(1)
+    bad = (~(finite & inside)).nonzero()
+    if len(bad):
+        position = int(bad[0, 0])
+        problem = (
+            "NaN or infinite pixel values"
+            if not finite[position]
+            else "pixel values outside [0, 1]"
+        )
+        index = first_index + position
+        raise ValueError(
+            f"Image {index} has {problem}; float images must be finite "
+            "and lie in [0, 1] (divide 8-bit images by 255, or pass them as uint8)."
+        )
+    return batch
+
+
+def _resize(batch: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    if tuple(batch.shape[-2:]) == size:
+        return batch
+    return F.interpolate(
+        batch, size=size, mode="bilinear", align_corners=False, antialias=True
+    )
+
+
+def model_input(
+    batch,
+    first_index: int,
+    *,
+    device: torch.device,
+    size: tuple[int, int],
+    mean: torch.Tensor,
+    std: torch.Tensor,
+    channels_last: bool = False,
+) -> torch.Tensor:
+    """Turn one batch from :meth:`ImageCollection.batches` into backbone input.
+
+    The batch crosses to ``device`` once, in its own dtype (uint8 stays uint8 on the
+    way). Images of different sizes are resized one by one on the host first.
+    ``mean`` and ``std`` are (3,) float32 tensors on ``device``.
+    """
+    if isinstance(batch, list):
+        shapes = {(tuple(image.shape), image.dtype) for image in batch}
+        if len(shapes) == 1:
+            batch = torch.stack(batch)
+        else:
+            batch = torch.cat(
+                [
+                    _resize(_as_unit_float(image[None], first_index + i), size).expand(
+                        -1, 3, -1, -1
+                    )
+                    for i, image in enumerate(batch)
+                ]
+            )
+    x = _as_unit_float(batch.to(device, non_blocking=True), first_index)
+    x = _resize(x, size)
+    if x.shape[1] == 1:
+        x = x.expand(-1, 3, -1, -1)
+    x = (x - mean[:, None, None]) / std[:, None, None]
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    return x

@@ -1,0 +1,364 @@
+"""DeepFeatureTransformer: pooled timm CNN features of images, one row per image."""
+
+from __future__ import annotations
+
+import os
+from numbers import Integral
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from sklearn.base import BaseEstimator, TransformerMixin, _fit_context
+from sklearn.utils import check_random_state
+from sklearn.utils._param_validation import Interval, StrOptions
+from sklearn.utils.validation import check_is_fitted
+from tqdm.auto import tqdm
+
+from ._backbone import backbone_state, build_backbone, rebuild_backbone
+from ._device import resolve_device
+from ._images import as_image_collection, model_input
+from ._persistence import PersistenceMixin
+
+__all__ = ["DeepFeatureTransformer"]
+
+_AUTOCAST_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class DeepFeatureTransformer(PersistenceMixin, TransformerMixin, BaseEstimator):
+    """Pooled features of a pretrained CNN: images in, one feature row per image.
+
+    Each image is turned into RGB floats in [0, 1], resized to ``input_size``
+    (bilinear, anti-aliased, aspect ratio not kept), normalised with the
+    backbone's own mean and standard deviation, run through a timm backbone cut
+    after ``layer``, average-pooled with a ``pooling_kernel_size`` kernel and
+    flattened in (channel, row, column) order. This is the feature extractor of
+    anomalib's DFM model; pair it with :class:`~skdfm.DFMDetector`.
+
+    Parameters
+    ----------
+    backbone : str, default="resnet50"
+        A timm model name, optionally with a weight tag (``"resnet18.tv_in1k"``).
+        Untagged ``"resnet50"`` means timm's default ``resnet50.a1_in1k`` weights,
+        as in anomalib.
+    layer : str or int, default="layer3"
+        The feature layer to keep, by its name in the model's
+        ``feature_info`` (ResNets: ``"act1"``, ``"layer1"`` ... ``"layer4"``) or
+        its index there. Nothing past it is built or computed.
+    pretrained : bool, default=True
+        Load timm's pretrained weights (from the local cache when present,
+        otherwise downloaded). anomalib calls this switch ``pre_trained``.
+        ``False`` gives random weights (seeded by ``random_state``), for tests and
+        experiments only.
+    checkpoint_path : str or path-like, default=None
+        A local checkpoint of the full timm model (``model.safetensors`` or a
+        saved ``state_dict``), loaded instead of downloading: the way to use
+        pretrained weights on a machine without network. Requires
+        ``pretrained=True``.
+    pooling_kernel_size : int, default=4
+        Kernel and stride of the average pooling of the feature map; trailing
+        rows and columns that do not fill a kernel are dropped. ``1`` keeps the
+        map as is.
+    input_size : int or tuple of (int, int), default=256
+        Size every image is resized to, as ``size`` or ``(height, width)``.
+    batch_size : int, default=16
+        Images decoded and run through the backbone at a time. Only memory and
+        speed depend on it.
+    device : str or torch.device, default="auto"
+        ``"auto"`` (the current CUDA device when available, else CPU), ``"cpu"``,
+        ``"cuda"`` or ``"cuda:N"``. Resolved at fit into ``device_``.
+    precision : {"float32", "bfloat16", "float16"}, default="float32"
+        ``"bfloat16"`` or ``"float16"`` run the backbone under torch autocast:
+        faster on GPUs and on CPUs with bf16 units, but the features change
+        (see Notes). Pooling and the output stay float32.
+    channels_last : bool, default=False
+        Run the backbone in channels-last memory format, usually faster for
+        convolutions on CPU and on tensor-core GPUs; features equal float32
+        NCHW ones up to rounding.
+    progress : bool, default=False
+        Show a tqdm progress bar over batches in ``transform``.
+    random_state : int, RandomState instance or None, default=None
+        Seeds the random weights when ``pretrained=False``; ignored otherwise.
+
+    Attributes
+    ----------
+    backbone_ : torch.nn.Module
+        The truncated backbone, in eval mode, on ``device_``. Pickles carry its
+        weights as CPU arrays.
+    layer_ : str
+        Name of the feature layer.
+    feature_shape_ : tuple of (int, int, int)
+        ``(channels, rows, columns)`` of the pooled feature map; a row of
+        ``transform`` is this map flattened in C order, so it has
+        ``prod(feature_shape_)`` entries.
+    input_size_ : tuple of (int, int)
+        ``(height, width)`` images are resized to.
+    image_mean_, image_std_ : tuple of 3 floats
+        The backbone's normalisation (from its timm pretrained config).
+    device_ : str
+        The device the backbone runs on. A model loaded on a machine without that
+        device moves to ``"cpu"`` with a :class:`~skdfm.DeviceWarning`.
+
+    See Also
+    --------
+    DFMDetector : The DFM head that scores these features.
+
+    Notes
+    -----
+    **Accepted images.** ``X`` may be
+
+    - a numpy array or torch tensor of shape ``(N, H, W)`` (grayscale),
+      ``(N, H, W, C)`` or ``(N, C, H, W)`` with ``C`` 1 or 3: the channel axis is
+      the one of axes 1 and 3 whose size is 1 or 3; if both are, the array is
+      ambiguous and rejected. A 3-D array whose last axis has 4 or fewer entries
+      is rejected as ambiguous too (one ``(H, W, 3)`` image must be passed as
+      ``X[None]``);
+    - a list (or other sequence) of file paths, decoded with Pillow's
+      ``convert("RGB")`` as anomalib does (palettes expanded, grayscale
+      replicated, alpha dropped, EXIF orientation not applied), one batch at a
+      time;
+    - a list of PIL images (converted the same way), or of single-image arrays
+      or tensors ``(H, W)``, ``(H, W, C)`` or ``(C, H, W)``; sizes may differ.
+
+    ``uint8`` (and numpy ``uint16``) pixels are scaled by their dtype's maximum;
+    float pixels must be finite and within [0, 1]. Grayscale is replicated to
+    RGB. Two or four channels, other dtypes, and lists mixing element kinds are
+    errors.
+
+    **Reduced precision.** ``precision="bfloat16"`` keeps about 3 significant
+    digits per activation, so features move by roughly 1e-2 relative; ranking
+    of images by DFM score is usually preserved but scores are not comparable to
+    float32 ones. Fit and score with the same setting.
+
+    **Weights offline.** When the weights are neither cached nor downloadable,
+    ``fit`` raises :class:`OSError` at once (no retry loop) and says how to pass
+    ``checkpoint_path``.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from skdfm import DeepFeatureTransformer
+    >>> images = np.random.default_rng(0).integers(0, 256, (2, 64, 64, 3), "uint8")
+    >>> tr = DeepFeatureTransformer(backbone="resnet18", pretrained=False,
+    ...                             input_size=64, device="cpu", random_state=0)
+    >>> tr.fit_transform(images).shape
+    (2, 256)
+    >>> tr.feature_shape_
+    (256, 1, 1)
+    """
+
+    _parameter_constraints: dict = {
+        "backbone": [str],
+        "layer": [str, Interval(Integral, 0, None, closed="left")],
+        "pretrained": ["boolean"],
+        "checkpoint_path": [str, os.PathLike, None],
+        "pooling_kernel_size": [Interval(Integral, 1, None, closed="left")],
+        "input_size": [Interval(Integral, 1, None, closed="left"), tuple],
+        "batch_size": [Interval(Integral, 1, None, closed="left")],
+        "device": [str, torch.device],
+        "precision": [StrOptions({"float32", "bfloat16", "float16"})],
+        "channels_last": ["boolean"],
+        "progress": ["boolean"],
+        "random_state": ["random_state"],
+    }
+
+    def __init__(
+        self,
+        *,
+        backbone="resnet50",
+        layer="layer3",
+        pretrained=True,
+        checkpoint_path=None,
+        pooling_kernel_size=4,
+        input_size=256,
+        batch_size=16,
+        device="auto",
+        precision="float32",
+        channels_last=False,
+        progress=False,
+        random_state=None,
+    ):
+        self.backbone = backbone
+        self.layer = layer
+        self.pretrained = pretrained
+        self.checkpoint_path = checkpoint_path
+        self.pooling_kernel_size = pooling_kernel_size
+        self.input_size = input_size
+        self.batch_size = batch_size
+        self.device = device
+        self.precision = precision
+        self.channels_last = channels_last
+        self.progress = progress
+        self.random_state = random_state
+
+    def _input_size(self) -> tuple[int, int]:
+        size = self.input_size
+        if isinstance(size, Integral):
+            return (int(size), int(size))
+        if len(size) == 2 and all(isinstance(s, Integral) and s >= 1 for s in size):
+            return (int(size[0]), int(size[1]))
+        raise ValueError(
+            f"input_size={size!r} must be a positive int or a (height, width) "
+            "tuple of positive ints."
+        )
+
+    @_fit_context(prefer_skip_nested_validation=True)
+    def fit(self, X, y=None):
+        """Build the truncated backbone and load its weights.
+
+        Only the structure of ``X`` is checked; no image is decoded.
+
+        Parameters
+        ----------
+        X : array-like, tensor or sequence of images
+            Images; see Notes of the class for the accepted forms.
+        y : Ignored
+            Not used, present for API consistency by convention.
+
+        Returns
+        -------
+        self : object
+            Fitted transformer.
+        """
+        device = resolve_device(self.device)
+        size = self._input_size()
+        if self.checkpoint_path is not None and not self.pretrained:
+            raise ValueError(
+                "checkpoint_path is set but pretrained=False; a checkpoint holds "
+                "pretrained weights: set pretrained=True, or drop checkpoint_path."
+            )
+        as_image_collection(X)
+        seed = None
+        if not self.pretrained:
+            seed = int(check_random_state(self.random_state).randint(2**31 - 1))
+        built = build_backbone(
+            self.backbone,
+            self.layer,
+            pretrained=self.pretrained,
+            checkpoint_path=self.checkpoint_path,
+            seed=seed,
+        )
+        self.backbone_ = self._place(built.model, device)
+        self.device_ = str(device)
+        self.layer_ = built.layer_name
+        self.input_size_ = size
+        self.image_mean_ = built.mean
+        self.image_std_ = built.std
+        self.feature_shape_ = self._pooled_shape(size)
+        return self
+
+    def _place(self, model: torch.nn.Module, device: torch.device):
+        model = model.to(device)
+        if self.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        return model
+
+    def _pooled_shape(self, size: tuple[int, int]) -> tuple[int, int, int]:
+        with torch.inference_mode():
+            probe = torch.zeros((1, 3, *size), device=self.device_)
+            channels, rows, cols = self.backbone_(probe)[0].shape[1:]
+        k = self.pooling_kernel_size
+        if rows < k or cols < k:
+            raise ValueError(
+                f"input_size={size} gives a {rows}x{cols} feature map at layer "
+                f"{self.layer_!r} of {self.backbone!r}, smaller than "
+                f"pooling_kernel_size={k}; use a larger input_size, an earlier "
+                "layer or a smaller kernel."
+            )
+        return (int(channels), int(rows) // k, int(cols) // k)
+
+    def _features(self, x: torch.Tensor) -> torch.Tensor:
+        """Pooled, flattened float32 features of a prepared batch."""
+        dtype = _AUTOCAST_DTYPES.get(self.precision)
+        with torch.autocast(x.device.type, dtype=dtype, enabled=dtype is not None):
+            feature_map = self.backbone_(x)[0]
+        feature_map = feature_map.float()
+        if self.pooling_kernel_size > 1:
+            feature_map = F.avg_pool2d(feature_map, self.pooling_kernel_size)
+        return feature_map.flatten(1)
+
+    def transform(self, X):
+        """Pooled backbone features of each image.
+
+        Parameters
+        ----------
+        X : array-like, tensor or sequence of images
+            Images; see Notes of the class for the accepted forms. Files are
+            decoded one batch at a time.
+
+        Returns
+        -------
+        features : ndarray of shape (n_images, prod(feature_shape_)), float32
+        """
+        check_is_fitted(self)
+        images = as_image_collection(X)
+        device = torch.device(self.device_)
+        mean = torch.tensor(self.image_mean_, dtype=torch.float32, device=device)
+        std = torch.tensor(self.image_std_, dtype=torch.float32, device=device)
+        out = np.empty((len(images), int(np.prod(self.feature_shape_))), np.float32)
+        batches = tqdm(
+            images.batches(self.batch_size),
+            total=-(-len(images) // self.batch_size),
+            desc="features",
+            unit="batch",
+            disable=not self.progress,
+        )
+        with torch.inference_mode():
+            for start, batch in batches:
+                x = model_input(
+                    batch,
+                    start,
+                    device=device,
+                    size=self.input_size_,
+                    mean=mean,
+                    std=std,
+                    channels_last=self.channels_last,
+                )
+                out[start : start + len(x)] = self._features(x).cpu().numpy()
+        return out
+
+    def get_feature_names_out(self, input_features=None):
+        """Names of the output columns: ``"<layer>_c<channel>_y<row>_x<column>"``.
+
+        Parameters
+        ----------
+        input_features : None
+            Images have no input feature names; must be None.
+
+        Returns
+        -------
+        feature_names_out : ndarray of str objects
+        """
+        check_is_fitted(self)
+        if input_features is not None:
+            raise ValueError(
+                "input_features must be None: images have no input feature names."
+            )
+        channels, rows, cols = self.feature_shape_
+        return np.asarray(
+            [
+                f"{self.layer_}_c{c}_y{y}_x{x}"
+                for c in range(channels)
+                for y in range(rows)
+                for x in range(cols)
+            ],
+            dtype=object,
+        )
+
+    def __getstate__(self):
+        state = super().__getstate__()
+        if "backbone_" in state:
+            state["backbone_"] = backbone_state(state["backbone_"])
+        return state
+
+    def __setstate__(self, state):
+        weights = state.pop("backbone_", None)
+        super().__setstate__(state)
+        if weights is not None:
+            model = rebuild_backbone(self.backbone, self.layer_, weights)
+            self.backbone_ = self._place(model, torch.device(self.device_))
+
+    def __sklearn_tags__(self):
+        tags = super().__sklearn_tags__()
+        tags.input_tags.allow_nan = False
+        tags.transformer_tags.preserves_dtype = []
+        return tags

@@ -1,0 +1,216 @@
+"""Input rules and preprocessing (skdfm/_images.py)."""
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torchvision.transforms import v2
+
+import skdfm._images as images_module
+from skdfm._images import as_image_collection, model_input
+
+MEAN = torch.tensor([0.485, 0.456, 0.406])
+STD = torch.tensor([0.229, 0.224, 0.225])
+
+
+def prepare(X, size=(32, 32), batch_size=64):
+    """Every batch of ``X`` as model input, concatenated."""
+    collection = as_image_collection(X)
+    return torch.cat(
+        [
+            model_input(
+                batch, start, device=torch.device("cpu"), size=size, mean=MEAN, std=STD
+            )
+            for start, batch in collection.batches(batch_size)
+        ]
+    )
+
+
+@pytest.fixture
+def rgb():
+    return np.random.default_rng(0).integers(0, 256, (5, 20, 24, 3), dtype=np.uint8)
+
+
+def test_preprocessing_equals_torchvision_pipeline(rgb):
+    """RGB [0, 1] -> bilinear anti-aliased resize -> normalisation, as anomalib."""
+    reference = v2.Compose(
+        [
+            v2.ToImage(),
+            v2.ToDtype(torch.float32, scale=True),
+            v2.Resize((32, 40), antialias=True),
+            v2.Normalize(MEAN.tolist(), STD.tolist()),
+        ]
+    )
+    expected = torch.stack([reference(Image.fromarray(image)) for image in rgb])
+    got = prepare(rgb, size=(32, 40))
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
+
+
+def test_layouts_and_kinds_give_the_same_input(rgb, tmp_path):
+    expected = prepare(rgb)
+    paths = []
+    for i, image in enumerate(rgb):
+        paths.append(tmp_path / f"{i}.png")
+        Image.fromarray(image).save(paths[-1])
+    nchw = np.ascontiguousarray(rgb.transpose(0, 3, 1, 2))
+    variants = {
+        "nchw": nchw,
+        "fortran": np.asfortranarray(rgb),
+        "strided": np.repeat(rgb, 2, axis=2)[:, :, ::2],
+        "float nhwc": rgb.astype(np.float32) / 255,
+        "float64 nchw": nchw.astype(np.float64) / 255,
+        "uint16": rgb.astype(np.uint16) * 257,
+        "tensor nchw": torch.from_numpy(nchw),
+        "tensor float nhwc": torch.from_numpy(rgb).float() / 255,
+        "list hwc": list(rgb),
+        "list chw tensors": list(torch.from_numpy(nchw)),
+        "pil": [Image.fromarray(image) for image in rgb],
+        "paths": [str(p) for p in paths],
+        "pathlib": paths,
+        "array of paths": np.array([str(p) for p in paths]),
+    }
+    for name, X in variants.items():
+        torch.testing.assert_close(prepare(X), expected, atol=2e-6, rtol=0, msg=name)
+
+
+def test_grayscale_is_replicated_to_rgb():
+    gray = np.random.default_rng(1).integers(0, 256, (3, 20, 20), dtype=np.uint8)
+    rgb = np.repeat(gray[..., None], 3, axis=-1)
+    expected = prepare(rgb)
+    for X in (gray, gray[..., None], gray[:, None], list(gray), list(gray[:, None])):
+        torch.testing.assert_close(prepare(X), expected)
+    pil = [Image.fromarray(image, mode="L") for image in gray]
+    torch.testing.assert_close(prepare(pil), expected)
+
+
+def test_images_of_different_sizes_are_resized_one_by_one(rgb):
+    big = np.random.default_rng(2).integers(0, 256, (40, 30, 3), dtype=np.uint8)
+    mixed = [rgb[0], big, rgb[1]]
+    got = prepare(mixed, batch_size=3)
+    torch.testing.assert_close(got[[0, 2]], prepare(rgb[:2]), atol=2e-6, rtol=0)
+    torch.testing.assert_close(got[1:2], prepare(big[None]), atol=2e-6, rtol=0)
+
+
+def test_read_only_memmap_input(rgb, tmp_path):
+    path = tmp_path / "images.npy"
+    np.save(path, rgb)
+    mapped = np.load(path, mmap_mode="r")
+    assert not mapped.flags.writeable
+    torch.testing.assert_close(prepare(mapped), prepare(rgb))
+
+
+@pytest.mark.parametrize(
+    "shape, message",
+    [
+        ((4, 5), "2-D array"),
+        ((4,), "1 dimensions"),
+        ((2, 3, 8, 8, 3), "5 dimensions"),
+        ((2, 8, 8, 4), "2 or 4 channels"),
+        ((2, 2, 8, 8), "2 or 4 channels"),
+        ((2, 8, 8, 5), "no channel axis"),
+        ((2, 3, 8, 3), "Ambiguous"),
+        ((8, 8, 3), "Ambiguous"),
+        ((0, 8, 8, 3), "no images"),
+        ((2, 0, 8, 3), "empty image dimension"),
+    ],
+)
+def test_bad_shapes_are_rejected(shape, message):
+    with pytest.raises(ValueError, match=message):
+        as_image_collection(np.zeros(shape, np.uint8))
+
+
+@pytest.mark.parametrize("dtype", [np.int64, np.int8, bool, np.object_])
+def test_unsupported_dtypes_are_rejected(dtype):
+    with pytest.raises(ValueError, match="images must be"):
+        as_image_collection(np.zeros((2, 8, 8, 3), dtype))
+
+
+def test_complex_and_sparse_are_rejected():
+    with pytest.raises(ValueError, match="Complex data not supported"):
+        as_image_collection(np.zeros((2, 8, 8, 3), np.complex64))
+    from scipy.sparse import csr_matrix
+
+    with pytest.raises(TypeError, match="Sparse input"):
+        as_image_collection(csr_matrix(np.eye(3)))
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_non_finite_pixels_name_the_image(bad):
+    X = np.full((4, 8, 8, 3), 0.5, np.float32)
+    X[2, 3, 3, 1] = bad
+    with pytest.raises(ValueError, match="Image 2 has NaN or infinite"):
+        prepare(X, batch_size=3)
+
+
+@pytest.mark.parametrize("bad", [-0.1, 1.5, 255.0])
+def test_float_pixels_outside_unit_range_are_rejected(bad):
+    X = np.full((2, 8, 8, 3), 0.5, np.float32)
+    X[1, 0, 0, 0] = bad
+    with pytest.raises(ValueError, match=r"Image 1 has pixel values outside \[0, 1\]"):
+        prepare(X)
+
+
+def test_empty_and_non_image_inputs_are_rejected(rgb):
+    with pytest.raises(ValueError, match="no images"):
+        as_image_collection([])
+    with pytest.raises(ValueError, match="single path"):
+        as_image_collection("image.png")
+    with pytest.raises(ValueError, match="single PIL image"):
+        as_image_collection(Image.fromarray(rgb[0]))
+    with pytest.raises(ValueError, match="wrap an iterator in list"):
+        as_image_collection(iter(rgb))
+    with pytest.raises(ValueError, match=r"X\[1\] is a int"):
+        as_image_collection([rgb[0], 3])
+
+
+def test_mixed_element_types_are_rejected(rgb, tmp_path):
+    with pytest.raises(ValueError, match=r"mixes element types: path .*X\[0\].* pil"):
+        as_image_collection(["a.png", Image.fromarray(rgb[0])])
+    with pytest.raises(ValueError, match="mixes element types"):
+        as_image_collection([rgb[0], "a.png"])
+
+
+def test_bad_list_elements_are_rejected(rgb):
+    with pytest.raises(ValueError, match=r"X\[1\] has shape \(20, 24, 3, 1\)"):
+        as_image_collection([rgb[0], rgb[1][..., None]])
+    with pytest.raises(ValueError, match=r"X\[0\] has dtype int64"):
+        as_image_collection([rgb[0].astype(np.int64)])
+    with pytest.raises(ValueError, match="2 or 4 channels"):
+        prepare([np.zeros((8, 8, 4), np.uint8)])
+    with pytest.raises(ValueError, match="Ambiguous image"):
+        prepare([np.zeros((3, 8, 3), np.uint8)])
+
+
+def test_missing_and_corrupt_files_name_the_file(rgb, tmp_path):
+    good = tmp_path / "good.png"
+    Image.fromarray(rgb[0]).save(good)
+    missing = tmp_path / "missing.png"
+    with pytest.raises(FileNotFoundError, match="missing.png"):
+        prepare([good, missing])
+    corrupt = tmp_path / "corrupt.png"
+    corrupt.write_bytes(b"not an image at all")
+    with pytest.raises(ValueError, match="Cannot decode image file .*corrupt.png"):
+        prepare([good, corrupt])
+    truncated = tmp_path / "truncated.png"
+    truncated.write_bytes(good.read_bytes()[:200])
+    with pytest.raises(ValueError, match="Cannot decode image file .*truncated.png"):
+        prepare([truncated])
+
+
+def test_files_are_decoded_one_batch_at_a_time(rgb, tmp_path, monkeypatch):
+    paths = []
+    for i in range(10):
+        paths.append(tmp_path / f"{i}.png")
+        Image.fromarray(rgb[i % 5]).save(paths[-1])
+    decoded = []
+    read = images_module._read_file
+    monkeypatch.setattr(
+        images_module, "_read_file", lambda p: decoded.append(p) or read(p)
+    )
+    collection = as_image_collection(paths)
+    assert decoded == []  # validation reads no pixel
+    batches = collection.batches(4)
+    start, batch = next(batches)
+    assert (start, len(batch), len(decoded)) == (0, 4, 4)
+    start, batch = next(batches)
+    assert (start, len(batch), len(decoded)) == (4, 4, 8)
