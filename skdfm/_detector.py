@@ -261,8 +261,8 @@ class DFMDetector(PersistenceMixin, OutlierMixin, BaseEstimator):
         device = Xt.device
         z, sq_norm = project(
             Xt,
-            torch.as_tensor(self.mean_, device=device),
-            torch.as_tensor(self.components_, device=device).T,
+            _as_tensor(self.mean_, device),
+            _as_tensor(self.components_, device).T,
         )
         return self._score_projection(z, sq_norm)
 
@@ -273,7 +273,7 @@ class DFMDetector(PersistenceMixin, OutlierMixin, BaseEstimator):
             score = reconstruction_error(z, sq_norm)
         else:
             variances = gaussian_variances(
-                torch.as_tensor(self.singular_values_, device=device), self.n_samples_
+                _as_tensor(self.singular_values_, device), self.n_samples_
             )
             score = negative_log_likelihood(z, variances)
         return -score.cpu().numpy()
