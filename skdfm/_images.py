@@ -327,6 +327,7 @@ def model_input(
     if x.shape[1] == 1:
         x = x.expand(-1, 3, -1, -1)
     x = (x - mean[:, None, None]) / std[:, None, None]
-    if channels_last:
-        x = x.contiguous(memory_format=torch.channels_last)
-    return x
+    # Elementwise ops keep the input's strides: an NHWC array would silently run the
+    # backbone channels-last. Fix the layout so features never depend on it.
+    layout = torch.channels_last if channels_last else torch.contiguous_format
+    return x.contiguous(memory_format=layout)

@@ -13,3 +13,11 @@ def test_quickstart_runs(capsys):
     assert "reloaded scores identical: True" in out
     auc = float(out.split("image ROC AUC (normal vs defect): ")[1].split()[0])
     assert auc > 0.9
+
+
+def test_image_pipeline_runs(capsys):
+    runpy.run_path(str(EXAMPLES / "image_pipeline.py"), run_name="__main__")
+    out = capsys.readouterr().out
+    assert "reloaded scores identical: True" in out
+    auc = float(out.split("image ROC AUC (normal vs defect): ")[1].split()[0])
+    assert auc > 0.9

@@ -524,3 +524,8 @@ def test_cuda_pipeline_round_trips(images, tmp_path):
     np.testing.assert_array_equal(
         loaded.score_samples(images), pipe.score_samples(images)
     )
+
+
+def test_memory_layout_of_the_input_does_not_change_features(fitted, images):
+    nchw = np.ascontiguousarray(images.transpose(0, 3, 1, 2))
+    np.testing.assert_array_equal(fitted.transform(nchw), fitted.transform(images))
