@@ -97,7 +97,7 @@ def test_unknown_layer_lists_the_valid_ones(layer, message):
 def test_offline_without_cache_fails_fast_and_says_what_to_do(offline):
     start = time.perf_counter()
     with pytest.raises(OSError) as error:
-        build_backbone("resnet18", "layer3", pretrained=True)
+        build_backbone("resnet18", "layer3", pretrained=True)  # offline
     assert time.perf_counter() - start < 5
     message = str(error.value)
     assert "not in the local cache and cannot be downloaded" in message
@@ -111,7 +111,7 @@ def test_hf_hub_offline_fails_without_touching_the_network(offline, monkeypatch)
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     monkeypatch.setattr(socket, "create_connection", pytest.fail)  # must not even probe
     with pytest.raises(OSError, match="HF_HUB_OFFLINE is set"):
-        build_backbone("resnet18", "layer3", pretrained=True)
+        build_backbone("resnet18", "layer3", pretrained=True)  # offline
 
 
 def test_a_download_error_is_reworded(offline, monkeypatch):
@@ -125,7 +125,7 @@ def test_a_download_error_is_reworded(offline, monkeypatch):
         "timm.models._builder.load_state_dict_from_hf", failing_download
     )
     with pytest.raises(OSError, match="connection reset by peer.*checkpoint_path="):
-        build_backbone("resnet18", "layer3", pretrained=True)
+        build_backbone("resnet18", "layer3", pretrained=True)  # offline
 
 
 @pytest.fixture
@@ -141,7 +141,10 @@ def checkpoint(tmp_path):
 def test_checkpoint_path_loads_local_weights(checkpoint, offline):
     path, weights = checkpoint
     model = build_backbone(
-        "resnet18", "layer3", pretrained=True, checkpoint_path=path
+        "resnet18",
+        "layer3",
+        pretrained=True,  # offline: a local file
+        checkpoint_path=path,
     ).model
     for key, value in model.state_dict().items():
         torch.testing.assert_close(value, weights[key], rtol=0, atol=0)
@@ -150,7 +153,7 @@ def test_checkpoint_path_loads_local_weights(checkpoint, offline):
 def test_cached_weights_load_with_no_network(checkpoint, offline, monkeypatch):
     path, weights = checkpoint
     monkeypatch.setattr(backbone_module, "_cached_weights", lambda name: str(path))
-    model = build_backbone("resnet18", "layer2", pretrained=True).model
+    model = build_backbone("resnet18", "layer2", pretrained=True).model  # offline
     torch.testing.assert_close(
         model.state_dict()["conv1.weight"], weights["conv1.weight"], rtol=0, atol=0
     )
@@ -182,7 +185,7 @@ def test_bad_checkpoints_are_clear_errors(checkpoint, tmp_path):
 def test_model_without_pretrained_weights_is_a_clear_error(monkeypatch):
     monkeypatch.setattr(backbone_module, "get_pretrained_cfg", lambda *a, **k: None)
     with pytest.raises(ValueError, match="timm has no pretrained weights"):
-        build_backbone("resnet18", 3, pretrained=True)
+        build_backbone("resnet18", 3, pretrained=True)  # offline
 
 
 def test_state_round_trip_rebuilds_the_same_model():

@@ -402,7 +402,7 @@ def test_pretrained_model_loads_its_weights_from_the_pickle(
     path = tmp_path / "weights.pth"
     torch.save(timm.create_model("test_resnet").state_dict(), path)
     tr = DeepFeatureTransformer(
-        **dict(SMALL, pretrained=True, checkpoint_path=str(path))
+        **dict(SMALL, pretrained=True, checkpoint_path=str(path))  # offline
     ).fit(images)
     expected = tr.transform(images)
     blob = pickle.dumps(tr)
@@ -487,7 +487,11 @@ def test_progress_bar(fitted, images, capsys):
         (dict(precision="int8"), ValueError, "'precision' parameter"),
         (dict(batch_size=0), ValueError, "'batch_size' parameter"),
         (dict(checkpoint_path="w.pth"), ValueError, "pretrained=False"),
-        (dict(pretrained=True, checkpoint_path="w.pth"), FileNotFoundError, "w.pth"),
+        (
+            dict(pretrained=True, checkpoint_path="w.pth"),  # offline: missing file
+            FileNotFoundError,
+            "w.pth",
+        ),
     ],
 )
 def test_invalid_parameters_are_rejected_at_fit(images, params, error, message):
