@@ -127,13 +127,15 @@ def _download_blocker(name: str) -> str | None:
 
         if constants.HF_HUB_OFFLINE:
             return "HF_HUB_OFFLINE is set"
-        host = urlparse(constants.ENDPOINT).hostname
+        source = urlparse(constants.ENDPOINT)
     else:
-        host = urlparse(cfg.url).hostname
+        source = urlparse(cfg.url)
+    host = source.hostname
+    port = source.port or (80 if source.scheme == "http" else 443)
     if any(os.environ.get(variable) for variable in _PROXY_VARIABLES):
         return None  # only the proxy can tell; let the download try
     try:
-        socket.create_connection((host, 443), timeout=5).close()
+        socket.create_connection((host, port), timeout=5).close()
     except OSError as exc:
         return f"{host} cannot be reached ({exc})"
     return None
@@ -213,17 +215,20 @@ def build_backbone(
             torch.manual_seed(seed)
         try:
             model = timm.create_model(name, **features, **weights)
-        except (RuntimeError, KeyError) as exc:
-            if checkpoint_path is None:
-                raise
-            raise ValueError(
-                f"checkpoint_path={os.fspath(checkpoint_path)!r} does not fit "
-                f"backbone={name!r}: {exc}"
-            ) from exc
-        except OSError as exc:
-            if checkpoint_path is not None or not weights["pretrained"]:
-                raise
-            raise OSError(_offline_message(name, str(exc))) from exc
+        except Exception as exc:
+            if checkpoint_path is not None and isinstance(
+                exc, (RuntimeError, KeyError, ValueError)
+            ):
+                raise ValueError(
+                    f"checkpoint_path={os.fspath(checkpoint_path)!r} does not fit "
+                    f"backbone={name!r}: {exc}"
+                ) from exc
+            downloading = (
+                weights["pretrained"] and "pretrained_cfg_overlay" not in weights
+            )
+            if downloading:  # a download fails in many ways: HTTP, SSL, I/O
+                raise OSError(_offline_message(name, str(exc))) from exc
+            raise
     model.eval().requires_grad_(False)
     cfg = model.pretrained_cfg
     return Backbone(model, layer_name, tuple(cfg["mean"]), tuple(cfg["std"]))

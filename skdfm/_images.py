@@ -189,6 +189,10 @@ def as_image_collection(X) -> ImageCollection:
             "Sparse input is not supported: images must be dense arrays, tensors or "
             "a sequence of images."
         )
+    if hasattr(X, "columns"):
+        raise ValueError(
+            "X is a data frame; pass one column of it (e.g. df['path']) or a list."
+        )
     if isinstance(X, np.ndarray) and X.dtype.kind in "UO":
         X = list(X)
     if isinstance(X, (np.ndarray, torch.Tensor)):

@@ -114,17 +114,20 @@ def test_hf_hub_offline_fails_without_touching_the_network(offline, monkeypatch)
         build_backbone("resnet18", "layer3", pretrained=True)  # offline
 
 
-def test_a_download_error_is_reworded(offline, monkeypatch):
+@pytest.mark.parametrize(
+    "failure", [OSError("connection reset by peer"), RuntimeError("HTTP 503")]
+)
+def test_a_download_error_is_reworded(offline, monkeypatch, failure):
     """Network reachable, download still fails: same clear message."""
     monkeypatch.setattr(backbone_module, "_download_blocker", lambda name: None)
 
     def failing_download(*args, **kwargs):
-        raise OSError("connection reset by peer")
+        raise failure
 
     monkeypatch.setattr(
         "timm.models._builder.load_state_dict_from_hf", failing_download
     )
-    with pytest.raises(OSError, match="connection reset by peer.*checkpoint_path="):
+    with pytest.raises(OSError, match=f"{failure}.*checkpoint_path="):
         build_backbone("resnet18", "layer3", pretrained=True)  # offline
 
 

@@ -163,6 +163,14 @@ def test_empty_and_non_image_inputs_are_rejected(rgb):
         as_image_collection([rgb[0], 3])
 
 
+def test_data_frames_ask_for_a_column(tmp_path):
+    pd = pytest.importorskip("pandas")
+    frame = pd.DataFrame({"path": ["a.png", "b.png"]})
+    with pytest.raises(ValueError, match="data frame; pass one column"):
+        as_image_collection(frame)
+    assert len(as_image_collection(frame["path"])) == 2
+
+
 def test_mixed_element_types_are_rejected(rgb, tmp_path):
     with pytest.raises(ValueError, match=r"mixes element types: path .*X\[0\].* pil"):
         as_image_collection(["a.png", Image.fromarray(rgb[0])])
