@@ -51,7 +51,8 @@ def _feature_kwargs(name: str, layer) -> tuple[dict, str]:
 
     timm's own ``features_only`` wrapper truncates ResNet-like models; EfficientNet and
     MobileNet wrappers keep every block, so they are rebuilt as a ``FeatureListNet``.
-    Models that cannot be cut (e.g. ViTs) keep timm's wrapper.
+    Models that cannot be cut that way (ViTs, whose feature getters index blocks
+    differently) are rejected rather than run whole or at the wrong block.
     """
     with torch.device("meta"):
         try:
@@ -78,14 +79,20 @@ def _feature_kwargs(name: str, layer) -> tuple[dict, str]:
             index = int(layer)
         kwargs = dict(features_only=True, out_indices=(index,), exportable=True)
         if not isinstance(probe, FeatureDictNet):
-            cut = dict(
-                kwargs, feature_cls="list", feature_cfg={"flatten_sequential": True}
-            )
+            kwargs.update(feature_cls="list", feature_cfg={"flatten_sequential": True})
             try:
-                timm.create_model(name, pretrained=False, **cut)
-                kwargs = cut
-            except (AssertionError, RuntimeError, TypeError, KeyError):
-                pass
+                cut = timm.create_model(name, pretrained=False, **kwargs)
+            except (AssertionError, RuntimeError, TypeError, KeyError) as exc:
+                raise ValueError(
+                    f"backbone={name!r} cannot be cut after a layer by timm "
+                    f"(FeatureListNet: {exc}); use a CNN backbone such as a ResNet, "
+                    "Wide ResNet, EfficientNet or ConvNeXt."
+                ) from exc
+            if cut.feature_info.module_name() != [names[index]]:
+                raise ValueError(
+                    f"backbone={name!r}: timm cuts it at "
+                    f"{cut.feature_info.module_name()}, not at {names[index]!r}."
+                )
     return kwargs, names[index]
 
 

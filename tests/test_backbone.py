@@ -62,6 +62,11 @@ def test_models_whose_timm_wrapper_keeps_every_block_are_cut_too(name):
     assert feature_map.shape[1] == everything.feature_info.channels()[2]
 
 
+def test_models_timm_cannot_cut_are_rejected():
+    with pytest.raises(ValueError, match="cannot be cut after a layer"):
+        build_backbone("vit_tiny_patch16_224", 0, pretrained=False)
+
+
 def test_seed_makes_random_weights_reproducible():
     a = build_backbone("test_resnet", "layer2", pretrained=False, seed=3).model
     b = build_backbone("test_resnet", "layer2", pretrained=False, seed=3).model
