@@ -100,7 +100,7 @@ def _to_chw_tensor(image) -> torch.Tensor:
 def _from_numpy(array: np.ndarray) -> torch.Tensor:
     if array.dtype == np.uint16:  # torch has too few uint16 kernels: go through float
         return torch.from_numpy(array.astype(np.float32) / 65535.0)
-    if not array.flags.writeable:  # read-only input (memmap): never written, copy
+    if not array.flags.writeable:  # torch warns on read-only memory; copy the batch
         array = np.array(array)
     return torch.from_numpy(np.ascontiguousarray(array))
 

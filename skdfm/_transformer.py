@@ -241,13 +241,15 @@ class DeepFeatureTransformer(PersistenceMixin, TransformerMixin, BaseEstimator):
             checkpoint_path=self.checkpoint_path,
             seed=seed,
         )
-        self.backbone_ = self._place(built.model, device)
+        model = self._place(built.model, device)
+        feature_shape = self._pooled_shape(model, device, size, built.layer_name)
+        self.backbone_ = model
         self.device_ = str(device)
         self.layer_ = built.layer_name
         self.input_size_ = size
         self.image_mean_ = built.mean
         self.image_std_ = built.std
-        self.feature_shape_ = self._pooled_shape(size)
+        self.feature_shape_ = feature_shape
         return self
 
     def _place(self, model: torch.nn.Module, device: torch.device):
@@ -256,15 +258,16 @@ class DeepFeatureTransformer(PersistenceMixin, TransformerMixin, BaseEstimator):
             model = model.to(memory_format=torch.channels_last)
         return model
 
-    def _pooled_shape(self, size: tuple[int, int]) -> tuple[int, int, int]:
+    def _pooled_shape(self, model, device, size, layer) -> tuple[int, int, int]:
+        """(C, h, w) of the pooled map, from one forward pass of a blank image."""
         with torch.inference_mode():
-            probe = torch.zeros((1, 3, *size), device=self.device_)
-            channels, rows, cols = self.backbone_(probe)[0].shape[1:]
+            probe = torch.zeros((1, 3, *size), device=device)
+            channels, rows, cols = model(probe)[0].shape[1:]
         k = self.pooling_kernel_size
         if rows < k or cols < k:
             raise ValueError(
                 f"input_size={size} gives a {rows}x{cols} feature map at layer "
-                f"{self.layer_!r} of {self.backbone!r}, smaller than "
+                f"{layer!r} of {self.backbone!r}, smaller than "
                 f"pooling_kernel_size={k}; use a larger input_size, an earlier "
                 "layer or a smaller kernel."
             )

@@ -500,6 +500,14 @@ def test_invalid_parameters_are_rejected_at_fit(images, params, error, message):
         tr.fit(images)
 
 
+def test_a_failed_fit_leaves_the_estimator_unfitted(images):
+    tr = DeepFeatureTransformer(**dict(SMALL, pooling_kernel_size=8))
+    with pytest.raises(ValueError, match="smaller than pooling_kernel_size"):
+        tr.fit(images)
+    with pytest.raises(NotFittedError):
+        tr.transform(images)
+
+
 def test_rectangular_input_size(images):
     tr = DeepFeatureTransformer(**dict(SMALL, input_size=(64, 128))).fit(images)
     assert tr.input_size_ == (64, 128)
