@@ -310,7 +310,7 @@ def model_input(
     """Turn one batch from :meth:`ImageCollection.batches` into backbone input.
 
     The batch crosses to ``device`` once, in its own dtype (uint8 stays uint8 on the
-    way). Images of different sizes are resized one by one on the host first.
+    way). Images of different sizes are resized one by one where they are first.
     ``mean`` and ``std`` are (3,) float32 tensors on ``device``.
     """
     if isinstance(batch, list):
