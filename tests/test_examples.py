@@ -15,9 +15,17 @@ def test_quickstart_runs(capsys):
     assert auc > 0.9
 
 
-def test_image_pipeline_runs(capsys):
+def test_image_pipeline_runs(capsys, monkeypatch):
+    import skdfm._backbone
+
+    # Tests never download: take the example's offline path (random weights).
+    monkeypatch.setattr(skdfm._backbone, "_cached_weights", lambda name: None)
+    monkeypatch.setattr(
+        skdfm._backbone, "_download_blocker", lambda name: "tests never download"
+    )
     runpy.run_path(str(EXAMPLES / "image_pipeline.py"), run_name="__main__")
     out = capsys.readouterr().out
+    assert "weights: random (The pretrained weights of backbone='resnet18'" in out
     assert "reloaded scores identical: True" in out
     auc = float(out.split("image ROC AUC (normal vs defect): ")[1].split()[0])
     assert auc > 0.9
