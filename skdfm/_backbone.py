@@ -96,11 +96,8 @@ def _feature_kwargs(name: str, layer) -> tuple[dict, str]:
     return kwargs, names[index]
 
 
-def _cached_weights(name: str) -> str | None:
-    """Path of ``name``'s pretrained weights in the local caches, if present."""
-    cfg = get_pretrained_cfg(name, allow_unregistered=True)
-    if cfg is None:
-        return None
+def _cached_weights(cfg) -> str | None:
+    """Path of the pretrained weights of ``cfg`` in the local caches, if present."""
     if cfg.hf_hub_id:
         from huggingface_hub import try_to_load_from_cache
 
@@ -126,9 +123,8 @@ def _cached_weights(name: str) -> str | None:
     return None
 
 
-def _download_blocker(name: str) -> str | None:
-    """Why a download of ``name``'s weights cannot work here, or None if it may."""
-    cfg = get_pretrained_cfg(name, allow_unregistered=True)
+def _download_blocker(cfg) -> str | None:
+    """Why a download of the weights of ``cfg`` cannot work here, or None if it may."""
     if cfg.hf_hub_id:
         from huggingface_hub import constants
 
@@ -175,10 +171,10 @@ def _weights_kwargs(name: str, pretrained: bool, checkpoint_path) -> dict:
             f"timm has no pretrained weights for backbone={name!r}; pass "
             "checkpoint_path=... or use pretrained=False."
         )
-    cached = _cached_weights(name)
+    cached = _cached_weights(cfg)
     if cached is not None:
         return dict(pretrained=True, pretrained_cfg_overlay=dict(file=cached))
-    blocker = _download_blocker(name)
+    blocker = _download_blocker(cfg)
     if blocker is not None:
         raise OSError(_offline_message(name, blocker))
     return dict(pretrained=True)

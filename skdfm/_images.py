@@ -84,17 +84,12 @@ def _scale_of(dtype, what: str) -> float | None:
 
 
 def _to_chw_tensor(image) -> torch.Tensor:
-    """A single image array/tensor as a (C, H, W) tensor sharing memory."""
+    """A validated single image array/tensor as a (C, H, W) tensor."""
     tensor = image if isinstance(image, torch.Tensor) else _from_numpy(image)
     if tensor.ndim == 2:
         return tensor.unsqueeze(0)
-    if tensor.ndim == 3:
-        axis = _channel_axis(tuple(tensor.shape), (0, 2), "image")
-        return tensor if axis == 0 else tensor.permute(2, 0, 1)
-    raise ValueError(
-        f"An image in the list has {tensor.ndim} dimensions (shape "
-        f"{tuple(tensor.shape)}); expected 2 or 3. {_LAYOUT_HELP}"
-    )
+    axis = _channel_axis(tuple(tensor.shape), (0, 2), "image")
+    return tensor if axis == 0 else tensor.permute(2, 0, 1)
 
 
 def _from_numpy(array: np.ndarray) -> torch.Tensor:
@@ -231,6 +226,8 @@ def as_image_collection(X) -> ImageCollection:
                     f"X[{index}] has shape {tuple(item.shape)}; expected one "
                     f"non-empty image. {_LAYOUT_HELP}"
                 )
+            if item.ndim == 3:  # layout errors up front, not mid-transform
+                _channel_axis(tuple(item.shape), (0, 2), "image")
     return ImageCollection(kind, items)
 
 

@@ -18,7 +18,7 @@ def n_parameters(model):
 @pytest.fixture
 def offline(monkeypatch):
     """No cached weights and no route to the hub, as on an air-gapped machine."""
-    monkeypatch.setattr(backbone_module, "_cached_weights", lambda name: None)
+    monkeypatch.setattr(backbone_module, "_cached_weights", lambda cfg: None)
 
     def refuse(address, timeout=None):
         raise OSError("[Errno -2] Name or service not known")
@@ -124,7 +124,7 @@ def test_hf_hub_offline_fails_without_touching_the_network(offline, monkeypatch)
 )
 def test_a_download_error_is_reworded(offline, monkeypatch, failure):
     """Network reachable, download still fails: same clear message."""
-    monkeypatch.setattr(backbone_module, "_download_blocker", lambda name: None)
+    monkeypatch.setattr(backbone_module, "_download_blocker", lambda cfg: None)
 
     def failing_download(*args, **kwargs):
         raise failure
@@ -160,7 +160,7 @@ def test_checkpoint_path_loads_local_weights(checkpoint, offline):
 
 def test_cached_weights_load_with_no_network(checkpoint, offline, monkeypatch):
     path, weights = checkpoint
-    monkeypatch.setattr(backbone_module, "_cached_weights", lambda name: str(path))
+    monkeypatch.setattr(backbone_module, "_cached_weights", lambda cfg: str(path))
     model = build_backbone("resnet18", "layer2", pretrained=True).model  # offline
     torch.testing.assert_close(
         model.state_dict()["conv1.weight"], weights["conv1.weight"], rtol=0, atol=0
@@ -178,7 +178,8 @@ def test_cached_weights_are_found_in_the_hub_cache(tmp_path, monkeypatch):
         return str(found) if filename == "model.safetensors" else None
 
     monkeypatch.setattr(huggingface_hub, "try_to_load_from_cache", lookup)
-    assert backbone_module._cached_weights("resnet50") == str(found)
+    cfg = backbone_module.get_pretrained_cfg("resnet50")
+    assert backbone_module._cached_weights(cfg) == str(found)
     assert calls[0] == ("timm/resnet50.a1_in1k", "model.safetensors")
 
 

@@ -19,9 +19,9 @@ def test_image_pipeline_runs(capsys, monkeypatch):
     import skdfm._backbone
 
     # Tests never download: take the example's offline path (random weights).
-    monkeypatch.setattr(skdfm._backbone, "_cached_weights", lambda name: None)
+    monkeypatch.setattr(skdfm._backbone, "_cached_weights", lambda cfg: None)
     monkeypatch.setattr(
-        skdfm._backbone, "_download_blocker", lambda name: "tests never download"
+        skdfm._backbone, "_download_blocker", lambda cfg: "tests never download"
     )
     runpy.run_path(str(EXAMPLES / "image_pipeline.py"), run_name="__main__")
     out = capsys.readouterr().out
