@@ -10,6 +10,7 @@ cheaply up front; pixels are decoded and checked one batch at a time, so a list 
 
 from __future__ import annotations
 
+import hashlib
 import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -114,8 +115,39 @@ def _read_file(path) -> torch.Tensor:
     return torch.from_numpy(np.array(rgb)).permute(2, 0, 1)
 
 
+def _file_size(path) -> tuple[int, int]:
+    """``(height, width)`` from the file's header, with the errors of ``_read_file``."""
+    try:
+        with Image.open(path) as image:
+            return (image.height, image.width)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"Image file not found: {os.fspath(path)!r}") from None
+    except (UnidentifiedImageError, OSError, ValueError) as exc:
+        raise ValueError(
+            f"Cannot decode image file {os.fspath(path)!r}: {exc}"
+        ) from exc
+
+
 def _from_pil(image: Image.Image) -> torch.Tensor:
     return torch.from_numpy(np.array(image.convert("RGB"))).permute(2, 0, 1)
+
+
+def _digest(data) -> str:
+    return hashlib.blake2b(data, digest_size=16).hexdigest()
+
+
+def _array_key(image) -> tuple:
+    if isinstance(image, torch.Tensor):
+        image = image.detach().cpu().numpy()
+    image = np.ascontiguousarray(image)
+    return ("pixels", image.shape, image.dtype.str, _digest(image.data))
+
+
+def image_sizes(batch) -> list[tuple[int, int]]:
+    """``(height, width)`` of each image of a batch from :meth:`ImageCollection.batches`."""
+    if isinstance(batch, list):
+        return [tuple(image.shape[-2:]) for image in batch]
+    return [tuple(batch.shape[-2:])] * len(batch)
 
 
 @dataclass(frozen=True)
@@ -132,6 +164,49 @@ class ImageCollection:
 
     def __len__(self) -> int:
         return len(self.data)
+
+    def subset(self, indices) -> ImageCollection:
+        """The images at ``indices``, same kind and layout, still undecoded."""
+        if self.kind == "array":
+            return ImageCollection(self.kind, self.data[indices], self.channel_axis)
+        return ImageCollection(self.kind, [self.data[i] for i in indices])
+
+    def identity_keys(self) -> list[tuple]:
+        """One hashable key per image that changes when the image does.
+
+        Files are identified by absolute path, size and modification time (nothing
+        is decoded); arrays, tensors and PIL images by a digest of their pixels,
+        shape and dtype.
+        """
+        if self.kind == "path":
+            keys = []
+            for item in self.data:
+                path = os.path.abspath(os.fspath(item))
+                try:
+                    stat = os.stat(path)
+                except OSError:  # reading it will raise the clear error
+                    keys.append(("path", path, None, None))
+                    continue
+                keys.append(("path", path, stat.st_size, stat.st_mtime_ns))
+            return keys
+        if self.kind == "pil":
+            return [
+                ("pil", image.mode, image.size, _digest(image.tobytes()))
+                for image in self.data
+            ]
+        return [_array_key(image) for image in self.data]
+
+    def sizes(self) -> list[tuple[int, int]]:
+        """``(height, width)`` of each image; files are read for their header only."""
+        if self.kind == "array":
+            shape = tuple(self.data.shape)
+            size = shape[-2:] if self.channel_axis in (None, 1) else shape[1:3]
+            return [tuple(int(s) for s in size)] * len(self)
+        if self.kind == "pil":
+            return [(image.height, image.width) for image in self.data]
+        if self.kind == "path":
+            return [_file_size(item) for item in self.data]
+        return [size for _, batch in self.batches(64) for size in image_sizes(batch)]
 
     def batches(self, batch_size: int) -> Iterator[tuple[int, object]]:
         """Yield ``(start, batch)``: a (B, C, H, W) tensor or a list of (C, H, W)."""

@@ -15,6 +15,7 @@ from sklearn.utils.validation import check_is_fitted
 from tqdm.auto import tqdm
 
 from ._backbone import backbone_state, build_backbone, rebuild_backbone
+from ._cache import FeatureCache, weights_digest
 from ._device import resolve_device
 from ._images import as_image_collection, model_input
 from ._persistence import PersistenceMixin
@@ -80,6 +81,11 @@ class DeepFeatureTransformer(PersistenceMixin, TransformerMixin, BaseEstimator):
         Show a tqdm progress bar over batches in ``transform``.
     random_state : int, RandomState instance or None, default=None
         Seeds the random weights when ``pretrained=False``; ignored otherwise.
+    cache : FeatureCache or None, default=None
+        Reuse the features of images already seen with the same backbone,
+        weights, layer and preprocessing (see :class:`~skdfm.FeatureCache`): with
+        one cache shared by a grid search, each image runs through the backbone
+        once per layer. Outputs are identical with and without it.
 
     Attributes
     ----------
@@ -164,6 +170,7 @@ class DeepFeatureTransformer(PersistenceMixin, TransformerMixin, BaseEstimator):
         "channels_last": ["boolean"],
         "progress": ["boolean"],
         "random_state": ["random_state"],
+        "cache": [FeatureCache, None],
     }
 
     def __init__(
@@ -181,6 +188,7 @@ class DeepFeatureTransformer(PersistenceMixin, TransformerMixin, BaseEstimator):
         channels_last=False,
         progress=False,
         random_state=None,
+        cache=None,
     ):
         self.backbone = backbone
         self.layer = layer
@@ -194,6 +202,7 @@ class DeepFeatureTransformer(PersistenceMixin, TransformerMixin, BaseEstimator):
         self.channels_last = channels_last
         self.progress = progress
         self.random_state = random_state
+        self.cache = cache
 
     def _input_size(self) -> tuple[int, int]:
         size = self.input_size
@@ -297,8 +306,42 @@ class DeepFeatureTransformer(PersistenceMixin, TransformerMixin, BaseEstimator):
         -------
         features : ndarray of shape (n_images, prod(feature_shape_)), float32
         """
+        return self._transform(X)[0]
+
+    def _transform(self, X, *, sizes: bool = False):
+        """``(features, sizes)``; ``sizes`` lists each image's original
+        ``(height, width)`` when asked, else is None."""
         check_is_fitted(self)
         images = as_image_collection(X)
+        out = np.empty((len(images), int(np.prod(self.feature_shape_))), np.float32)
+        todo = np.arange(len(images))
+        if self.cache is not None:
+            config = self._cache_config()
+            keys = images.identity_keys()
+            found = self.cache.lookup(config, keys)
+            if found:
+                out[list(found)] = np.stack(list(found.values()))
+                todo = np.setdiff1d(todo, list(found))
+        if len(todo):
+            run = images if len(todo) == len(images) else images.subset(todo)
+            out[todo] = rows = self._run_backbone(run)
+            if self.cache is not None:
+                self.cache.store(config, [keys[i] for i in todo], rows)
+        return out, (images.sizes() if sizes else None)
+
+    def _cache_config(self) -> tuple:
+        return (
+            self.backbone,
+            weights_digest(self.backbone_),
+            self.layer_,
+            self.input_size_,
+            self.pooling_kernel_size,
+            self.precision,
+            self.channels_last,
+        )
+
+    def _run_backbone(self, images) -> np.ndarray:
+        """Feature rows of an image collection, batch by batch."""
         device = torch.device(self.device_)
         mean = torch.tensor(self.image_mean_, dtype=torch.float32, device=device)
         std = torch.tensor(self.image_std_, dtype=torch.float32, device=device)

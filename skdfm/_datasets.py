@@ -1,0 +1,306 @@
+"""Data sets: synthetic textured parts with defects and masks, and the MVTec AD layout."""
+
+from __future__ import annotations
+
+import os
+from numbers import Integral
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+from scipy import ndimage
+from sklearn.utils import Bunch, check_random_state
+from sklearn.utils._param_validation import Interval, StrOptions, validate_params
+
+__all__ = ["load_mvtec", "make_defect_images"]
+
+TEXTURES = ("woven", "brushed", "grain")
+DEFECTS = ("scratch", "crack", "stain", "hole")
+_IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"}
+
+
+def _texture(rng, kind: str, size: int) -> np.ndarray:
+    """A (size, size) gray texture in about [0.2, 0.8], varying from part to part."""
+    y, x = np.mgrid[:size, :size] / size
+    if kind == "woven":
+        freq = 40 * size / 128 * rng.uniform(0.95, 1.05)
+        phase = rng.uniform(0, 2 * np.pi, 2)
+        image = 0.5 + 0.18 * np.sin(freq * x + phase[0]) * np.sin(freq * y + phase[1])
+        noise_sigma = 0.02
+    elif kind == "brushed":
+        streaks = ndimage.gaussian_filter(
+            rng.normal(size=(size, size)), sigma=(0.6, size / 6)
+        )
+        image = 0.55 + 0.9 * streaks / (np.abs(streaks).max() + 1e-12) * 0.15
+        noise_sigma = 0.015
+    else:  # grain: smooth blotches at two scales, like leather or wood fibre board
+        coarse = ndimage.gaussian_filter(rng.normal(size=(size, size)), size / 25)
+        fine = ndimage.gaussian_filter(rng.normal(size=(size, size)), 1.0)
+        image = 0.5 + 0.12 * coarse / coarse.std() + 0.05 * fine / fine.std()
+        noise_sigma = 0.01
+    lighting = rng.uniform(0.9, 1.1) + 0.05 * (x - 0.5) * rng.uniform(-1, 1)
+    return image * lighting + rng.normal(0, noise_sigma, image.shape)
+
+
+def _curve_distance(points: np.ndarray, size: int) -> np.ndarray:
+    """Distance of every pixel to a polyline sampled densely by ``points`` (n, 2)."""
+    grid = np.stack(np.mgrid[:size, :size], axis=-1).reshape(-1, 1, 2)
+    distance = np.full(size * size, np.inf)
+    for start in range(0, len(points), 64):
+        chunk = points[None, start : start + 64]
+        distance = np.minimum(distance, np.linalg.norm(grid - chunk, axis=-1).min(1))
+    return distance.reshape(size, size)
+
+
+def _densify(vertices: np.ndarray) -> np.ndarray:
+    steps = [
+        np.linspace(a, b, max(2, int(np.ceil(np.linalg.norm(b - a) * 2))))
+        for a, b in zip(vertices[:-1], vertices[1:], strict=True)
+    ]
+    return np.concatenate(steps)
+
+
+def _defect(rng, kind: str, size: int) -> tuple[np.ndarray, np.ndarray, float]:
+    """Alpha (strength in [0, 1]) and target intensity change of one defect.
+
+    Returns ``(alpha, mask, shift)``: the image becomes ``image + alpha * shift``
+    (with a tint for stains); ``mask`` marks the visibly changed pixels.
+    """
+    centre = rng.uniform(0.25, 0.75, 2) * size
+    if kind in ("scratch", "crack"):
+        length = rng.uniform(0.25, 0.5) * size
+        angle = rng.uniform(0, np.pi)
+        direction = np.array([np.sin(angle), np.cos(angle)])
+        if kind == "scratch":  # a smooth arc
+            t = np.linspace(-0.5, 0.5, 40)[:, None]
+            bend = rng.uniform(-0.15, 0.15) * length
+            normal = np.array([-direction[1], direction[0]])
+            vertices = centre + t * length * direction + (1 - 4 * t**2) * bend * normal
+            width = rng.uniform(0.8, 1.6) * size / 128
+        else:  # a jagged random walk
+            n = 12
+            steps = direction * length / n + rng.normal(0, length / n * 0.6, (n, 2))
+            vertices = centre - direction * length / 2 + np.cumsum(steps, axis=0)
+            vertices = np.vstack([centre - direction * length / 2, vertices])
+            width = rng.uniform(0.7, 1.2) * size / 128
+        distance = _curve_distance(_densify(vertices), size)
+        alpha = np.exp(-((distance / width) ** 2))
+        shift = rng.choice([-0.45, 0.35]) if kind == "scratch" else -0.45
+        return alpha, alpha > 0.3, shift
+    y, x = np.mgrid[:size, :size]
+    radius = rng.uniform(0.05, 0.1) * size
+    aspect = rng.uniform(0.6, 1.0)
+    angle = rng.uniform(0, np.pi)
+    dy, dx = y - centre[0], x - centre[1]
+    u = dx * np.cos(angle) + dy * np.sin(angle)
+    v = (-dx * np.sin(angle) + dy * np.cos(angle)) / aspect
+    if kind == "stain":  # soft, irregular blob
+        wobble = ndimage.gaussian_filter(rng.normal(size=(size, size)), size / 32)
+        r = np.hypot(u, v) / radius + 0.8 * wobble / (np.abs(wobble).max() + 1e-12)
+        alpha = 1 / (1 + np.exp((r - 1.2) * 6))
+        return alpha, alpha > 0.3, rng.choice([-0.25, 0.25])
+    r = np.hypot(u, v) / radius  # hole: dark inside, a bright rim
+    alpha = np.clip(1.5 - r, 0, 1) ** 0.5
+    return alpha, r <= 1.0, -0.5
+
+
+@validate_params(
+    {
+        "n_normal": [Interval(Integral, 0, None, closed="left")],
+        "n_anomalous": [Interval(Integral, 0, None, closed="left")],
+        "image_size": [Interval(Integral, 32, None, closed="left")],
+        "texture": [StrOptions(set(TEXTURES))],
+        "defects": [list, tuple],
+        "shuffle": ["boolean"],
+        "random_state": ["random_state"],
+    },
+    prefer_skip_nested_validation=True,
+)
+def make_defect_images(
+    n_normal=60,
+    n_anomalous=30,
+    *,
+    image_size=128,
+    texture="woven",
+    defects=DEFECTS,
+    shuffle=True,
+    random_state=None,
+):
+    """Generate textured inspection images, some with defects, and their masks.
+
+    Normal images are a texture (``"woven"`` fabric, ``"brushed"`` metal or
+    ``"grain"``) whose phase, lighting and noise vary from part to part. An
+    anomalous image also carries one defect drawn from ``defects``: a thin bright
+    or dark ``"scratch"`` (a smooth arc), a jagged dark ``"crack"``, a soft tinted
+    ``"stain"`` or a dark ``"hole"`` with a bright rim. The pixel mask marks where
+    the defect visibly changes the image. The same ``random_state`` gives the
+    same images on every machine.
+
+    Parameters
+    ----------
+    n_normal : int, default=60
+        Number of defect-free images.
+    n_anomalous : int, default=30
+        Number of images with one defect each.
+    image_size : int, default=128
+        Height and width of the square images (at least 32).
+    texture : {"woven", "brushed", "grain"}, default="woven"
+        The surface.
+    defects : sequence of str, default=("scratch", "crack", "stain", "hole")
+        The defect kinds to draw from, uniformly.
+    shuffle : bool, default=True
+        Shuffle the images; otherwise normal images come first.
+    random_state : int, RandomState instance or None, default=None
+        Determines everything drawn. Pass an int for reproducible output.
+
+    Returns
+    -------
+    images : ndarray of shape (n_normal + n_anomalous, image_size, image_size, 3)
+        RGB images, uint8.
+    y : ndarray of shape (n_normal + n_anomalous,)
+        ``1`` for a normal image, ``-1`` for an anomalous one (scikit-learn's
+        outlier convention).
+    masks : ndarray of shape (n_normal + n_anomalous, image_size, image_size)
+        Boolean defect masks (all False for normal images).
+
+    Examples
+    --------
+    >>> from skdfm import make_defect_images
+    >>> images, y, masks = make_defect_images(4, 2, image_size=64, random_state=0)
+    >>> images.shape, images.dtype, y.tolist()
+    ((6, 64, 64, 3), dtype('uint8'), [-1, 1, 1, -1, 1, 1])
+    >>> bool(masks[y == 1].any()), bool(masks[y == -1].any(axis=(1, 2)).all())
+    (False, True)
+    """
+    unknown = sorted(set(defects) - set(DEFECTS))
+    if unknown or len(defects) == 0:
+        raise ValueError(
+            f"defects={tuple(defects)!r} must be a non-empty sequence of "
+            f"{DEFECTS}; unknown: {unknown}."
+        )
+    if n_normal + n_anomalous == 0:
+        raise ValueError("n_normal + n_anomalous must be at least 1.")
+    rng = check_random_state(random_state)
+    n = n_normal + n_anomalous
+    images = np.empty((n, image_size, image_size, 3), np.uint8)
+    masks = np.zeros((n, image_size, image_size), bool)
+    y = np.r_[np.ones(n_normal, int), -np.ones(n_anomalous, int)]
+    tint = np.array([1.0, 0.95, 0.85])
+    for i in range(n):
+        gray = _texture(rng, texture, image_size)
+        rgb = gray[..., None] * tint
+        if y[i] == -1:
+            kind = defects[rng.randint(len(defects))]
+            alpha, mask, shift = _defect(rng, kind, image_size)
+            colour = np.array([1.0, 0.8, 0.5]) if kind == "stain" else np.ones(3)
+            rgb = rgb + alpha[..., None] * shift * colour
+            masks[i] = mask
+        images[i] = np.round(np.clip(rgb, 0, 1) * 255)
+    if shuffle:
+        order = rng.permutation(n)
+        images, y, masks = images[order], y[order], masks[order]
+    return images, y, masks
+
+
+def _image_files(folder: Path) -> list[Path]:
+    return sorted(
+        p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in _IMAGE_SUFFIXES
+    )
+
+
+def _mask_of(image: Path, mask_folder: Path) -> Path:
+    for suffix in (image.suffix, ".png"):
+        candidate = mask_folder / f"{image.stem}_mask{suffix}"
+        if candidate.is_file():
+            return candidate
+    raise FileNotFoundError(
+        f"No ground-truth mask for {image}: expected {mask_folder / image.stem}"
+        "_mask.png (MVTec AD layout: ground_truth/<defect>/<name>_mask.png)."
+    )
+
+
+def _read_mask(path: Path) -> np.ndarray:
+    try:
+        with Image.open(path) as mask:
+            return np.asarray(mask.convert("L")) > 0
+    except OSError as error:
+        raise ValueError(f"Cannot read mask {path}: {error}") from None
+
+
+def _image_size(path: Path) -> tuple[int, int]:
+    try:
+        with Image.open(path) as image:
+            return image.height, image.width
+    except OSError as error:
+        raise ValueError(f"Cannot read image {path}: {error}") from None
+
+
+def load_mvtec(category_dir, *, split="test", load_masks=True):
+    """Paths, labels and masks of one category in the MVTec AD folder layout.
+
+    The layout is ``<category>/train/good/*.png``, ``<category>/test/<defect>/*.png``
+    (``good`` for normal images) and
+    ``<category>/ground_truth/<defect>/<name>_mask.png``. Nothing is downloaded:
+    pass the folder of a category you have (e.g. ``mvtec_anomaly_detection/bottle``)
+    or any folder laid out the same way.
+
+    Parameters
+    ----------
+    category_dir : str or path-like
+        The category folder.
+    split : {"train", "test"}, default="test"
+        Which split to list.
+    load_masks : bool, default=True
+        Read the masks (``split="test"`` only): boolean arrays of each image's size,
+        all False for normal images. Otherwise ``masks`` is None.
+
+    Returns
+    -------
+    data : :class:`~sklearn.utils.Bunch`
+        ``paths`` (list of str, sorted by defect type then name), ``y`` (ndarray
+        of int, ``1`` normal, ``-1`` defective), ``defect_type`` (list of str,
+        ``"good"`` for normal images), ``mask_paths`` (list of str or None) and
+        ``masks`` (list of bool ndarrays, or None).
+
+    Raises
+    ------
+    FileNotFoundError
+        When the folder, the split or a defect's mask is missing.
+    """
+    root = Path(category_dir)
+    if split not in ("train", "test"):
+        raise ValueError(f"split={split!r} must be 'train' or 'test'.")
+    folder = root / split
+    if not folder.is_dir():
+        raise FileNotFoundError(
+            f"{folder} is not a folder; {root} does not look like an MVTec AD "
+            "category (expected train/good, test/<defect>, ground_truth/<defect>)."
+        )
+    paths, y, kinds, mask_paths = [], [], [], []
+    for defect_dir in sorted(p for p in folder.iterdir() if p.is_dir()):
+        kind = defect_dir.name
+        for image in _image_files(defect_dir):
+            paths.append(os.fspath(image))
+            kinds.append(kind)
+            y.append(1 if kind == "good" else -1)
+            if kind == "good" or split == "train":
+                mask_paths.append(None)
+            else:
+                mask_paths.append(
+                    os.fspath(_mask_of(image, root / "ground_truth" / kind))
+                )
+    if not paths:
+        raise FileNotFoundError(f"No images found under {folder}/<defect>/.")
+    masks = None
+    if load_masks and split == "test":
+        masks = [
+            _read_mask(Path(m)) if m else np.zeros(_image_size(Path(p)), bool)
+            for p, m in zip(paths, mask_paths, strict=True)
+        ]
+    return Bunch(
+        paths=paths,
+        y=np.asarray(y, int),
+        defect_type=kinds,
+        mask_paths=mask_paths,
+        masks=masks,
+    )

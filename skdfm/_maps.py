@@ -1,0 +1,191 @@
+"""Anomaly maps: where in the image the feature reconstruction error comes from."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ._detector import _as_tensor
+from ._pca import _step
+from ._pipeline import split_model
+
+__all__ = ["AnomalyMaps", "anomaly_maps", "residual_grid", "upsample"]
+
+
+def residual_grid(
+    X: torch.Tensor,
+    mean: torch.Tensor,
+    components: torch.Tensor,
+    feature_shape: tuple[int, int, int],
+) -> torch.Tensor:
+    """Channel sums of the squared reconstruction residual, on the feature grid.
+
+    ``X`` (n, C*h*w) rows in (C, h, w) order; ``components`` (D, k) float64.
+    Returns (n, h, w) float64 whose sum over the grid is each row's FRE.
+    """
+    n, d = X.shape
+    channels, rows, cols = feature_shape
+    out = torch.empty((n, rows, cols), dtype=torch.float64, device=X.device)
+    step = _step(n, d * 8 * 3)
+    for start in range(0, n, step):
+        xc = X[start : start + step].to(torch.float64) - mean
+        residual = xc - (xc @ components) @ components.T
+        out[start : start + step] = (
+            residual.square_().reshape(-1, channels, rows, cols).sum(1)
+        )
+    return out
+
+
+def upsample(grid: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Bilinear upsampling with ``align_corners=False``, as anomalib's map."""
+    if tuple(grid.shape[-2:]) == tuple(size):
+        return grid
+    return F.interpolate(grid[:, None], size=size, mode="bilinear", align_corners=False)[
+        :, 0
+    ]
+
+
+class AnomalyMaps(NamedTuple):
+    """Result of :func:`anomaly_maps`."""
+
+    #: (n, H, W) float64 array when every map has one size, else a list of 2-D arrays
+    maps: np.ndarray | list[np.ndarray]
+    #: (n,) float64, equal to ``model.score_samples(X)`` (higher = more normal)
+    score_samples: np.ndarray
+    #: (n,) int, equal to ``model.predict(X)`` (+1 normal, -1 anomalous)
+    labels: np.ndarray
+
+
+def _target_sizes(size, transformer, image_sizes, n: int):
+    if isinstance(size, str):
+        if size == "grid":
+            return None
+        if size == "input":
+            return [transformer.input_size_] * n
+        if size == "image":
+            return image_sizes
+    elif (
+        isinstance(size, tuple)
+        and len(size) == 2
+        and all(isinstance(s, int) and s > 0 for s in size)
+    ):
+        return [size] * n
+    raise ValueError(
+        f"size={size!r} must be 'image' (each image's own size), 'input' (the "
+        "model input size), 'grid' (the pooled feature grid) or (height, width)."
+    )
+
+
+def anomaly_maps(model, X, *, size="image", feature_shape=None) -> AnomalyMaps:
+    """Pixel anomaly maps, image scores and labels, from one backbone pass.
+
+    For each image, the squared residual of its feature row after projection on
+    the principal subspace is summed over channels on the pooled feature grid and
+    upsampled bilinearly (``align_corners=False``), as anomalib's DFM computes its
+    anomaly map. Higher = more anomalous; on the grid, a map sums to the image's
+    FRE (``-score_samples``).
+
+    Parameters
+    ----------
+    model : Pipeline or DFMDetector
+        A fitted ``Pipeline(DeepFeatureTransformer, DFMDetector)`` with
+        ``score_type="fre"`` (images in), or a fitted ``DFMDetector`` (feature rows
+        in; then ``feature_shape`` is required and ``size`` is ``"grid"`` or a
+        tuple).
+    X : images or array-like of shape (n_samples, n_features)
+        What ``model.score_samples`` takes.
+    size : {"image", "input", "grid"} or tuple of (int, int), default="image"
+        ``"image"``: each image's own size, so maps line up with the original
+        pixels and masks (upsampled from the grid in one step). ``"input"``: the
+        model input size (anomalib's output). ``"grid"``: the pooled feature grid,
+        no upsampling. A ``(height, width)`` tuple: that size.
+    feature_shape : tuple of (int, int, int), default=None
+        ``(channels, rows, columns)`` of the feature rows; only for a bare
+        detector (a Pipeline knows it).
+
+    Returns
+    -------
+    result : AnomalyMaps
+        ``maps`` (an (n, H, W) float64 array, or a list of 2-D arrays when images
+        differ in size), ``score_samples`` (equal to ``model.score_samples(X)``)
+        and ``labels`` (equal to ``model.predict(X)``).
+
+    Raises
+    ------
+    ValueError
+        For ``score_type="nll"``: its score has no per-location decomposition.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from sklearn.pipeline import make_pipeline
+    >>> from skdfm import (DeepFeatureTransformer, DFMDetector, anomaly_maps,
+    ...                    make_defect_images)
+    >>> images, y, masks = make_defect_images(12, 2, image_size=64, random_state=0)
+    >>> model = make_pipeline(
+    ...     DeepFeatureTransformer(backbone="resnet18", pretrained=False,
+    ...                            input_size=64, device="cpu", random_state=0),
+    ...     DFMDetector(pca_level=0.9, device="cpu"),
+    ... ).fit(images[y == 1])
+    >>> result = anomaly_maps(model, images[y == -1])
+    >>> result.maps.shape
+    (2, 64, 64)
+    >>> np.allclose(result.score_samples, model.score_samples(images[y == -1]))
+    True
+    """
+    transformer, detector = split_model(model)
+    if detector.score_type != "fre":
+        raise ValueError(
+            f"Anomaly maps need score_type='fre'; this detector uses "
+            f"{detector.score_type!r}, whose score (a likelihood of the projection) "
+            "does not split over image locations. Fit a detector with "
+            "score_type='fre' to localise defects."
+        )
+    if transformer is not None:
+        if feature_shape is not None:
+            raise ValueError("feature_shape is only for a bare DFMDetector.")
+        features, image_sizes = transformer._transform(X, sizes=size == "image")
+        feature_shape = transformer.feature_shape_
+    else:
+        if feature_shape is None:
+            raise ValueError(
+                "A bare DFMDetector does not know where its features come from: pass "
+                "feature_shape=(channels, rows, columns), or pass the Pipeline."
+            )
+        if isinstance(size, str) and size != "grid":
+            raise ValueError(
+                f"size={size!r} needs the images; with a bare DFMDetector use "
+                "size='grid' or a (height, width) tuple."
+            )
+        features, image_sizes = X, None
+    features = detector._validate_features(features, reset=False)
+    if int(np.prod(feature_shape)) != features.shape[1]:
+        raise ValueError(
+            f"feature_shape={tuple(feature_shape)} has {int(np.prod(feature_shape))} "
+            f"entries but the rows have {features.shape[1]} features."
+        )
+    device = torch.device(detector.device_)
+    Xt = _as_tensor(features, device)
+    score_samples = detector._score_samples(Xt)
+    grid = residual_grid(
+        Xt,
+        _as_tensor(detector.mean_, device),
+        _as_tensor(detector.components_, device).T,
+        tuple(feature_shape),
+    )
+    targets = _target_sizes(size, transformer, image_sizes, len(grid))
+    if targets is None:
+        maps = grid.cpu().numpy()
+    elif len(set(targets)) == 1:
+        maps = upsample(grid, targets[0]).cpu().numpy()
+    else:
+        maps = [None] * len(grid)
+        for target in set(targets):
+            index = [i for i, t in enumerate(targets) if t == target]
+            for i, m in zip(index, upsample(grid[index], target).cpu(), strict=True):
+                maps[i] = m.numpy()
+    labels = np.where(score_samples - detector.offset_ >= 0, 1, -1)
+    return AnomalyMaps(maps, score_samples, labels)

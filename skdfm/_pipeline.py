@@ -1,0 +1,38 @@
+"""What counts as a DFM model: a fitted DFMDetector, alone or at the end of a Pipeline."""
+
+from __future__ import annotations
+
+from sklearn.pipeline import Pipeline
+from sklearn.utils.validation import check_is_fitted
+
+from ._detector import DFMDetector
+from ._transformer import DeepFeatureTransformer
+
+__all__ = ["split_model"]
+
+
+def split_model(model) -> tuple[DeepFeatureTransformer | None, DFMDetector]:
+    """``(transformer, detector)`` of a fitted model; ``transformer`` is None for a
+    bare detector. Raises a ValueError naming what is wrong otherwise."""
+    if isinstance(model, DFMDetector):
+        check_is_fitted(model)
+        return None, model
+    if not isinstance(model, Pipeline):
+        raise ValueError(
+            "model must be a fitted DFMDetector or a Pipeline of a "
+            f"DeepFeatureTransformer and a DFMDetector, got {type(model).__name__}."
+        )
+    steps = [step for _, step in model.steps if step not in (None, "passthrough")]
+    if (
+        len(steps) != 2
+        or not isinstance(steps[0], DeepFeatureTransformer)
+        or not isinstance(steps[1], DFMDetector)
+    ):
+        names = [type(step).__name__ for step in steps]
+        raise ValueError(
+            "model must be a Pipeline of exactly a DeepFeatureTransformer and a "
+            f"DFMDetector (steps in between would change the features), got {names}."
+        )
+    check_is_fitted(steps[0])
+    check_is_fitted(steps[1])
+    return steps[0], steps[1]
