@@ -6,7 +6,14 @@ from ._detector import DFMDetector
 from ._device import DeviceWarning
 from ._maps import AnomalyMaps, anomaly_maps
 from ._metrics import aupro, check_outlier_labels, image_auroc, pixel_auroc
+from ._model_selection import (
+    InlierKFold,
+    aupro_scorer,
+    image_auroc_scorer,
+    pixel_auroc_scorer,
+)
 from ._persistence import SkdfmVersionWarning
+from ._thresholds import calibrate_threshold, f1_adaptive_threshold, normalized_scores
 from ._transformer import DeepFeatureTransformer
 
 __version__ = "0.1.0"
@@ -17,13 +24,20 @@ __all__ = [
     "DeepFeatureTransformer",
     "DeviceWarning",
     "FeatureCache",
+    "InlierKFold",
     "SkdfmVersionWarning",
     "__version__",
     "anomaly_maps",
     "aupro",
+    "aupro_scorer",
+    "calibrate_threshold",
     "check_outlier_labels",
+    "f1_adaptive_threshold",
     "image_auroc",
+    "image_auroc_scorer",
     "load_mvtec",
     "make_defect_images",
+    "normalized_scores",
     "pixel_auroc",
+    "pixel_auroc_scorer",
 ]

@@ -1,4 +1,4 @@
-"""FeatureCache: backbone features kept across fits, so a grid search runs each image once."""
+"""FeatureCache: features kept across fits; a grid search runs each image once."""
 
 from __future__ import annotations
 
@@ -63,8 +63,9 @@ class FeatureCache:
     >>> from skdfm import DeepFeatureTransformer, FeatureCache
     >>> cache = FeatureCache()
     >>> images = np.zeros((3, 64, 64, 3), np.uint8)
-    >>> tr = DeepFeatureTransformer(backbone="resnet18", pretrained=False, input_size=64,
-    ...                             device="cpu", random_state=0, cache=cache)
+    >>> tr = DeepFeatureTransformer(backbone="resnet18", pretrained=False,
+    ...                             input_size=64, device="cpu", random_state=0,
+    ...                             cache=cache)
     >>> _ = tr.fit_transform(images)
     >>> _ = tr.transform(images[:2])
     >>> cache.misses, cache.hits

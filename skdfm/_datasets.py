@@ -1,4 +1,4 @@
-"""Data sets: synthetic textured parts with defects and masks, and the MVTec AD layout."""
+"""Data sets: synthetic textured parts with defects and masks; the MVTec AD layout."""
 
 from __future__ import annotations
 
@@ -204,7 +204,9 @@ def make_defect_images(
 
 def _image_files(folder: Path) -> list[Path]:
     return sorted(
-        p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in _IMAGE_SUFFIXES
+        p
+        for p in folder.iterdir()
+        if p.is_file() and p.suffix.lower() in _IMAGE_SUFFIXES
     )
 
 

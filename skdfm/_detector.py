@@ -99,7 +99,14 @@ class DFMDetector(PersistenceMixin, OutlierMixin, BaseEstimator):
         device moves to ``"cpu"`` with a :class:`~skdfm.DeviceWarning`.
     offset_ : float
         ``decision_function(X) == score_samples(X) - offset_``: the
-        ``100 * contamination`` percentile of the training scores.
+        ``100 * contamination`` percentile of the training scores, until
+        :func:`~skdfm.calibrate_threshold` replaces it.
+    threshold_method_ : str
+        How ``offset_`` was set: ``"contamination"`` (by ``fit``, or by
+        :func:`~skdfm.calibrate_threshold` on held-out normal samples) or ``"f1"``.
+    score_range_ : tuple of (float, float)
+        ``(min, max)`` of the scores ``offset_`` was taken from; the scale of
+        :func:`~skdfm.normalized_scores`.
     n_features_in_ : int
         Number of features seen during fit.
     feature_names_in_ : ndarray of shape (n_features_in_,)
@@ -126,7 +133,8 @@ class DFMDetector(PersistenceMixin, OutlierMixin, BaseEstimator):
     images. To calibrate honestly, score normal images that were not used for
     fitting (a held-out split) and take the threshold from those scores, e.g.
     ``np.percentile(det.score_samples(X_holdout), 1)``, or use a labelled validation
-    set. Ranking metrics such as ROC AUC on ``score_samples`` are unaffected.
+    set: :func:`~skdfm.calibrate_threshold` does either. Ranking metrics such as
+    ROC AUC on ``score_samples`` are unaffected.
 
     The Gaussian of ``"nll"`` is centred at the training mean with the biased
     (``1/N``) covariance of the projected training rows, ``diag(s^2 / N)``;
@@ -254,6 +262,8 @@ class DFMDetector(PersistenceMixin, OutlierMixin, BaseEstimator):
         else:
             train_scores = self._score_projection(*pca.training_projection)
         self.offset_ = float(np.percentile(train_scores, 100.0 * self.contamination))
+        self.threshold_method_ = "contamination"
+        self.score_range_ = (float(train_scores.min()), float(train_scores.max()))
         return self
 
     def _score_samples(self, Xt: torch.Tensor) -> np.ndarray:

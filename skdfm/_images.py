@@ -144,7 +144,7 @@ def _array_key(image) -> tuple:
 
 
 def image_sizes(batch) -> list[tuple[int, int]]:
-    """``(height, width)`` of each image of a batch from :meth:`ImageCollection.batches`."""
+    """``(height, width)`` of each image of a batch of ``ImageCollection.batches``."""
     if isinstance(batch, list):
         return [tuple(image.shape[-2:]) for image in batch]
     return [tuple(batch.shape[-2:])] * len(batch)

@@ -43,9 +43,10 @@ def upsample(grid: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     """Bilinear upsampling with ``align_corners=False``, as anomalib's map."""
     if tuple(grid.shape[-2:]) == tuple(size):
         return grid
-    return F.interpolate(grid[:, None], size=size, mode="bilinear", align_corners=False)[
-        :, 0
-    ]
+    upsampled = F.interpolate(
+        grid[:, None], size=size, mode="bilinear", align_corners=False
+    )
+    return upsampled[:, 0]
 
 
 class AnomalyMaps(NamedTuple):

@@ -1,4 +1,4 @@
-"""What counts as a DFM model: a fitted DFMDetector, alone or at the end of a Pipeline."""
+"""What counts as a DFM model: a fitted DFMDetector, alone or ending a Pipeline."""
 
 from __future__ import annotations
 

@@ -1,0 +1,189 @@
+"""Decision thresholds calibrated on validation images; scores normalised around them.
+
+A detector's threshold is its ``offset_`` (``predict`` flags a sample when
+``score_samples < offset_``). ``fit`` sets it from the training scores
+(``contamination``); :func:`calibrate_threshold` replaces it with one taken from
+images the model did not see, and records the score range that
+:func:`normalized_scores` maps to [0, 1].
+"""
+
+from __future__ import annotations
+
+import warnings
+from numbers import Real
+
+import numpy as np
+from sklearn.metrics import precision_recall_curve
+
+from ._metrics import check_outlier_labels
+from ._pipeline import split_model
+
+__all__ = ["calibrate_threshold", "f1_adaptive_threshold", "normalized_scores"]
+
+
+def _just_above(value: float) -> float:
+    """The smallest float above ``value``: ``s < _just_above(v)`` iff ``s <= v``."""
+    return float(np.nextafter(value, np.inf))
+
+
+def f1_adaptive_threshold(y_true, y_score) -> float:
+    """The offset that maximises the F1 score of flagging anomalous images.
+
+    anomalib's F1-adaptive threshold in scikit-learn's conventions: among the
+    thresholds at the distinct scores, the one with the highest F1 (anomalous
+    images as the positive class; the first maximum, i.e. the one flagging the
+    fewest images). The returned offset flags a sample when
+    ``score < offset``, exactly the samples anomalib flags
+    (``anomaly score >= threshold``).
+
+    Parameters
+    ----------
+    y_true : array-like of shape (n_samples,)
+        ``1`` normal, ``-1`` anomalous (0/1 labels raise).
+    y_score : array-like of shape (n_samples,)
+        Higher = more normal (``score_samples``).
+
+    Returns
+    -------
+    offset : float
+        In the units of ``y_score``. With no anomalous sample, F1 is undefined:
+        like anomalib, the threshold falls back to the most anomalous score (with
+        a warning).
+
+    Examples
+    --------
+    >>> from skdfm import f1_adaptive_threshold
+    >>> scores = [-1.0, -1.2, -1.1, -5.0, -3.0, -1.05]
+    >>> labels = [1, 1, 1, -1, -1, -1]
+    >>> offset = f1_adaptive_threshold(labels, scores)
+    >>> [int(s < offset) for s in scores]  # 1 = flagged
+    [0, 0, 0, 1, 1, 0]
+    """
+    y_true = check_outlier_labels(y_true, name="y_true")
+    y_score = np.asarray(y_score, dtype=np.float64)
+    if y_score.shape != y_true.shape:
+        raise ValueError(
+            f"y_score has shape {y_score.shape}, y_true {y_true.shape}; one score "
+            "per sample is expected."
+        )
+    if not np.isfinite(y_score).all():
+        raise ValueError("y_score contains NaN or infinity.")
+    anomaly_score = -y_score
+    if not (y_true == -1).any():
+        warnings.warn(
+            "No anomalous sample in y_true: the F1 score is undefined, so the "
+            "threshold falls back to the most anomalous score (as anomalib does); "
+            "calibrate with method='contamination' on normal images instead.",
+            UserWarning,
+            stacklevel=2,
+        )
+        return _just_above(float(y_score.min()))
+    precision, recall, thresholds = precision_recall_curve(y_true == -1, anomaly_score)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        f1 = 2 * precision * recall / (precision + recall)
+    f1 = np.nan_to_num(f1[:-1], nan=0.0)  # the last point has no threshold
+    best = float(thresholds[int(np.argmax(f1))])
+    return _just_above(-best)
+
+
+def calibrate_threshold(model, X, y=None, *, method="f1", contamination=0.01):
+    """Set a fitted model's threshold from validation images it was not fitted on.
+
+    The training scores that ``fit`` takes its ``offset_`` from are optimistic
+    (see :class:`~skdfm.DFMDetector`), so a threshold is best taken from other
+    images. This scores ``X`` once and sets, in place, the detector's ``offset_``
+    (so ``predict`` and ``decision_function`` use the new threshold),
+    ``threshold_method_`` and ``score_range_`` (the range of the scores of ``X``,
+    used by :func:`normalized_scores`).
+
+    Parameters
+    ----------
+    model : Pipeline or DFMDetector
+        A fitted ``Pipeline(DeepFeatureTransformer, DFMDetector)`` or detector.
+    X : images or feature rows
+        Validation samples, not used for fitting.
+    y : array-like of shape (n_samples,), default=None
+        ``1`` normal, ``-1`` anomalous (0/1 labels raise). Required by ``"f1"``.
+    method : {"f1", "contamination"}, default="f1"
+        ``"f1"``: the F1-adaptive threshold of anomalib (labelled normal and
+        anomalous samples). ``"contamination"``: the ``contamination`` quantile of
+        the scores of the normal samples (all of ``X`` when ``y`` is None), for
+        when only good parts are at hand: about that share of new good parts
+        will be flagged.
+    contamination : float in (0, 0.5], default=0.01
+        Used by ``"contamination"`` only.
+
+    Returns
+    -------
+    model : Pipeline or DFMDetector
+        The same model, its threshold replaced.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from skdfm import DFMDetector, calibrate_threshold
+    >>> rng = np.random.default_rng(0)
+    >>> basis = rng.normal(size=(5, 40))
+    >>> def normal(n):
+    ...     return rng.normal(size=(n, 5)) @ basis + 0.1 * rng.normal(size=(n, 40))
+    >>> det = DFMDetector(pca_level=5, device="cpu").fit(normal(100))
+    >>> X_val = np.vstack([normal(50), normal(10) + rng.normal(size=(10, 40))])
+    >>> y_val = np.r_[np.ones(50), -np.ones(10)].astype(int)
+    >>> _ = calibrate_threshold(det, X_val, y_val, method="f1")
+    >>> det.threshold_method_, float(np.mean(det.predict(X_val) == y_val)) > 0.9
+    ('f1', True)
+    """
+    _, detector = split_model(model)
+    if method not in ("f1", "contamination"):
+        raise ValueError(f"method={method!r} must be 'f1' or 'contamination'.")
+    if y is not None:
+        y = check_outlier_labels(y)
+    scores = model.score_samples(X)
+    if y is not None and len(y) != len(scores):
+        raise ValueError(f"X has {len(scores)} samples but y has {len(y)} labels.")
+    if method == "f1":
+        if y is None:
+            raise ValueError(
+                "method='f1' needs labels y (1 normal, -1 anomalous); with normal "
+                "images only, use method='contamination'."
+            )
+        offset = f1_adaptive_threshold(y, scores)
+    else:
+        if not isinstance(contamination, Real) or not 0 < contamination <= 0.5:
+            raise ValueError(f"contamination={contamination!r} must be in (0, 0.5].")
+        normal = scores if y is None else scores[y == 1]
+        if len(normal) == 0:
+            raise ValueError("method='contamination' needs normal samples (y == 1).")
+        offset = float(np.percentile(normal, 100.0 * contamination))
+    detector.offset_ = offset
+    detector.threshold_method_ = method
+    detector.score_range_ = (float(scores.min()), float(scores.max()))
+    return model
+
+
+def normalized_scores(model, X) -> np.ndarray:
+    """Anomaly scores min-max normalised to [0, 1] around the threshold, as anomalib.
+
+    ``clip((offset_ - s) / (max - min) + 0.5, 0, 1)`` where ``s`` is
+    ``score_samples`` and ``(min, max)`` is the detector's ``score_range_``: higher
+    = more anomalous, **0.5 exactly at the threshold**, above 0.5 for the samples
+    ``predict`` flags. The scale is that of the images the threshold came from
+    (the training images after ``fit``, the validation images after
+    :func:`calibrate_threshold`), so use it for display and for comparing with
+    0.5, not as a probability.
+
+    Parameters
+    ----------
+    model : Pipeline or DFMDetector
+        A fitted model.
+    X : images or feature rows
+
+    Returns
+    -------
+    scores : ndarray of shape (n_samples,), float64 in [0, 1]
+    """
+    _, detector = split_model(model)
+    low, high = detector.score_range_
+    span = high - low if high > low else 1.0
+    scores = model.score_samples(X)
+    return np.clip((detector.offset_ - scores) / span + 0.5, 0.0, 1.0)
