@@ -26,3 +26,37 @@ def features():
     """Training and held-out feature rows from one distribution (N=120, D=300)."""
     X = make_features(160, 300)
     return X[:120], X[120:]
+
+
+# Tiny random-weight backbone for image tests: 64 px in, layer2 -> 8x8 grid.
+SMALL_BACKBONE = dict(
+    backbone="test_resnet",
+    pretrained=False,
+    input_size=64,
+    pooling_kernel_size=2,
+    device="cpu",
+    random_state=0,
+)
+
+
+@pytest.fixture(scope="session")
+def defect_images():
+    """(images, y, masks) of 30 normal and 12 defective 64 px parts."""
+    from skdfm import make_defect_images
+
+    return make_defect_images(30, 12, image_size=64, random_state=0)
+
+
+@pytest.fixture(scope="session")
+def fitted_pipeline(defect_images):
+    """A fre Pipeline fitted on the first 20 normal images (layer2, 8x8 grid)."""
+    from sklearn.pipeline import make_pipeline
+
+    from skdfm import DeepFeatureTransformer, DFMDetector
+
+    images, y, _ = defect_images
+    model = make_pipeline(
+        DeepFeatureTransformer(**SMALL_BACKBONE, layer="layer2"),
+        DFMDetector(pca_level=0.95, device="cpu"),
+    )
+    return model.fit(images[y == 1][:20])

@@ -1,0 +1,141 @@
+import os
+import pickle
+
+import numpy as np
+import pytest
+from PIL import Image
+from sklearn.base import clone
+
+import skdfm._transformer as transformer_module
+from skdfm import DeepFeatureTransformer, FeatureCache
+
+from .conftest import SMALL_BACKBONE
+
+
+@pytest.fixture
+def images(defect_images):
+    return defect_images[0][:6]
+
+
+def transformer(cache, **params):
+    return DeepFeatureTransformer(
+        **{**SMALL_BACKBONE, "layer": "layer2", **params}, cache=cache
+    )
+
+
+def test_cached_rows_equal_computed_rows(images):
+    cache = FeatureCache()
+    plain = transformer(None).fit(images).transform(images)
+    cached = transformer(cache).fit(images)
+    np.testing.assert_array_equal(cached.transform(images), plain)
+    assert (cache.misses, cache.hits) == (6, 0)
+    np.testing.assert_array_equal(cached.transform(images[::-1]), plain[::-1])
+    assert (cache.misses, cache.hits) == (6, 6)
+    # a partly new batch runs only the new images
+    mixed = np.concatenate([images[:2], images[:1] // 2])
+    out = cached.transform(mixed)
+    assert (cache.misses, cache.hits) == (7, 8)
+    expected = transformer(None).fit(images).transform(mixed[2:])
+    np.testing.assert_array_equal(out[2], expected[0])
+
+
+def test_identity_is_the_pixels_not_the_object(images):
+    cache = FeatureCache()
+    tr = transformer(cache).fit(images)
+    tr.transform(images)
+    tr.transform(images.copy())  # same pixels, another array
+    tr.transform(list(images))  # same pixels, a list of arrays
+    assert cache.misses == 6 and cache.hits == 12
+    changed = images.copy()
+    changed[0, 0, 0, 0] ^= 1
+    tr.transform(changed)
+    assert cache.misses == 7
+
+
+def test_files_are_identified_by_path_size_and_mtime(images, tmp_path):
+    paths = []
+    for i, image in enumerate(images[:3]):
+        paths.append(tmp_path / f"{i}.png")
+        Image.fromarray(image).save(paths[-1])
+    cache = FeatureCache()
+    tr = transformer(cache).fit(paths)
+    first = tr.transform(paths)
+    tr.transform([str(p) for p in paths])
+    assert cache.misses == 3 and cache.hits == 3
+    Image.fromarray(images[5]).save(paths[0])  # rewritten file
+    stat = os.stat(paths[0])
+    os.utime(paths[0], ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+    second = tr.transform(paths)
+    assert cache.misses == 4
+    assert not np.array_equal(first[0], second[0])
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        dict(layer="layer3"),
+        dict(pooling_kernel_size=1),
+        dict(input_size=48),
+        dict(random_state=1),  # other weights
+        dict(channels_last=True),
+    ],
+)
+def test_anything_that_changes_features_is_part_of_the_key(images, change):
+    cache = FeatureCache()
+    transformer(cache).fit(images).transform(images)
+    transformer(cache, **change).fit(images).transform(images)
+    assert cache.misses == 12 and cache.hits == 0
+
+
+def test_clones_share_the_cache_and_pickles_drop_it(images):
+    cache = FeatureCache()
+    tr = transformer(cache)
+    assert clone(tr).cache is cache
+    tr.fit(images).transform(images)
+    loaded = pickle.loads(pickle.dumps(tr))
+    assert loaded.cache is not cache and len(loaded.cache) == 0
+    assert len(pickle.dumps(tr)) < len(pickle.dumps(tr.set_params(cache=None))) + 2000
+    tr.set_params(cache=cache)
+    assert len(cache) == 6 and cache.n_bytes == 6 * tr.transform(images[:1]).nbytes
+
+
+def test_max_bytes_evicts_least_recently_used(images):
+    row_bytes = 48 * 4 * 4 * 4  # layer2 of test_resnet at 64 px, pooled by 2
+    cache = FeatureCache(max_bytes=3 * row_bytes)
+    tr = transformer(cache).fit(images)
+    tr.transform(images)
+    assert len(cache) == 3 and cache.n_bytes <= 3 * row_bytes
+    tr.transform(images[3:])  # the last three are in
+    assert cache.hits == 3
+    with pytest.raises(ValueError, match="max_bytes"):
+        FeatureCache(max_bytes=-1)
+
+
+def test_cache_leaves_the_transformer_dict_alone(images):
+    tr = transformer(FeatureCache()).fit(images)
+    before = dict(tr.__dict__)
+    tr.transform(images)
+    assert tr.__dict__.keys() == before.keys()
+    assert all(tr.__dict__[k] is before[k] for k in before)
+
+
+def test_clear_resets(images):
+    cache = FeatureCache()
+    transformer(cache).fit(images).transform(images)
+    cache.clear()
+    assert len(cache) == 0 and cache.hits == cache.misses == 0 and cache.n_bytes == 0
+
+
+def test_only_missing_images_reach_the_backbone(images, monkeypatch):
+    cache = FeatureCache()
+    tr = transformer(cache).fit(images)
+    tr.transform(images[:4])
+    seen = []
+    original = transformer_module.DeepFeatureTransformer._features
+    monkeypatch.setattr(
+        transformer_module.DeepFeatureTransformer,
+        "_features",
+        lambda self, x: seen.append(len(x)) or original(self, x),
+    )
+    tr.transform(images)
+    assert seen == [2]

@@ -1,0 +1,119 @@
+import numpy as np
+import pytest
+from PIL import Image
+
+from skdfm import load_mvtec, make_defect_images
+
+
+def test_make_defect_images_shapes_labels_masks():
+    images, y, masks = make_defect_images(7, 5, image_size=48, random_state=1)
+    assert images.shape == (12, 48, 48, 3) and images.dtype == np.uint8
+    assert masks.shape == (12, 48, 48) and masks.dtype == bool
+    assert sorted(y.tolist()) == [-1] * 5 + [1] * 7
+    assert not masks[y == 1].any()
+    assert masks[y == -1].any(axis=(1, 2)).all()
+    # defects are local: a mask covers a small part of the image
+    assert masks[y == -1].mean() < 0.2
+
+
+def test_make_defect_images_is_deterministic_and_seed_dependent():
+    a = make_defect_images(4, 4, image_size=40, random_state=3)
+    b = make_defect_images(4, 4, image_size=40, random_state=3)
+    c = make_defect_images(4, 4, image_size=40, random_state=4)
+    for x, z in zip(a, b, strict=True):
+        np.testing.assert_array_equal(x, z)
+    assert not np.array_equal(a[0], c[0])
+
+
+@pytest.mark.parametrize("texture", ["woven", "brushed", "grain"])
+@pytest.mark.parametrize("defect", ["scratch", "crack", "stain", "hole"])
+def test_every_texture_and_defect_changes_the_masked_pixels(texture, defect):
+    images, y, masks = make_defect_images(
+        0, 3, image_size=64, texture=texture, defects=[defect], random_state=0
+    )
+    clean, _, _ = make_defect_images(
+        3, 0, image_size=64, texture=texture, random_state=0
+    )
+    assert (y == -1).all()
+    for image, mask in zip(images.astype(float), masks, strict=True):
+        assert 5 <= mask.sum() < 0.2 * mask.size
+        # the defect differs from its surroundings
+        ring = ~mask
+        assert abs(image[mask].mean() - image[ring].mean()) > 5
+
+
+def test_unshuffled_puts_normal_first():
+    _, y, _ = make_defect_images(3, 2, image_size=32, shuffle=False, random_state=0)
+    assert y.tolist() == [1, 1, 1, -1, -1]
+
+
+def test_make_defect_images_validates():
+    with pytest.raises(ValueError, match="unknown"):
+        make_defect_images(2, 2, defects=["dent"])
+    with pytest.raises(ValueError, match="at least 1"):
+        make_defect_images(0, 0)
+    with pytest.raises(ValueError, match="texture"):
+        make_defect_images(2, 2, texture="marble")
+    with pytest.raises(ValueError, match="image_size"):
+        make_defect_images(2, 2, image_size=8)
+
+
+def write_mvtec_tree(root, size=(20, 24)):
+    """A tiny category: 3 train/good, 2 test/good, 2 test/scratch, 1 test/hole."""
+    rng = np.random.default_rng(0)
+
+    def save(path, array):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(array).save(path)
+
+    for i in range(3):
+        save(
+            root / "train" / "good" / f"{i:03d}.png",
+            rng.integers(0, 255, (*size, 3), "uint8"),
+        )
+    for i in range(2):
+        save(
+            root / "test" / "good" / f"{i:03d}.png",
+            rng.integers(0, 255, (*size, 3), "uint8"),
+        )
+    for defect, n in (("scratch", 2), ("hole", 1)):
+        for i in range(n):
+            save(
+                root / "test" / defect / f"{i:03d}.png",
+                rng.integers(0, 255, (*size, 3), "uint8"),
+            )
+            mask = np.zeros(size, np.uint8)
+            mask[2 + i : 6 + i, 3:9] = 255
+            save(root / "ground_truth" / defect / f"{i:03d}_mask.png", mask)
+    (root / "test" / "good" / "notes.txt").write_text("not an image")
+    return root
+
+
+def test_load_mvtec_test_split(tmp_path):
+    root = write_mvtec_tree(tmp_path / "bottle")
+    data = load_mvtec(root)
+    assert data.defect_type == ["good", "good", "hole", "scratch", "scratch"]
+    assert data.y.tolist() == [1, 1, -1, -1, -1]
+    assert data.paths[2].endswith("test/hole/000.png")
+    assert data.mask_paths[:2] == [None, None]
+    assert data.mask_paths[3].endswith("ground_truth/scratch/000_mask.png")
+    assert all(m.shape == (20, 24) and m.dtype == bool for m in data.masks)
+    assert not data.masks[0].any()
+    assert data.masks[3].sum() == 4 * 6 and data.masks[3][2, 3]
+
+
+def test_load_mvtec_train_split_has_no_masks(tmp_path):
+    root = write_mvtec_tree(tmp_path / "bottle")
+    data = load_mvtec(root, split="train")
+    assert len(data.paths) == 3 and (data.y == 1).all() and data.masks is None
+
+
+def test_load_mvtec_errors_name_what_is_missing(tmp_path):
+    with pytest.raises(FileNotFoundError, match="MVTec AD category"):
+        load_mvtec(tmp_path)
+    root = write_mvtec_tree(tmp_path / "bottle")
+    (root / "ground_truth" / "hole" / "000_mask.png").unlink()
+    with pytest.raises(FileNotFoundError, match="No ground-truth mask"):
+        load_mvtec(root)
+    with pytest.raises(ValueError, match="split"):
+        load_mvtec(root, split="validation")

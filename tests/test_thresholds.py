@@ -1,0 +1,134 @@
+import copy
+
+import numpy as np
+import pytest
+from sklearn.metrics import f1_score
+
+from skdfm import (
+    DFMDetector,
+    calibrate_threshold,
+    f1_adaptive_threshold,
+    normalized_scores,
+)
+
+
+def brute_force_f1_threshold(y, scores):
+    """Try flagging ``score <= s`` for every distinct s; keep the first best F1."""
+    best, best_f1 = None, -1.0
+    for s in np.sort(np.unique(scores)):  # fewest flagged first
+        f1 = f1_score(y == -1, scores <= s)
+        if f1 > best_f1:
+            best, best_f1 = s, f1
+    return best, best_f1
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_f1_threshold_matches_brute_force(seed):
+    rng = np.random.default_rng(seed)
+    y = np.where(rng.random(60) < 0.3, -1, 1)
+    scores = np.round(rng.normal(size=60) + 1.5 * (y == 1), 1)  # with ties
+    offset = f1_adaptive_threshold(y, scores)
+    cut, best_f1 = brute_force_f1_threshold(y, scores)
+    flagged = scores < offset
+    np.testing.assert_array_equal(flagged, scores <= cut)
+    assert f1_score(y == -1, flagged) == pytest.approx(best_f1)
+
+
+def test_f1_threshold_without_anomalies_warns_and_flags_the_worst():
+    scores = np.array([-1.0, -3.0, -2.0])
+    with pytest.warns(UserWarning, match="undefined"):
+        offset = f1_adaptive_threshold([1, 1, 1], scores)
+    assert (scores < offset).tolist() == [False, True, False]
+
+
+def test_f1_threshold_refuses_zero_one_labels():
+    with pytest.raises(ValueError, match="0/1"):
+        f1_adaptive_threshold([0, 1, 0], [1.0, 2.0, 3.0])
+
+
+@pytest.fixture
+def detector_and_validation(features):
+    train, held_out = features
+    rng = np.random.default_rng(1)
+    anomalies = held_out[:15] + rng.normal(0, 1.0, held_out[:15].shape)
+    X_val = np.vstack([held_out, anomalies])
+    y_val = np.r_[np.ones(len(held_out)), -np.ones(15)].astype(int)
+    return DFMDetector(device="cpu").fit(train), X_val, y_val
+
+
+def test_calibrate_f1_sets_offset_range_and_method(detector_and_validation):
+    det, X_val, y_val = detector_and_validation
+    assert det.threshold_method_ == "contamination"
+    scores = det.score_samples(X_val)
+    assert calibrate_threshold(det, X_val, y_val) is det
+    assert det.offset_ == f1_adaptive_threshold(y_val, scores)
+    assert det.threshold_method_ == "f1"
+    assert det.score_range_ == (scores.min(), scores.max())
+    np.testing.assert_array_equal(
+        det.predict(X_val), np.where(scores < det.offset_, -1, 1)
+    )
+
+
+def test_calibrate_contamination_on_held_out_normals(detector_and_validation, features):
+    det, X_val, y_val = detector_and_validation
+    # In-sample threshold flags far more new normal rows than contamination says.
+    new_normal = X_val[y_val == 1]
+    in_sample_rate = np.mean(det.predict(new_normal) == -1)
+    calibrate_threshold(det, new_normal, method="contamination", contamination=0.05)
+    scores = det.score_samples(new_normal)
+    assert det.offset_ == np.percentile(scores, 5)
+    assert np.mean(det.predict(new_normal) == -1) <= 0.05 < in_sample_rate
+    # labels given: only the normal samples count
+    calibrate_threshold(det, X_val, y_val, method="contamination", contamination=0.05)
+    assert det.offset_ == np.percentile(scores, 5)
+
+
+def test_calibrate_errors(detector_and_validation):
+    det, X_val, y_val = detector_and_validation
+    with pytest.raises(ValueError, match="needs labels"):
+        calibrate_threshold(det, X_val)
+    with pytest.raises(ValueError, match="method="):
+        calibrate_threshold(det, X_val, y_val, method="youden")
+    with pytest.raises(ValueError, match="0/1"):
+        calibrate_threshold(det, X_val, (y_val == -1).astype(int))
+    with pytest.raises(ValueError, match="labels"):
+        calibrate_threshold(det, X_val, y_val[:-1])
+    with pytest.raises(ValueError, match="contamination"):
+        calibrate_threshold(det, X_val, method="contamination", contamination=0.7)
+
+
+def test_normalized_scores_are_half_at_the_threshold(detector_and_validation):
+    det, X_val, y_val = detector_and_validation
+    calibrate_threshold(det, X_val, y_val)
+    normalized = normalized_scores(det, X_val)
+    assert normalized.min() >= 0 and normalized.max() <= 1
+    np.testing.assert_array_equal(normalized > 0.5, det.predict(X_val) == -1)
+    low, high = det.score_range_
+    expected = np.clip(
+        (det.offset_ - det.score_samples(X_val)) / (high - low) + 0.5, 0, 1
+    )
+    np.testing.assert_allclose(normalized, expected)
+    # a sample exactly at the offset normalises to 0.5
+    assert 0.5 == pytest.approx(
+        float(np.clip((det.offset_ - det.offset_) / (high - low) + 0.5, 0, 1))
+    )
+
+
+def test_normalized_scores_after_fit_use_the_training_range(features):
+    train, _ = features
+    det = DFMDetector(device="cpu", contamination=0.1).fit(train)
+    normalized = normalized_scores(det, train)
+    assert np.mean(normalized > 0.5) == pytest.approx(0.1, abs=1 / len(train))
+
+
+def test_calibrate_a_pipeline_on_images(fitted_pipeline, defect_images):
+    images, y, _ = defect_images
+    model = copy.deepcopy(fitted_pipeline)  # the fixture is shared
+    # the first 20 normal images were trained on
+    held_out = np.r_[np.flatnonzero(y == 1)[20:], np.flatnonzero(y == -1)]
+    X_val, y_val = images[held_out], y[held_out]
+    assert calibrate_threshold(model, X_val, y_val) is model
+    assert model[-1].threshold_method_ == "f1"
+    assert fitted_pipeline[-1].threshold_method_ == "contamination"
+    predicted = model.predict(X_val)
+    assert f1_score(y_val == -1, predicted == -1) >= 0.8
