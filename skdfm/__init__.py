@@ -13,6 +13,7 @@ from ._model_selection import (
     pixel_auroc_scorer,
 )
 from ._persistence import SkdfmVersionWarning
+from ._plotting import anomaly_map_grid, overlay_anomaly_map, plot_anomaly_maps
 from ._thresholds import calibrate_threshold, f1_adaptive_threshold, normalized_scores
 from ._transformer import DeepFeatureTransformer
 
@@ -27,6 +28,7 @@ __all__ = [
     "InlierKFold",
     "SkdfmVersionWarning",
     "__version__",
+    "anomaly_map_grid",
     "anomaly_maps",
     "aupro",
     "aupro_scorer",
@@ -38,6 +40,8 @@ __all__ = [
     "load_mvtec",
     "make_defect_images",
     "normalized_scores",
+    "overlay_anomaly_map",
     "pixel_auroc",
     "pixel_auroc_scorer",
+    "plot_anomaly_maps",
 ]

@@ -6,9 +6,10 @@ from sklearn.pipeline import Pipeline
 from sklearn.utils.validation import check_is_fitted
 
 from ._detector import DFMDetector
+from ._device import resolve_device
 from ._transformer import DeepFeatureTransformer
 
-__all__ = ["split_model"]
+__all__ = ["move_model", "split_model"]
 
 
 def split_model(model) -> tuple[DeepFeatureTransformer | None, DFMDetector]:
@@ -36,3 +37,16 @@ def split_model(model) -> tuple[DeepFeatureTransformer | None, DFMDetector]:
     check_is_fitted(steps[0])
     check_is_fitted(steps[1])
     return steps[0], steps[1]
+
+
+def move_model(model, device: str) -> None:
+    """Run a fitted model on ``device`` from now on (in place): its parameters, its
+    resolved ``device_`` and its backbone's weights all move."""
+    transformer, detector = split_model(model)
+    resolved = resolve_device(device)
+    detector.set_params(device=device)
+    detector.device_ = str(resolved)
+    if transformer is not None:
+        transformer.set_params(device=device)
+        transformer.device_ = str(resolved)
+        transformer.backbone_ = transformer._place(transformer.backbone_, resolved)

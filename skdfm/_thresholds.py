@@ -183,7 +183,11 @@ def normalized_scores(model, X) -> np.ndarray:
     scores : ndarray of shape (n_samples,), float64 in [0, 1]
     """
     _, detector = split_model(model)
+    return normalize(detector, model.score_samples(X))
+
+
+def normalize(detector, score_samples: np.ndarray) -> np.ndarray:
+    """:func:`normalized_scores` of already computed ``score_samples``."""
     low, high = detector.score_range_
     span = high - low if high > low else 1.0
-    scores = model.score_samples(X)
-    return np.clip((detector.offset_ - scores) / span + 0.5, 0.0, 1.0)
+    return np.clip((detector.offset_ - score_samples) / span + 0.5, 0.0, 1.0)

@@ -1,0 +1,7 @@
+"""``python -m skdfm``: the ``skdfm`` command."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())

@@ -1,0 +1,141 @@
+"""The skdfm command, run in-process on tiny random-weight models (no download)."""
+
+import csv
+
+import joblib
+import numpy as np
+import pytest
+from PIL import Image
+
+import skdfm._backbone
+from skdfm import make_defect_images
+from skdfm.cli import main
+
+from .test_datasets import write_mvtec_tree
+
+TINY = [
+    "--backbone", "test_resnet", "--layer", "layer2", "--input-size", "64",
+    "--pooling-kernel-size", "2", "--device", "cpu", "--no-progress",
+]  # fmt: skip
+
+
+@pytest.fixture(autouse=True)
+def offline(monkeypatch):
+    monkeypatch.setattr(skdfm._backbone, "_cached_weights", lambda cfg: None)
+    monkeypatch.setattr(
+        skdfm._backbone, "_download_blocker", lambda cfg: "tests never download"
+    )
+
+
+@pytest.fixture
+def good_dir(tmp_path):
+    images, _, _ = make_defect_images(12, 0, image_size=64, random_state=0)
+    folder = tmp_path / "good"
+    (folder / "sub").mkdir(parents=True)
+    for i, image in enumerate(images):
+        Image.fromarray(image).save(folder / ("sub" if i % 2 else "") / f"{i:02d}.png")
+    (folder / "broken.png").write_bytes(b"not a png")
+    return folder
+
+
+def test_help_reads_and_exits_zero(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    for command in ("demo", "fit", "score", "evaluate", "Exit codes"):
+        assert command in out
+
+
+def test_no_command_is_a_usage_error():
+    with pytest.raises(SystemExit) as exit_info:
+        main([])
+    assert exit_info.value.code == 2
+
+
+def test_demo_offline_falls_back_to_random_init(tmp_path, capsys):
+    code = main(["demo", "--out", str(tmp_path), "--n-train", "24", "--image-size",
+                 "64", *TINY])  # fmt: skip
+    captured = capsys.readouterr()
+    assert code == 0
+    assert "using random init" in captured.err
+    for line in ("image AUROC: ", "pixel AUROC: ", "AUPRO (FPR <= 0.3): "):
+        value = float(captured.out.split(line)[1].split()[0])
+        assert 0.5 < value <= 1.0
+    assert (tmp_path / "model.joblib").is_file()
+    picture = np.asarray(Image.open(tmp_path / "anomaly_maps.png"))
+    assert picture.shape == (2 * 64, 8 * 64, 3)
+
+
+def test_fit_skips_unreadable_files_and_saves(good_dir, tmp_path, capsys):
+    model_path = tmp_path / "model.joblib"
+    code = main(["fit", str(good_dir), "-o", str(model_path), "--random-init", *TINY])
+    captured = capsys.readouterr()
+    assert code == 3
+    assert "skipped" in captured.err and "broken.png" in captured.err
+    assert "fitted on 10 images" in captured.out  # 12 readable, 2 held out
+    model = joblib.load(model_path)
+    assert model[-1].threshold_method_ == "contamination"
+
+
+def test_fit_offline_without_random_init_fails_in_one_line(good_dir, tmp_path, capsys):
+    code = main(["fit", str(good_dir), "-o", str(tmp_path / "m.joblib"), *TINY])
+    err = capsys.readouterr().err
+    assert code == 1
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("skdfm: error: pretrained weights of test_resnet")
+    assert "--checkpoint FILE" in last
+    assert not (tmp_path / "m.joblib").exists()
+
+
+@pytest.fixture
+def model_file(good_dir, tmp_path):
+    path = tmp_path / "model.joblib"
+    assert main(["fit", str(good_dir), "-o", str(path), "--random-init", *TINY]) == 3
+    return path
+
+
+def test_score_prints_csv_and_maps(model_file, good_dir, tmp_path, capsys):
+    capsys.readouterr()
+    files = sorted(str(p) for p in good_dir.rglob("*.png") if p.name != "broken.png")
+    out_csv, maps = tmp_path / "scores.csv", tmp_path / "maps"
+    code = main(["score", str(model_file), *files[:3], "--csv", str(out_csv),
+                 "--maps", str(maps), "--device", "cpu", "--batch-size", "2"])  # fmt: skip
+    captured = capsys.readouterr()
+    assert code == 0
+    lines = captured.out.strip().splitlines()
+    assert lines[0].split("\t") == ["path", "anomaly_score", "normalized", "label"]
+    assert len(lines) == 4
+    rows = list(csv.DictReader(out_csv.open()))
+    assert [r["path"] for r in rows] == files[:3]
+    assert all(0 <= float(r["normalized"]) <= 1 for r in rows)
+    model = joblib.load(model_file)
+    expected = -model.score_samples(files[:3])
+    np.testing.assert_allclose([float(r["anomaly_score"]) for r in rows], expected)
+    assert sorted(p.name for p in maps.iterdir()) == [
+        f"{name.rsplit('/', 1)[1][:-4]}_map.png" for name in files[:3]
+    ]
+
+
+def test_score_reports_skipped_and_bad_paths(model_file, good_dir, capsys):
+    capsys.readouterr()
+    code = main(["score", str(model_file), str(good_dir), "--no-progress"])
+    captured = capsys.readouterr()
+    assert code == 3
+    assert "broken.png" in captured.err and "12 images" in captured.err
+    assert main(["score", str(model_file), "missing.png"]) == 1
+    assert capsys.readouterr().err.strip() == (
+        "skdfm: error: no such file or folder: missing.png"
+    )
+    assert main(["score", "nothing.joblib", str(good_dir)]) == 1
+    assert "no such model file" in capsys.readouterr().err
+
+
+def test_evaluate_an_mvtec_category(model_file, tmp_path, capsys):
+    root = write_mvtec_tree(tmp_path / "bottle", size=(64, 64))
+    capsys.readouterr()
+    assert main(["evaluate", str(model_file), str(root), "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    for line in ("image AUROC: ", "pixel AUROC: ", "AUPRO (FPR <= 0.3): ", "F1 at"):
+        assert line in out
+    assert main(["evaluate", str(model_file), str(tmp_path)]) == 1
