@@ -79,16 +79,16 @@ class DFMDetector(PersistenceMixin, OutlierMixin, BaseEstimator):
     ----------
     mean_ : ndarray of shape (n_features,)
         Per-feature mean of the training rows (float64).
-    components_ : ndarray of shape (n_components_, n_features)
+    components_ : ndarray of shape (n_components, n_features)
         Orthonormal principal axes, by decreasing explained variance (float64).
     n_components_ : int
         Number of components kept.
-    explained_variance_ : ndarray of shape (n_components_,)
+    explained_variance_ : ndarray of shape (n_components,)
         Variance of the training rows along each component (``ddof=1``, as PCA).
-    explained_variance_ratio_ : ndarray of shape (n_components_,)
+    explained_variance_ratio_ : ndarray of shape (n_components,)
         Share of the total variance along each component; its sum is the variance
         kept.
-    singular_values_ : ndarray of shape (n_components_,)
+    singular_values_ : ndarray of shape (n_components,)
         Singular values of the centred training matrix.
     n_samples_ : int
         Number of training rows.
@@ -109,7 +109,7 @@ class DFMDetector(PersistenceMixin, OutlierMixin, BaseEstimator):
         :func:`~skdfm.normalized_scores`.
     n_features_in_ : int
         Number of features seen during fit.
-    feature_names_in_ : ndarray of shape (n_features_in_,)
+    feature_names_in_ : ndarray of shape (n_features_in,)
         Names of features seen during fit, when X has string column names.
 
     See Also
@@ -120,7 +120,8 @@ class DFMDetector(PersistenceMixin, OutlierMixin, BaseEstimator):
 
     Notes
     -----
-    For ``"fre"`` at most ``n_features - 1`` components are kept, even when the
+    DFM [1]_ models deep features of normal images with a PCA; the
+    feature-reconstruction-error score is that of [2]_. For ``"fre"`` at most ``n_features - 1`` components are kept, even when the
     level asks for all of them: with every axis kept the reconstruction is the
     identity and every score would be zero.
 

@@ -168,8 +168,8 @@ def aupro(masks, maps, *, fpr_limit: float = 0.3) -> float:
 
     References
     ----------
-    .. [1] Bergmann, P. et al., "The MVTec Anomaly Detection Dataset", IJCV 129,
-       2021, section 5.2.
+    Bergmann, P. et al., "The MVTec Anomaly Detection Dataset", IJCV 129, 2021,
+    section 5.2.
 
     Examples
     --------

@@ -304,7 +304,8 @@ class DeepFeatureTransformer(PersistenceMixin, TransformerMixin, BaseEstimator):
 
         Returns
         -------
-        features : ndarray of shape (n_images, prod(feature_shape_)), float32
+        features : ndarray of shape (n_images, n_features), float32
+            ``n_features`` is ``prod(feature_shape_)``.
         """
         return self._transform(X)[0]
 
