@@ -1,11 +1,11 @@
-"""Backbone forwards and wall time of a 3 x 3 GridSearchCV, with and without FeatureCache.
+"""Backbone forwards and time of a 3 x 3 GridSearchCV, with and without FeatureCache.
 
     python benchmarks/bench_grid_search.py [--image-size 128] [--scorers 2]
 
-Grid: layer in {layer1, layer2, layer3} x pca_level in {0.9, 0.97, 0.99}, InlierKFold(3),
-on make_defect_images(60, 30, random_state=0); resnet18 with random weights (the
-count does not depend on the weights). Prints the images run through the backbone
-(counted at the one place features are computed) and the ratio of the two runs.
+Grid: layer in {layer1, layer2, layer3} x pca_level in {0.9, 0.97, 0.99},
+InlierKFold(3), on make_defect_images(60, 30, random_state=0); resnet18 with random
+weights (the count does not depend on the weights). Prints the images run through
+the backbone (counted where features are computed) and the ratio of the two runs.
 """
 
 import argparse

@@ -1,10 +1,10 @@
 """Images in, anomaly scores out: DeepFeatureTransformer + DFMDetector in a Pipeline.
 
-Writes small synthetic inspection images (a woven texture; defects are scratches) to
-PNG files, fits on normal parts only, scores held-out normal and defective parts,
-and saves the fitted Pipeline with joblib (the truncated backbone's weights travel
-inside it). Uses timm's pretrained resnet18 when it can be had, random weights
-otherwise::
+Writes synthetic inspection images (``make_defect_images``: a woven texture with
+scratches, cracks, stains and holes) to PNG files, fits on normal parts only, scores
+held-out normal and defective parts, and saves the fitted Pipeline with joblib (the
+truncated backbone's weights travel inside it). Uses timm's pretrained resnet18 when
+it can be had, random weights otherwise::
 
     python examples/image_pipeline.py
 """
@@ -19,42 +19,25 @@ from PIL import Image
 from sklearn.metrics import roc_auc_score
 from sklearn.pipeline import make_pipeline
 
-from skdfm import DeepFeatureTransformer, DFMDetector
+from skdfm import DeepFeatureTransformer, DFMDetector, make_defect_images
 
 
-def make_part(rng, defect, size=160):
-    """A woven texture with random phase and lighting; a defect adds a scratch."""
-    y, x = np.mgrid[:size, :size] / size
-    phase = rng.uniform(0, 2 * np.pi, 2)
-    image = 0.5 + 0.2 * np.sin(40 * x + phase[0]) * np.sin(40 * y + phase[1])
-    image = image * rng.uniform(0.9, 1.1) + rng.normal(0, 0.02, image.shape)
-    if defect:
-        row, col = rng.integers(30, size - 30, 2)
-        angle = rng.uniform(0, np.pi)
-        t = np.linspace(-20, 20, 200)
-        rr = np.clip((row + t * np.sin(angle)).astype(int), 0, size - 1)
-        cc = np.clip((col + t * np.cos(angle)).astype(int), 0, size - 1)
-        for d in range(-1, 2):
-            image[np.clip(rr + d, 0, size - 1), cc] = 0.05
-    rgb = np.stack([image, image * 0.95, image * 0.85], axis=-1)
-    return (np.clip(rgb, 0, 1) * 255).astype(np.uint8)
-
-
-def write_parts(folder, rng, n, defect):
+def write_parts(folder, images, name):
     paths = []
-    for i in range(n):
-        paths.append(folder / f"{'defect' if defect else 'good'}_{i:03d}.png")
-        Image.fromarray(make_part(rng, defect)).save(paths[-1])
+    for i, image in enumerate(images):
+        paths.append(folder / f"{name}_{i:03d}.png")
+        Image.fromarray(image).save(paths[-1])
     return paths
 
 
 def main():
-    rng = np.random.default_rng(0)
+    images, y, _ = make_defect_images(60, 20, image_size=160, random_state=0)
+    good, defective = images[y == 1], images[y == -1]
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
-        train = write_parts(folder, rng, 40, defect=False)
-        test_good = write_parts(folder, rng, 20, defect=False)
-        test_defect = write_parts(folder, rng, 20, defect=True)
+        train = write_parts(folder, good[:40], "good")
+        test_good = write_parts(folder, good[40:], "good_test")
+        test_defect = write_parts(folder, defective, "defect")
 
         settings = dict(backbone="resnet18", layer="layer3", input_size=256)
         try:

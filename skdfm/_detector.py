@@ -121,9 +121,10 @@ class DFMDetector(PersistenceMixin, OutlierMixin, BaseEstimator):
     Notes
     -----
     DFM [1]_ models deep features of normal images with a PCA; the
-    feature-reconstruction-error score is that of [2]_. For ``"fre"`` at most ``n_features - 1`` components are kept, even when the
-    level asks for all of them: with every axis kept the reconstruction is the
-    identity and every score would be zero.
+    feature-reconstruction-error score is that of [2]_. For ``"fre"`` at most
+    ``n_features - 1`` components are kept, even when the level asks for all of
+    them: with every axis kept the reconstruction is the identity and every score
+    would be zero.
 
     **In-sample scores are optimistic.** The components are fitted to the training
     rows, so a training row's FRE is smaller than that of a new normal row from the

@@ -99,8 +99,10 @@ def test_score_prints_csv_and_maps(model_file, good_dir, tmp_path, capsys):
     capsys.readouterr()
     files = sorted(str(p) for p in good_dir.rglob("*.png") if p.name != "broken.png")
     out_csv, maps = tmp_path / "scores.csv", tmp_path / "maps"
-    code = main(["score", str(model_file), *files[:3], "--csv", str(out_csv),
-                 "--maps", str(maps), "--device", "cpu", "--batch-size", "2"])  # fmt: skip
+    code = main(
+        ["score", str(model_file), *files[:3], "--csv", str(out_csv), "--maps",
+         str(maps), "--device", "cpu", "--batch-size", "2"]
+    )  # fmt: skip
     captured = capsys.readouterr()
     assert code == 0
     lines = captured.out.strip().splitlines()
