@@ -7,16 +7,16 @@ from numbers import Integral
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 from scipy import ndimage
 from sklearn.utils import Bunch, check_random_state
 from sklearn.utils._param_validation import Interval, StrOptions, validate_params
+
+from ._images import IMAGE_SUFFIXES, _opened, file_size
 
 __all__ = ["load_mvtec", "make_defect_images"]
 
 TEXTURES = ("woven", "brushed", "grain")
 DEFECTS = ("scratch", "crack", "stain", "hole")
-_IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"}
 
 
 def _texture(rng, kind: str, size: int) -> np.ndarray:
@@ -206,7 +206,7 @@ def _image_files(folder: Path) -> list[Path]:
     return sorted(
         p
         for p in folder.iterdir()
-        if p.is_file() and p.suffix.lower() in _IMAGE_SUFFIXES
+        if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
     )
 
 
@@ -222,19 +222,8 @@ def _mask_of(image: Path, mask_folder: Path) -> Path:
 
 
 def _read_mask(path: Path) -> np.ndarray:
-    try:
-        with Image.open(path) as mask:
-            return np.asarray(mask.convert("L")) > 0
-    except OSError as error:
-        raise ValueError(f"Cannot read mask {path}: {error}") from None
-
-
-def _image_size(path: Path) -> tuple[int, int]:
-    try:
-        with Image.open(path) as image:
-            return image.height, image.width
-    except OSError as error:
-        raise ValueError(f"Cannot read image {path}: {error}") from None
+    with _opened(path) as mask:
+        return np.asarray(mask.convert("L")) > 0
 
 
 def load_mvtec(category_dir, *, split="test", load_masks=True):
@@ -296,7 +285,7 @@ def load_mvtec(category_dir, *, split="test", load_masks=True):
     masks = None
     if load_masks and split == "test":
         masks = [
-            _read_mask(Path(m)) if m else np.zeros(_image_size(Path(p)), bool)
+            _read_mask(Path(m)) if m else np.zeros(file_size(p), bool)
             for p, m in zip(paths, mask_paths, strict=True)
         ]
     return Bunch(

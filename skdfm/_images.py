@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import os
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -101,31 +102,34 @@ def _from_numpy(array: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(array))
 
 
-def _read_file(path) -> torch.Tensor:
-    """Decode an image file as anomalib does (Pillow, ``convert("RGB")``)."""
+IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"})
+
+
+@contextmanager
+def _opened(path):
+    """``Image.open`` with errors that name the file: FileNotFoundError, ValueError."""
     try:
         with Image.open(path) as image:
-            rgb = image.convert("RGB")
+            yield image
     except FileNotFoundError:
         raise FileNotFoundError(f"Image file not found: {os.fspath(path)!r}") from None
     except (UnidentifiedImageError, OSError, ValueError) as exc:
         raise ValueError(
             f"Cannot decode image file {os.fspath(path)!r}: {exc}"
         ) from exc
+
+
+def _read_file(path) -> torch.Tensor:
+    """Decode an image file as anomalib does (Pillow, ``convert("RGB")``)."""
+    with _opened(path) as image:
+        rgb = image.convert("RGB")
     return torch.from_numpy(np.array(rgb)).permute(2, 0, 1)
 
 
-def _file_size(path) -> tuple[int, int]:
+def file_size(path) -> tuple[int, int]:
     """``(height, width)`` from the file's header, with the errors of ``_read_file``."""
-    try:
-        with Image.open(path) as image:
-            return (image.height, image.width)
-    except FileNotFoundError:
-        raise FileNotFoundError(f"Image file not found: {os.fspath(path)!r}") from None
-    except (UnidentifiedImageError, OSError, ValueError) as exc:
-        raise ValueError(
-            f"Cannot decode image file {os.fspath(path)!r}: {exc}"
-        ) from exc
+    with _opened(path) as image:
+        return (image.height, image.width)
 
 
 def _from_pil(image: Image.Image) -> torch.Tensor:
@@ -205,7 +209,7 @@ class ImageCollection:
         if self.kind == "pil":
             return [(image.height, image.width) for image in self.data]
         if self.kind == "path":
-            return [_file_size(item) for item in self.data]
+            return [file_size(item) for item in self.data]
         return [size for _, batch in self.batches(64) for size in image_sizes(batch)]
 
     def batches(self, batch_size: int) -> Iterator[tuple[int, object]]:

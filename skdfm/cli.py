@@ -16,8 +16,9 @@ from pathlib import Path
 
 import numpy as np
 
+from ._images import IMAGE_SUFFIXES
+
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_SKIPPED = 0, 1, 2, 3
-_IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"}
 
 
 class CommandError(Exception):
@@ -37,7 +38,7 @@ def _collect_images(targets: list[str]) -> list[str]:
             found = sorted(
                 os.fspath(p)
                 for p in path.rglob("*")
-                if p.is_file() and p.suffix.lower() in _IMAGE_SUFFIXES
+                if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
             )
             if not found:
                 raise CommandError(f"no image files in folder {target}")

@@ -29,14 +29,9 @@ from skdfm import (
     SkdfmVersionWarning,
 )
 
-SMALL = dict(
-    backbone="test_resnet",
-    pretrained=False,
-    input_size=64,
-    pooling_kernel_size=2,
-    device="cpu",
-    random_state=0,
-)
+from .conftest import SMALL_BACKBONE
+
+SMALL = SMALL_BACKBONE
 
 
 def make_images(n, size=(48, 56), seed=0):
