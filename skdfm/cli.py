@@ -327,7 +327,8 @@ def cmd_evaluate(args) -> int:
     except (FileNotFoundError, ValueError) as error:
         raise CommandError(str(error)) from error
     files, skipped = _readable(data.paths)
-    keep = [data.paths.index(p) for p in files]
+    readable = set(files)
+    keep = [i for i, path in enumerate(data.paths) if path in readable]
     y = data.y[keep]
     masks = [data.masks[i] for i in keep]
     result = anomaly_maps(model, files)
