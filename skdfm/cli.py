@@ -157,6 +157,17 @@ def _write_maps(folder: str, paths, maps) -> None:
         )
 
 
+def _scores_and_maps(model, files, *, maps: bool):
+    """Scores and labels (and maps at the images' size when ``maps``), one pass."""
+    from . import AnomalyMaps, anomaly_maps
+
+    if maps:
+        return anomaly_maps(model, files, size="image")
+    scores = model.score_samples(files)
+    labels = np.where(scores - model[-1].offset_ >= 0, 1, -1)
+    return AnomalyMaps(None, scores, labels)
+
+
 # -- commands ------------------------------------------------------------------
 
 
@@ -283,15 +294,17 @@ def cmd_fit(args) -> int:
 
 
 def cmd_score(args) -> int:
-    from . import anomaly_maps
     from ._thresholds import normalize
 
     model = _load_model(args.model, args)
     files, skipped = _readable(_collect_images(args.images))
     if not files:
         raise CommandError("no readable images to score")
-    size = "image" if args.maps else "grid"
-    result = anomaly_maps(model, files, size=size)
+    if args.maps and model[-1].score_type != "fre":
+        raise CommandError(
+            "--maps needs a model with score_type 'fre' (nll has no maps)"
+        )
+    result = _scores_and_maps(model, files, maps=bool(args.maps))
     normalized = normalize(model[-1], result.score_samples)
     rows = [
         (path, -score, norm, "anomalous" if label == -1 else "normal")
@@ -319,7 +332,7 @@ def cmd_score(args) -> int:
 
 
 def cmd_evaluate(args) -> int:
-    from . import anomaly_maps, aupro, image_auroc, load_mvtec, pixel_auroc
+    from . import aupro, image_auroc, load_mvtec, pixel_auroc
 
     model = _load_model(args.model, args)
     try:
@@ -331,14 +344,18 @@ def cmd_evaluate(args) -> int:
     keep = [i for i, path in enumerate(data.paths) if path in readable]
     y = data.y[keep]
     masks = [data.masks[i] for i in keep]
-    result = anomaly_maps(model, files)
+    has_maps = model[-1].score_type == "fre"
+    result = _scores_and_maps(model, files, maps=has_maps)
     labels = result.labels
     tp = np.sum((labels == -1) & (y == -1))
     f1 = 2 * tp / (np.sum(labels == -1) + np.sum(y == -1))
     print(f"images: {len(files)} ({int((y == -1).sum())} defective)")
     print(f"image AUROC: {image_auroc(y, result.score_samples):.4f}")
-    print(f"pixel AUROC: {pixel_auroc(masks, result.maps):.4f}")
-    print(f"AUPRO (FPR <= 0.3): {aupro(masks, result.maps):.4f}")
+    if has_maps:
+        print(f"pixel AUROC: {pixel_auroc(masks, result.maps):.4f}")
+        print(f"AUPRO (FPR <= 0.3): {aupro(masks, result.maps):.4f}")
+    else:
+        print("pixel AUROC, AUPRO: n/a (score_type 'nll' has no anomaly maps)")
     print(
         f"image F1 at the model's threshold ({model[-1].threshold_method_}): {f1:.4f}"
     )

@@ -141,3 +141,19 @@ def test_evaluate_an_mvtec_category(model_file, tmp_path, capsys):
     for line in ("image AUROC: ", "pixel AUROC: ", "AUPRO (FPR <= 0.3): ", "F1 at"):
         assert line in out
     assert main(["evaluate", str(model_file), str(tmp_path)]) == 1
+
+
+def test_nll_models_score_and_evaluate_without_maps(good_dir, tmp_path, capsys):
+    model_path = tmp_path / "nll.joblib"
+    args = ["fit", str(good_dir), "-o", str(model_path), "--random-init"]
+    assert main([*args, "--score-type", "nll", *TINY]) == 3
+    files = sorted(str(p) for p in good_dir.rglob("*.png") if p.name != "broken.png")
+    capsys.readouterr()
+    assert main(["score", str(model_path), *files[:2], "--no-progress"]) == 0
+    assert len(capsys.readouterr().out.strip().splitlines()) == 3
+    assert main(["score", str(model_path), files[0], "--maps", str(tmp_path)]) == 1
+    assert "score_type 'fre'" in capsys.readouterr().err
+    root = write_mvtec_tree(tmp_path / "bottle", size=(64, 64))
+    assert main(["evaluate", str(model_path), str(root), "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "image AUROC: " in out and "n/a" in out
