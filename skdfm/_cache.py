@@ -114,7 +114,7 @@ class FeatureCache:
         """Keep ``rows[i]`` under ``(config, keys[i])`` (copies, read-only)."""
         with self._lock:
             for key, row in zip(keys, rows, strict=True):
-                if key[0] == "path" and key[2] is None:
+                if key is None:
                     continue  # an unreadable file has no identity
                 row = row.copy()
                 row.setflags(write=False)

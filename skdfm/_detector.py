@@ -331,7 +331,11 @@ class DFMDetector(PersistenceMixin, OutlierMixin, BaseEstimator):
         labels : ndarray of shape (n_samples,), int
             ``1`` where ``decision_function(X) >= 0``, else ``-1``.
         """
-        return np.where(self.decision_function(X) >= 0, 1, -1)
+        return self._labels(self.score_samples(X))
+
+    def _labels(self, score_samples: np.ndarray) -> np.ndarray:
+        """``predict`` from already computed ``score_samples``."""
+        return np.where(score_samples - self.offset_ >= 0, 1, -1)
 
     def __sklearn_tags__(self):
         tags = super().__sklearn_tags__()

@@ -175,7 +175,7 @@ class ImageCollection:
             return ImageCollection(self.kind, self.data[indices], self.channel_axis)
         return ImageCollection(self.kind, [self.data[i] for i in indices])
 
-    def identity_keys(self) -> list[tuple]:
+    def identity_keys(self) -> list[tuple | None]:
         """One hashable key per image that changes when the image does.
 
         Files are identified by absolute path, size and modification time (nothing
@@ -188,8 +188,8 @@ class ImageCollection:
                 path = os.path.abspath(os.fspath(item))
                 try:
                     stat = os.stat(path)
-                except OSError:  # reading it will raise the clear error
-                    keys.append(("path", path, None, None))
+                except OSError:  # no identity; reading it raises the clear error
+                    keys.append(None)
                     continue
                 keys.append(("path", path, stat.st_size, stat.st_mtime_ns))
             return keys

@@ -188,5 +188,4 @@ def anomaly_maps(model, X, *, size="image", feature_shape=None) -> AnomalyMaps:
             index = [i for i, t in enumerate(targets) if t == target]
             for i, m in zip(index, upsample(grid[index], target).cpu(), strict=True):
                 maps[i] = m.numpy()
-    labels = np.where(score_samples - detector.offset_ >= 0, 1, -1)
-    return AnomalyMaps(maps, score_samples, labels)
+    return AnomalyMaps(maps, score_samples, detector._labels(score_samples))

@@ -49,6 +49,20 @@ def check_outlier_labels(y, *, name: str = "y") -> np.ndarray:
     )
 
 
+def check_labels_and_scores(y_true, y_score) -> tuple[np.ndarray, np.ndarray]:
+    """Labels checked by :func:`check_outlier_labels`; one finite score for each."""
+    y_true = check_outlier_labels(y_true, name="y_true")
+    y_score = np.asarray(y_score, dtype=np.float64)
+    if y_score.shape != y_true.shape:
+        raise ValueError(
+            f"y_score has shape {y_score.shape}, y_true {y_true.shape}; one score "
+            "per sample is expected."
+        )
+    if not np.isfinite(y_score).all():
+        raise ValueError("y_score contains NaN or infinity.")
+    return y_true, y_score
+
+
 def image_auroc(y_true, y_score) -> float:
     """Area under the ROC curve of detecting anomalous images.
 
@@ -72,13 +86,7 @@ def image_auroc(y_true, y_score) -> float:
     >>> image_auroc([1, 1, -1, -1], [-1.0, -2.0, -2.5, -9.0])
     1.0
     """
-    y_true = check_outlier_labels(y_true, name="y_true")
-    y_score = np.asarray(y_score, dtype=np.float64)
-    if y_score.shape != y_true.shape:
-        raise ValueError(
-            f"y_score has shape {y_score.shape}, y_true {y_true.shape}; one score "
-            "per image is expected."
-        )
+    y_true, y_score = check_labels_and_scores(y_true, y_score)
     if len(np.unique(y_true)) < 2:
         raise ValueError(
             "image_auroc needs both normal (1) and anomalous (-1) images in y_true."

@@ -68,6 +68,13 @@ def overlay_anomaly_map(image, anomaly_map, *, vmin=None, vmax=None, alpha=0.5):
     return np.round(blended * 255).astype(np.uint8)
 
 
+def _shared_range(maps, vmin, vmax) -> tuple[float, float]:
+    """One colour scale for all maps: the given limits, else the range of all."""
+    low = min(m.min() for m in maps) if vmin is None else vmin
+    high = max(m.max() for m in maps) if vmax is None else vmax
+    return low, high
+
+
 def _outline(mask: np.ndarray) -> np.ndarray:
     mask = np.asarray(mask, bool)
     return mask & ~ndimage.binary_erosion(mask, border_value=0)
@@ -85,8 +92,7 @@ def anomaly_map_grid(images, maps, *, masks=None, vmin=None, vmax=None):
     grid : ndarray of shape (2 * H, n * W, 3), uint8
     """
     maps = [np.asarray(m, dtype=np.float64) for m in maps]
-    low = min(m.min() for m in maps) if vmin is None else vmin
-    high = max(m.max() for m in maps) if vmax is None else vmax
+    low, high = _shared_range(maps, vmin, vmax)
     top, bottom = [], []
     for i, (image, amap) in enumerate(zip(images, maps, strict=True)):
         rgb = np.round(_as_rgb(image) * 255).astype(np.uint8)
@@ -130,8 +136,7 @@ def plot_anomaly_maps(
             "use overlay_anomaly_map, which needs nothing extra)."
         ) from None
     maps = [np.asarray(m, dtype=np.float64) for m in maps]
-    low = min(m.min() for m in maps) if vmin is None else vmin
-    high = max(m.max() for m in maps) if vmax is None else vmax
+    low, high = _shared_range(maps, vmin, vmax)
     n = len(maps)
     ncols = max(1, min(ncols, n))
     nrows = -(-n // ncols)

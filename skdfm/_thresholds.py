@@ -15,7 +15,7 @@ from numbers import Real
 import numpy as np
 from sklearn.metrics import precision_recall_curve
 
-from ._metrics import check_outlier_labels
+from ._metrics import check_labels_and_scores, check_outlier_labels
 from ._pipeline import split_model
 
 __all__ = ["calibrate_threshold", "f1_adaptive_threshold", "normalized_scores"]
@@ -59,15 +59,7 @@ def f1_adaptive_threshold(y_true, y_score) -> float:
     >>> [int(s < offset) for s in scores]  # 1 = flagged
     [0, 0, 0, 1, 1, 0]
     """
-    y_true = check_outlier_labels(y_true, name="y_true")
-    y_score = np.asarray(y_score, dtype=np.float64)
-    if y_score.shape != y_true.shape:
-        raise ValueError(
-            f"y_score has shape {y_score.shape}, y_true {y_true.shape}; one score "
-            "per sample is expected."
-        )
-    if not np.isfinite(y_score).all():
-        raise ValueError("y_score contains NaN or infinity.")
+    y_true, y_score = check_labels_and_scores(y_true, y_score)
     anomaly_score = -y_score
     if not (y_true == -1).any():
         warnings.warn(

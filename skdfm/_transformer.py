@@ -314,21 +314,28 @@ class DeepFeatureTransformer(PersistenceMixin, TransformerMixin, BaseEstimator):
         ``(height, width)`` when asked, else is None."""
         check_is_fitted(self)
         images = as_image_collection(X)
-        out = np.empty((len(images), int(np.prod(self.feature_shape_))), np.float32)
-        todo = np.arange(len(images))
-        if self.cache is not None:
-            config = self._cache_config()
-            keys = images.identity_keys()
-            found = self.cache.lookup(config, keys)
-            if found:
-                out[list(found)] = np.stack(list(found.values()))
-                todo = np.setdiff1d(todo, list(found))
-        if len(todo):
-            run = images if len(todo) == len(images) else images.subset(todo)
-            out[todo] = rows = self._run_backbone(run)
-            if self.cache is not None:
-                self.cache.store(config, [keys[i] for i in todo], rows)
+        if self.cache is None:
+            out = self._run_backbone(images)
+        else:
+            out = self._cached_features(images)
         return out, (images.sizes() if sizes else None)
+
+    def _cached_features(self, images) -> np.ndarray:
+        """Rows from ``cache``; only the images it lacks run through the backbone."""
+        config = self._cache_config()
+        keys = images.identity_keys()
+        found = self.cache.lookup(config, keys)
+        if not found:
+            out = self._run_backbone(images)
+            self.cache.store(config, keys, out)
+            return out
+        out = np.empty((len(images), int(np.prod(self.feature_shape_))), np.float32)
+        out[list(found)] = np.stack(list(found.values()))
+        todo = np.setdiff1d(np.arange(len(images)), list(found))
+        if len(todo):
+            out[todo] = rows = self._run_backbone(images.subset(todo))
+            self.cache.store(config, [keys[i] for i in todo], rows)
+        return out
 
     def _cache_config(self) -> tuple:
         return (

@@ -95,7 +95,7 @@ def _load_model(path: str, args):
     return model
 
 
-def _build_pipeline(args, *, cache=None):
+def _build_pipeline(args):
     from sklearn.pipeline import make_pipeline
 
     from . import DeepFeatureTransformer, DFMDetector
@@ -111,7 +111,6 @@ def _build_pipeline(args, *, cache=None):
         device=args.device or "auto",
         progress=not args.no_progress,
         random_state=0,
-        cache=cache,
     )
     detector = DFMDetector(
         pca_level=args.pca_level,
@@ -124,8 +123,10 @@ def _build_pipeline(args, *, cache=None):
 def _fit_with_fallback(model, X, *, allow_random: bool):
     """Fit; offline without weights, either fall back to random init or fail."""
     transformer = model[0]
-    try:
-        transformer.fit(X[:1])
+    try:  # the transformer fits first: no feature is computed before this fails
+        return model.fit(X)
+    except FileNotFoundError:  # a missing checkpoint or image: not a download issue
+        raise
     except OSError as error:
         if not allow_random:
             raise CommandError(
@@ -164,8 +165,7 @@ def _scores_and_maps(model, files, *, maps: bool):
     if maps:
         return anomaly_maps(model, files, size="image")
     scores = model.score_samples(files)
-    labels = np.where(scores - model[-1].offset_ >= 0, 1, -1)
-    return AnomalyMaps(None, scores, labels)
+    return AnomalyMaps(None, scores, model[-1]._labels(scores))
 
 
 # -- commands ------------------------------------------------------------------
@@ -174,9 +174,9 @@ def _scores_and_maps(model, files, *, maps: bool):
 def cmd_demo(args) -> int:
     import joblib
     from PIL import Image
+    from sklearn.metrics import f1_score
 
     from . import (
-        FeatureCache,
         anomaly_maps,
         aupro,
         calibrate_threshold,
@@ -208,7 +208,7 @@ def cmd_demo(args) -> int:
         f"normal to fit, {len(val)} to calibrate, {len(test)} to test "
         f"({(y[test] == -1).sum()} with defects)"
     )
-    model = _build_pipeline(args, cache=FeatureCache())
+    model = _build_pipeline(args)
     t = time.perf_counter()
     _fit_with_fallback(model, images[train], allow_random=True)
     transformer, detector = model[0], model[1]
@@ -220,16 +220,13 @@ def cmd_demo(args) -> int:
     )
     calibrate_threshold(model, images[val], y[val], method="f1")
     result = anomaly_maps(model, images[test])
-    labels = result.labels
     truth = y[test]
-    tp = np.sum((labels == -1) & (truth == -1))
-    f1 = 2 * tp / (np.sum(labels == -1) + np.sum(truth == -1))
+    f1 = f1_score(truth == -1, result.labels == -1)
     print(f"image AUROC: {image_auroc(truth, result.score_samples):.3f}")
     print(f"pixel AUROC: {pixel_auroc(masks[test], result.maps):.3f}")
     print(f"AUPRO (FPR <= 0.3): {aupro(masks[test], result.maps):.3f}")
     print(f"F1 at the threshold calibrated on the validation images: {f1:.3f}")
     model_path = out / "model.joblib"
-    transformer.set_params(cache=None)
     joblib.dump(model, model_path)
     show = np.r_[np.flatnonzero(truth == 1)[:3], np.flatnonzero(truth == -1)[:5]]
     picture = anomaly_map_grid(
@@ -332,6 +329,8 @@ def cmd_score(args) -> int:
 
 
 def cmd_evaluate(args) -> int:
+    from sklearn.metrics import f1_score
+
     from . import aupro, image_auroc, load_mvtec, pixel_auroc
 
     model = _load_model(args.model, args)
@@ -346,9 +345,7 @@ def cmd_evaluate(args) -> int:
     masks = [data.masks[i] for i in keep]
     has_maps = model[-1].score_type == "fre"
     result = _scores_and_maps(model, files, maps=has_maps)
-    labels = result.labels
-    tp = np.sum((labels == -1) & (y == -1))
-    f1 = 2 * tp / (np.sum(labels == -1) + np.sum(y == -1))
+    f1 = f1_score(y == -1, result.labels == -1)
     print(f"images: {len(files)} ({int((y == -1).sum())} defective)")
     print(f"image AUROC: {image_auroc(y, result.score_samples):.4f}")
     if has_maps:
