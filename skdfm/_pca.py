@@ -23,6 +23,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from ._eigen import top_eigh
+from ._scatter import Scatter, lower_syrk_
+
 __all__ = [
     "PCAFit",
     "choose_solver",
@@ -36,6 +39,7 @@ __all__ = [
 # Temporaries per chunk; large enough for efficient GEMMs, small enough that big
 # score/fit batches do not page-fault fresh buffers (see PERF_NOTES).
 _CHUNK_BYTES = 64 * 2**20
+_EPS64 = float(np.finfo(np.float64).eps)
 
 
 def _step(n_items: int, bytes_per_item: int) -> int:
@@ -147,53 +151,66 @@ def _centred_rows(X: torch.Tensor, mean: torch.Tensor):
 
 
 def _spectrum(matrix: torch.Tensor, choose_k):
-    """Eigendecompose a Gram or scatter matrix and pick k from its spectrum.
+    """Eigenvalues and top-k eigenvectors of a Gram or scatter matrix (lower triangle).
 
-    Returns the eigenvalues (decreasing, clipped at 0), the eigenvectors, the total
-    sum of squares (the trace) and k.
+    Returns the eigenvalues (decreasing, clipped at 0, numpy), the k eigenvectors,
+    the total sum of squares (the trace) and k.
     """
-    total = float(matrix.trace())
+    total = float(matrix.diagonal().sum())
     if total == 0.0:
         raise ValueError(
             "All samples are identical (the centred data are zero): there is no "
             "variance to model."
         )
-    eigenvalues, eigenvectors = torch.linalg.eigh(matrix)
-    eigenvalues, eigenvectors = eigenvalues.flip(0).clamp_min(0.0), eigenvectors.flip(1)
-    rank_tol = float(eigenvalues[0]) * len(matrix) * torch.finfo(torch.float64).eps
-    k = choose_k(eigenvalues.cpu().numpy(), total, rank_tol)
-    return eigenvalues, eigenvectors, total, k
+
+    def k_of(eigenvalues):
+        rank_tol = float(eigenvalues[0]) * len(eigenvalues) * _EPS64
+        return choose_k(eigenvalues, total, rank_tol)
+
+    eigenvalues, vectors = top_eigh(matrix, k_of)
+    return eigenvalues, vectors, total, vectors.shape[1]
 
 
 def _gram_route(X, mean, choose_k):
     n = X.shape[0]
     gram = torch.zeros((n, n), dtype=torch.float64, device=X.device)
     for _, block in _centred_columns(X, mean):
-        gram += block @ block.T
+        lower_syrk_(gram, block.T)
+    sq_norm = gram.diagonal().clone()
     eigenvalues, eigenvectors, total, k = _spectrum(gram, choose_k)
-    singular_values = eigenvalues[:k].sqrt()
+    del gram
+    eigenvalues = torch.as_tensor(eigenvalues[:k].copy(), device=X.device)
+    singular_values = eigenvalues.sqrt()
     # V = Xc^T U / s is orthonormal to about eps64 * s_1^2 / s_k^2, i.e. to 1e-10 or
     # better down to s_k^2 / s_1^2 = 1e-6. Below that (an integer pca_level near or
     # past the numerical rank) orthonormalise explicitly.
     tiny = torch.finfo(torch.float64).tiny
-    top = eigenvectors[:, :k] / singular_values.clamp_min(tiny)
+    top = eigenvectors / singular_values.clamp_min(tiny)
     basis = torch.empty((X.shape[1], k), dtype=torch.float64, device=X.device)
     for cols, block in _centred_columns(X, mean):
         basis[cols] = block.T @ top
     if k and float(eigenvalues[k - 1]) < float(eigenvalues[0]) * 1e-6:
         basis, _ = torch.linalg.qr(basis)
         return basis, singular_values, total, None
-    training = (eigenvectors[:, :k] * singular_values, gram.diagonal().clone())
+    training = (eigenvectors * singular_values, sq_norm)
     return basis, singular_values, total, training
 
 
+def scatter_components(scatter: Scatter, choose_k):
+    """Components, singular values and total sum of squares from a :class:`Scatter`.
+
+    The scatter is left as it was, so more rows can be merged afterwards.
+    """
+    eigenvalues, vectors, total, k = _spectrum(scatter.matrix, choose_k)
+    singular_values = torch.as_tensor(eigenvalues[:k].copy()).sqrt()
+    return vectors, singular_values.to(vectors.device), total
+
+
 def _covariance_route(X, mean, choose_k):
-    d = X.shape[1]
-    scatter = torch.zeros((d, d), dtype=torch.float64, device=X.device)
-    for block in _centred_rows(X, mean):
-        scatter += block.T @ block
-    eigenvalues, eigenvectors, total, k = _spectrum(scatter, choose_k)
-    return eigenvectors[:, :k], eigenvalues[:k].sqrt(), total, None
+    scatter = Scatter(X.shape[1], X.device)
+    scatter.update(X, chunk_rows=_step(X.shape[0], X.shape[1] * 8))
+    components, singular_values, total = scatter_components(scatter, choose_k)
+    return components, singular_values, total, None
 
 
 def fit_pca(
