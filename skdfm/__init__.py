@@ -14,6 +14,7 @@ from ._model_selection import (
 )
 from ._persistence import SkdfmVersionWarning
 from ._plotting import anomaly_map_grid, overlay_anomaly_map, plot_anomaly_maps
+from ._streaming import stream_fit
 from ._thresholds import calibrate_threshold, f1_adaptive_threshold, normalized_scores
 from ._transformer import DeepFeatureTransformer
 
@@ -44,4 +45,5 @@ __all__ = [
     "pixel_auroc",
     "pixel_auroc_scorer",
     "plot_anomaly_maps",
+    "stream_fit",
 ]

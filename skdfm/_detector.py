@@ -8,15 +8,38 @@ from numbers import Integral, Real
 import numpy as np
 import torch
 from sklearn.base import BaseEstimator, OutlierMixin, _fit_context
+from sklearn.exceptions import NotFittedError
 from sklearn.utils._param_validation import Interval, RealNotInt, StrOptions
 from sklearn.utils.validation import check_is_fitted, validate_data
 
 from ._device import resolve_device
 from ._gaussian import gaussian_variances, negative_log_likelihood
-from ._pca import fit_pca, n_components_for_level, project, reconstruction_error
+from ._pca import (
+    _step,
+    fit_pca,
+    n_components_for_level,
+    project,
+    reconstruction_error,
+    scatter_components,
+)
 from ._persistence import PersistenceMixin
+from ._scatter import Scatter
 
 __all__ = ["DFMDetector"]
+
+_THRESHOLD_ATTRIBUTES = ("offset_", "threshold_method_", "score_range_")
+#: Attributes that partial_fit invalidates and that are computed on first use.
+_STREAM_DERIVED = (
+    "mean_",
+    "components_",
+    "n_components_",
+    "singular_values_",
+    "explained_variance_",
+    "explained_variance_ratio_",
+    "n_samples_",
+    "solver_",
+    *_THRESHOLD_ATTRIBUTES,
+)
 
 
 def _as_host_array(X):
@@ -199,13 +222,13 @@ class DFMDetector(PersistenceMixin, OutlierMixin, BaseEstimator):
         self.solver = solver
         self.device = device
 
-    def _validate_features(self, X, *, reset: bool) -> np.ndarray:
+    def _validate_features(self, X, *, reset: bool, min_samples=None) -> np.ndarray:
         return validate_data(
             self,
             _as_host_array(X),
             reset=reset,
             dtype=[np.float64, np.float32],
-            ensure_min_samples=2 if reset else 1,
+            ensure_min_samples=min_samples or (2 if reset else 1),
         )
 
     @_fit_context(prefer_skip_nested_validation=True)
@@ -224,9 +247,31 @@ class DFMDetector(PersistenceMixin, OutlierMixin, BaseEstimator):
         self : object
             Fitted estimator.
         """
+        self._forget_fit()
         device = resolve_device(self.device)
         X = self._validate_features(X, reset=True)
-        n_samples, n_features = X.shape
+        n_components = self._components_rule(*X.shape)
+        Xt = _as_tensor(X, device)
+        pca = fit_pca(Xt, n_components, solver=self.solver)
+        self.device_ = str(device)
+        self.solver_ = pca.solver
+        self._set_components(
+            pca.mean,
+            pca.components,
+            pca.singular_values,
+            pca.total_sum_squares,
+            X.shape[0],
+        )
+        if pca.training_projection is None:
+            train_scores = self._score_samples(Xt)
+        else:
+            train_scores = self._score_projection(*pca.training_projection)
+        self._set_threshold(train_scores, self.contamination, "contamination")
+        return self
+
+    def _components_rule(self, n_samples: int, n_features: int):
+        """``n_components(eigenvalues, total, rank_tol) -> k`` for ``_pca``; raises
+        when an integer ``pca_level`` cannot be met."""
         max_components = min(
             n_samples - 1, n_features - (1 if self.score_type == "fre" else 0)
         )
@@ -246,27 +291,116 @@ class DFMDetector(PersistenceMixin, OutlierMixin, BaseEstimator):
             k = n_components_for_level(eigenvalues, total, float(level), rank_tol)
             return min(k, max_components)
 
-        Xt = _as_tensor(X, device)
-        pca = fit_pca(Xt, n_components, solver=self.solver)
+        return n_components
 
-        singular_values = pca.singular_values.cpu().numpy()
-        self.device_ = str(device)
-        self.solver_ = pca.solver
-        self.n_samples_ = n_samples
-        self.mean_ = pca.mean.cpu().numpy()
-        self.components_ = np.ascontiguousarray(pca.components.T.cpu().numpy())
+    def _set_components(self, pca_mean, components, singular_values, total, n):
+        singular_values = singular_values.cpu().numpy()
+        self.mean_ = pca_mean.cpu().numpy()
+        self.components_ = np.ascontiguousarray(components.T.cpu().numpy())
         self.n_components_ = self.components_.shape[0]
         self.singular_values_ = singular_values
-        self.explained_variance_ = singular_values**2 / (n_samples - 1)
-        self.explained_variance_ratio_ = singular_values**2 / pca.total_sum_squares
-        if pca.training_projection is None:
-            train_scores = self._score_samples(Xt)
-        else:
-            train_scores = self._score_projection(*pca.training_projection)
-        self.offset_ = float(np.percentile(train_scores, 100.0 * self.contamination))
-        self.threshold_method_ = "contamination"
-        self.score_range_ = (float(train_scores.min()), float(train_scores.max()))
+        self.n_samples_ = n
+        self.explained_variance_ = singular_values**2 / (n - 1)
+        self.explained_variance_ratio_ = singular_values**2 / total
+
+    def _set_threshold(self, scores: np.ndarray, contamination: float, method: str):
+        """``offset_`` at the ``contamination`` quantile of ``scores`` (normal rows)."""
+        self.offset_ = float(np.percentile(scores, 100.0 * contamination))
+        self.threshold_method_ = method
+        self.score_range_ = (float(scores.min()), float(scores.max()))
+
+    def _forget_fit(self):
+        """Drop every fitted attribute and the streaming statistics."""
+        for name in [k for k in vars(self) if k.endswith("_") or k == "_scatter"]:
+            if not name.startswith("__"):
+                delattr(self, name)
+
+    @_fit_context(prefer_skip_nested_validation=True)
+    def partial_fit(self, X, y=None):
+        """Merge a batch of rows into the running statistics (a streaming fit).
+
+        Keeps the count, mean and centred scatter of all rows seen so far in
+        float64 on ``device_`` (D x D, whatever the number of rows), merging each
+        batch with Chan et al.'s pairwise update. The components are computed from
+        them, with ``pca_level`` applied to the whole spectrum, when the detector is
+        next used (or an attribute such as ``components_`` is read): the result
+        equals ``fit`` on all the rows at once up to float64 rounding. The first
+        call starts a new fit; ``fit`` discards the statistics.
+
+        ``offset_`` needs scores of normal rows, which a single pass cannot give:
+        set it afterwards with :func:`~skdfm.calibrate_threshold` on normal rows
+        (held out, or the training rows again), or use :func:`~skdfm.stream_fit`
+        with ``threshold_batches``. Until then ``predict`` and
+        ``decision_function`` raise ``NotFittedError``; ``score_samples`` works.
+
+        Parameters
+        ----------
+        X : array-like or torch.Tensor of shape (n_samples, n_features)
+            A batch of feature rows of normal samples.
+        y : Ignored
+            Not used, present for API consistency by convention.
+
+        Returns
+        -------
+        self : object
+            The detector, with ``n_samples_seen_`` updated.
+        """
+        first = "_scatter" not in vars(self)
+        if first:
+            self._forget_fit()
+        X = self._validate_features(X, reset=first, min_samples=1)
+        if first:
+            device = resolve_device(self.device)
+            self.device_ = str(device)
+            self._scatter = Scatter(X.shape[1], device)
+        scatter = self._scatter
+        Xt = _as_tensor(X, scatter.mean.device)
+        scatter.update(Xt, chunk_rows=_step(X.shape[0], X.shape[1] * 8))
+        for name in _STREAM_DERIVED:
+            vars(self).pop(name, None)
+        self.n_samples_seen_ = scatter.count
         return self
+
+    def _finish_stream(self):
+        """Components from the streaming statistics (the end of ``partial_fit``)."""
+        scatter = self._scatter
+        if scatter.count < 2:
+            raise ValueError(
+                f"partial_fit has seen {scatter.count} sample; at least 2 are needed "
+                "to fit the components."
+            )
+        rule = self._components_rule(scatter.count, scatter.mean.shape[0])
+        components, singular_values, total = scatter_components(scatter, rule)
+        self.solver_ = "covariance"
+        self._set_components(
+            scatter.mean, components, singular_values, total, scatter.count
+        )
+
+    def __getattr__(self, name):
+        # Fitted attributes after partial_fit are computed on first use.
+        state = vars(self)
+        if name in _THRESHOLD_ATTRIBUTES and "n_samples_seen_" in state:
+            raise NotFittedError(
+                "This DFMDetector was fitted with partial_fit, which cannot set "
+                "the threshold offset_ in one pass: set it with "
+                "skdfm.calibrate_threshold(model, X_normal, "
+                "method='contamination') on normal samples, or fit with "
+                "skdfm.stream_fit(..., threshold_batches=...)."
+            )
+        if name in _STREAM_DERIVED and "_scatter" in state:
+            self._finish_stream()
+            return state[name]
+        raise AttributeError(
+            f"{type(self).__name__!r} object has no attribute {name!r}"
+        )
+
+    def __getstate__(self):
+        # The D x D statistics are not saved (2 GiB at D = 16384): finish the fit.
+        if "_scatter" in vars(self) and "components_" not in vars(self):
+            self._finish_stream()
+        state = super().__getstate__()
+        state.pop("_scatter", None)
+        return state
 
     def _score_samples(self, Xt: torch.Tensor) -> np.ndarray:
         """Scores of a validated tensor on ``device_``; no validation."""

@@ -139,17 +139,17 @@ def calibrate_threshold(model, X, y=None, *, method="f1", contamination=0.01):
                 "method='f1' needs labels y (1 normal, -1 anomalous); with normal "
                 "images only, use method='contamination'."
             )
-        offset = f1_adaptive_threshold(y, scores)
+        detector.offset_ = f1_adaptive_threshold(y, scores)
+        detector.threshold_method_ = method
+        detector.score_range_ = (float(scores.min()), float(scores.max()))
+        return model
     else:
         if not isinstance(contamination, Real) or not 0 < contamination <= 0.5:
             raise ValueError(f"contamination={contamination!r} must be in (0, 0.5].")
         normal = scores if y is None else scores[y == 1]
         if len(normal) == 0:
             raise ValueError("method='contamination' needs normal samples (y == 1).")
-        offset = float(np.percentile(normal, 100.0 * contamination))
-    detector.offset_ = offset
-    detector.threshold_method_ = method
-    detector.score_range_ = (float(scores.min()), float(scores.max()))
+        detector._set_threshold(normal, contamination, method)
     return model
 
 

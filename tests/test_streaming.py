@@ -1,0 +1,222 @@
+"""partial_fit on the detector and stream_fit on detectors and Pipelines."""
+
+import pickle
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from sklearn.exceptions import NotFittedError
+from sklearn.pipeline import Pipeline
+from sklearn.preprocessing import StandardScaler
+
+from skdfm import (
+    DeepFeatureTransformer,
+    DFMDetector,
+    calibrate_threshold,
+    make_defect_images,
+    stream_fit,
+)
+
+from .conftest import SMALL_BACKBONE, make_features
+
+
+def _streamed(X, sizes, **params):
+    det = DFMDetector(device="cpu", **params)
+    for batch in np.array_split(X, np.cumsum(sizes)[:-1]):
+        det.partial_fit(batch)
+    return det
+
+
+def _assert_same_model(streamed, fitted, X_test):
+    assert streamed.n_components_ == fitted.n_components_
+    np.testing.assert_allclose(streamed.mean_, fitted.mean_, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(
+        streamed.components_ @ streamed.components_.T,
+        np.eye(fitted.n_components_),
+        atol=1e-10,
+    )
+    # Same subspace: projectors agree.
+    P_s = streamed.components_.T @ streamed.components_
+    P_f = fitted.components_.T @ fitted.components_
+    np.testing.assert_allclose(P_s, P_f, atol=1e-7)
+    np.testing.assert_allclose(
+        streamed.singular_values_, fitted.singular_values_, rtol=1e-9
+    )
+    np.testing.assert_allclose(
+        streamed.score_samples(X_test), fitted.score_samples(X_test), rtol=1e-6
+    )
+
+
+@pytest.mark.parametrize("shape", [(400, 60), (90, 300)])  # N > D and N < D
+@pytest.mark.parametrize("score_type", ["fre", "nll"])
+def test_partial_fit_equals_fit(shape, score_type):
+    X = make_features(shape[0] + 40, shape[1], latent=40)
+    X_train, X_test = X[: shape[0]], X[shape[0] :]
+    sizes = [1, 13, shape[0] // 2, shape[0] - 14 - shape[0] // 2]
+    streamed = _streamed(X_train, sizes, score_type=score_type, pca_level=0.95)
+    fitted = DFMDetector(device="cpu", score_type=score_type, pca_level=0.95)
+    fitted.fit(X_train)
+    assert streamed.n_samples_seen_ == shape[0]
+    assert streamed.solver_ == "covariance"
+    _assert_same_model(streamed, fitted, X_test)
+    np.testing.assert_allclose(
+        streamed.explained_variance_ratio_, fitted.explained_variance_ratio_, rtol=1e-9
+    )
+
+
+def test_partial_fit_can_continue_after_scoring(features):
+    X_train, X_test = features
+    det = _streamed(X_train[:60], [30, 30], pca_level=0.9)
+    det.score_samples(X_test)  # finishes the fit from the statistics so far
+    first_k = det.n_components_
+    det.partial_fit(X_train[60:])
+    assert "components_" not in vars(det)  # invalidated, recomputed on use
+    _assert_same_model(det, DFMDetector(pca_level=0.9, device="cpu").fit(X_train), X_test)
+    assert det.n_samples_seen_ == 120 and first_k > 0
+
+
+def test_threshold_needs_a_second_pass(features):
+    X_train, X_test = features
+    det = _streamed(X_train, [60, 60])
+    det.score_samples(X_test)  # scores work
+    for method in (det.predict, det.decision_function):
+        with pytest.raises(NotFittedError, match="calibrate_threshold"):
+            method(X_test)
+    assert not hasattr(det, "offset_")
+    calibrate_threshold(det, X_train, method="contamination", contamination=0.1)
+    fitted = DFMDetector(device="cpu").fit(X_train)  # contamination 0.1 in-sample
+    assert det.offset_ == pytest.approx(fitted.offset_, rel=1e-6)
+    np.testing.assert_array_equal(det.predict(X_test), fitted.predict(X_test))
+
+
+def test_fit_discards_streaming_statistics(features):
+    X_train, X_test = features
+    det = _streamed(X_train, [60, 60])
+    det.fit(X_train[:50])
+    assert "_scatter" not in vars(det) and "n_samples_seen_" not in vars(det)
+    assert det.n_samples_ == 50
+    det.partial_fit(X_train[:10])  # a new streaming fit, not a continuation
+    assert det.n_samples_seen_ == 10
+
+
+def test_partial_fit_validates_batches(features):
+    X_train, _ = features
+    det = DFMDetector(device="cpu").partial_fit(X_train[:1])
+    with pytest.raises(ValueError, match="at least 2"):
+        det.score_samples(X_train)
+    with pytest.raises(ValueError, match="features"):
+        det.partial_fit(X_train[:5, :-1])
+    with pytest.raises(ValueError, match="NaN|infinity"):
+        det.partial_fit(np.full((3, X_train.shape[1]), np.nan))
+    with pytest.raises(ValueError, match="pca_level=50"):
+        DFMDetector(pca_level=50, device="cpu").partial_fit(X_train[:20]).components_
+
+
+def test_pickling_finishes_the_fit_without_the_statistics(features):
+    X_train, X_test = features
+    det = _streamed(X_train, [60, 60])
+    calibrate_threshold(det, X_test, method="contamination")
+    blob = pickle.dumps(det)
+    assert len(blob) < 2 * det.components_.nbytes + 10 * X_train.shape[1] * 8
+    loaded = pickle.loads(blob)
+    assert "_scatter" not in vars(loaded)
+    np.testing.assert_array_equal(loaded.predict(X_test), det.predict(X_test))
+
+
+def test_stream_fit_detector_from_a_generator(features):
+    X_train, X_test = features
+    batches = (X_train[i : i + 25] for i in range(0, 120, 25))
+    det = stream_fit(
+        DFMDetector(device="cpu"), batches, threshold_batches=[X_test], contamination=0.2
+    )
+    fitted = DFMDetector(device="cpu").fit(X_train)
+    _assert_same_model(det, fitted, X_test)
+    assert det.threshold_method_ == "contamination"
+    assert det.offset_ == pytest.approx(
+        np.percentile(fitted.score_samples(X_test), 20), rel=1e-6
+    )
+
+
+def test_stream_fit_refits_from_scratch(features):
+    X_train, X_test = features
+    det = stream_fit(DFMDetector(device="cpu"), [X_train[:60]])
+    stream_fit(det, [X_train[60:]])
+    assert det.n_samples_seen_ == 60
+
+
+def test_stream_fit_pipeline_equals_pipeline_fit():
+    images, _, _ = make_defect_images(n_normal=40, n_anomalous=0, image_size=64)
+    test_images, _, _ = make_defect_images(
+        n_normal=5, n_anomalous=5, image_size=64, random_state=1
+    )
+
+    def pipeline():
+        return Pipeline(
+            [
+                ("features", DeepFeatureTransformer(**SMALL_BACKBONE)),
+                ("dfm", DFMDetector(pca_level=0.9, device="cpu")),
+            ]
+        )
+
+    streamed = stream_fit(pipeline(), (images[i : i + 16] for i in range(0, 40, 16)))
+    fitted = pipeline().fit(images)
+    np.testing.assert_allclose(
+        streamed.score_samples(test_images), fitted.score_samples(test_images), rtol=1e-6
+    )
+
+
+def test_stream_fit_groups_single_paths_into_batches(tmp_path, monkeypatch):
+    images, _, _ = make_defect_images(n_normal=12, n_anomalous=0, image_size=64)
+    paths = []
+    for i, image in enumerate(images):
+        paths.append(tmp_path / f"{i}.png")
+        Image.fromarray(image).save(paths[-1])
+    seen = []
+    original = DFMDetector.partial_fit
+
+    def spy(self, X, y=None):
+        seen.append(len(X))
+        return original(self, X, y)
+
+    monkeypatch.setattr(DFMDetector, "partial_fit", spy)
+    model = Pipeline(
+        [
+            ("features", DeepFeatureTransformer(**SMALL_BACKBONE)),
+            ("dfm", DFMDetector(pca_level=0.9, device="cpu")),
+        ]
+    )
+    stream_fit(model, iter(paths), batch_size=5)
+    assert seen == [5, 5, 2]
+    reference = Pipeline(
+        [
+            ("features", DeepFeatureTransformer(**SMALL_BACKBONE)),
+            ("dfm", DFMDetector(pca_level=0.9, device="cpu")),
+        ]
+    ).fit(images)
+    np.testing.assert_allclose(
+        model.score_samples(images), reference.score_samples(images), rtol=1e-5
+    )
+
+
+def test_stream_fit_rejects_what_it_cannot_stream(features):
+    X_train, _ = features
+    with pytest.raises(ValueError, match="no batches"):
+        stream_fit(DFMDetector(device="cpu"), [])
+    with pytest.raises(ValueError, match="DeepFeatureTransformer"):
+        stream_fit(
+            Pipeline([("scale", StandardScaler()), ("dfm", DFMDetector())]), [X_train]
+        )
+    with pytest.raises(ValueError, match="mixed"):
+        stream_fit(DFMDetector(device="cpu"), ["a.png", X_train])
+
+
+@pytest.mark.cuda
+def test_partial_fit_on_cuda_matches_cpu(features):
+    X_train, X_test = features
+    det = DFMDetector(device="cuda")
+    for batch in (X_train[:50], torch.from_numpy(X_train[50:]).cuda()):
+        det.partial_fit(batch)
+    assert det.device_.startswith("cuda")
+    assert det._scatter.matrix.device.type == "cuda"
+    _assert_same_model(det, DFMDetector(device="cpu").fit(X_train), X_test)
