@@ -29,9 +29,7 @@ def test_top_eigh_matches_full_eigh(n):
     np.testing.assert_array_equal(seen[0], values)
     assert np.all(np.diff(values) <= 0)
     assert vectors.shape == (n, k)
-    np.testing.assert_allclose(
-        (vectors.T @ vectors).numpy(), np.eye(k), atol=1e-12 * n
-    )
+    np.testing.assert_allclose((vectors.T @ vectors).numpy(), np.eye(k), atol=1e-12 * n)
     np.testing.assert_allclose(
         _projector(vectors).numpy(), _projector(U).numpy(), atol=1e-10
     )

@@ -72,7 +72,9 @@ def test_partial_fit_can_continue_after_scoring(features):
     first_k = det.n_components_
     det.partial_fit(X_train[60:])
     assert "components_" not in vars(det)  # invalidated, recomputed on use
-    _assert_same_model(det, DFMDetector(pca_level=0.9, device="cpu").fit(X_train), X_test)
+    _assert_same_model(
+        det, DFMDetector(pca_level=0.9, device="cpu").fit(X_train), X_test
+    )
     assert det.n_samples_seen_ == 120 and first_k > 0
 
 
@@ -110,7 +112,9 @@ def test_partial_fit_validates_batches(features):
     with pytest.raises(ValueError, match="NaN|infinity"):
         det.partial_fit(np.full((3, X_train.shape[1]), np.nan))
     with pytest.raises(ValueError, match="pca_level=50"):
-        DFMDetector(pca_level=50, device="cpu").partial_fit(X_train[:20]).components_
+        DFMDetector(pca_level=50, device="cpu").partial_fit(X_train[:20]).score_samples(
+            X_train
+        )
 
 
 def test_pickling_finishes_the_fit_without_the_statistics(features):
@@ -128,7 +132,10 @@ def test_stream_fit_detector_from_a_generator(features):
     X_train, X_test = features
     batches = (X_train[i : i + 25] for i in range(0, 120, 25))
     det = stream_fit(
-        DFMDetector(device="cpu"), batches, threshold_batches=[X_test], contamination=0.2
+        DFMDetector(device="cpu"),
+        batches,
+        threshold_batches=[X_test],
+        contamination=0.2,
     )
     fitted = DFMDetector(device="cpu").fit(X_train)
     _assert_same_model(det, fitted, X_test)
@@ -162,7 +169,9 @@ def test_stream_fit_pipeline_equals_pipeline_fit():
     streamed = stream_fit(pipeline(), (images[i : i + 16] for i in range(0, 40, 16)))
     fitted = pipeline().fit(images)
     np.testing.assert_allclose(
-        streamed.score_samples(test_images), fitted.score_samples(test_images), rtol=1e-6
+        streamed.score_samples(test_images),
+        fitted.score_samples(test_images),
+        rtol=1e-6,
     )
 
 
