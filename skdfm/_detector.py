@@ -222,14 +222,52 @@ class DFMDetector(PersistenceMixin, OutlierMixin, BaseEstimator):
         self.solver = solver
         self.device = device
 
-    def _validate_features(self, X, *, reset: bool, min_samples=None) -> np.ndarray:
+    def _validate_features(self, X, *, reset: bool, min_samples=None):
+        """Validated rows: a numpy array, or a float tensor left on its GPU."""
+        min_samples = min_samples or (2 if reset else 1)
+        if isinstance(X, torch.Tensor) and X.device.type != "cpu":
+            return self._validate_device_tensor(X, reset, min_samples)
         return validate_data(
             self,
             _as_host_array(X),
             reset=reset,
             dtype=[np.float64, np.float32],
-            ensure_min_samples=min_samples or (2 if reset else 1),
+            ensure_min_samples=min_samples,
         )
+
+    def _validate_device_tensor(self, X, reset: bool, min_samples: int):
+        """``validate_data``'s checks, done on the device: no copy to the host."""
+        X = X.detach()
+        if X.ndim != 2:
+            raise ValueError(
+                f"Expected a 2D array of feature rows, got a {X.ndim}D tensor of "
+                f"shape {tuple(X.shape)}."
+            )
+        if X.is_complex():
+            raise ValueError("Complex data not supported.")
+        if X.dtype not in (torch.float32, torch.float64):
+            X = X.to(torch.float32 if X.is_floating_point() else torch.float64)
+        n_samples, n_features = X.shape
+        if n_samples < min_samples:
+            raise ValueError(
+                f"Found array with {n_samples} sample(s) (shape={tuple(X.shape)}) "
+                f"while a minimum of {min_samples} is required."
+            )
+        if n_features == 0:
+            raise ValueError(
+                "Found array with 0 feature(s) while a minimum of 1 is required."
+            )
+        if not bool(torch.isfinite(X).all()):
+            raise ValueError("Input X contains NaN or infinity.")
+        if reset:
+            self.n_features_in_ = n_features
+            vars(self).pop("feature_names_in_", None)
+        elif n_features != self.n_features_in_:
+            raise ValueError(
+                f"X has {n_features} features, but {type(self).__name__} is "
+                f"expecting {self.n_features_in_} features as input."
+            )
+        return X
 
     @_fit_context(prefer_skip_nested_validation=True)
     def fit(self, X, y=None):

@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import os
 from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -213,9 +214,28 @@ class ImageCollection:
         return [size for _, batch in self.batches(64) for size in image_sizes(batch)]
 
     def batches(self, batch_size: int) -> Iterator[tuple[int, object]]:
-        """Yield ``(start, batch)``: a (B, C, H, W) tensor or a list of (C, H, W)."""
-        for start in range(0, len(self), batch_size):
-            yield start, self._batch(start, min(start + batch_size, len(self)))
+        """Yield ``(start, batch)``: a (B, C, H, W) tensor or a list of (C, H, W).
+
+        Files are decoded one batch ahead in a background thread (Pillow releases
+        the GIL while decoding), so decoding overlaps the backbone's work on the
+        previous batch; errors surface at the batch they belong to.
+        """
+        starts = range(0, len(self), batch_size)
+        if self.kind != "path" or len(starts) < 2:
+            for start in starts:
+                yield start, self._batch(start, min(start + batch_size, len(self)))
+            return
+        with ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix="skdfm-decode"
+        ) as pool:
+            pending = pool.submit(self._batch, 0, min(batch_size, len(self)))
+            for start in starts:
+                batch = pending.result()
+                after = start + batch_size
+                if after < len(self):
+                    stop = min(after + batch_size, len(self))
+                    pending = pool.submit(self._batch, after, stop)
+                yield start, batch
 
     def _batch(self, start: int, stop: int):
         if self.kind == "array":

@@ -77,6 +77,11 @@ class DeepFeatureTransformer(PersistenceMixin, TransformerMixin, BaseEstimator):
         convolutions on CPU and on tensor-core GPUs; features equal NCHW ones up
         to rounding. Either way the layout is fixed by this parameter, never by
         the layout of the input.
+    output : {"numpy", "torch"}, default="numpy"
+        What ``transform`` returns: a float32 numpy array, or a float32 tensor on
+        ``device_``. With ``"torch"`` on a GPU, the features of a
+        ``Pipeline(DeepFeatureTransformer, DFMDetector)`` stay on the GPU from the
+        backbone into the detector (no copy to the host and back).
     progress : bool, default=False
         Show a tqdm progress bar over batches in ``transform``.
     random_state : int, RandomState instance or None, default=None
@@ -168,6 +173,7 @@ class DeepFeatureTransformer(PersistenceMixin, TransformerMixin, BaseEstimator):
         "device": [str, torch.device],
         "precision": [StrOptions({"float32", "bfloat16", "float16"})],
         "channels_last": ["boolean"],
+        "output": [StrOptions({"numpy", "torch"})],
         "progress": ["boolean"],
         "random_state": ["random_state"],
         "cache": [FeatureCache, None],
@@ -186,6 +192,7 @@ class DeepFeatureTransformer(PersistenceMixin, TransformerMixin, BaseEstimator):
         device="auto",
         precision="float32",
         channels_last=False,
+        output="numpy",
         progress=False,
         random_state=None,
         cache=None,
@@ -200,6 +207,7 @@ class DeepFeatureTransformer(PersistenceMixin, TransformerMixin, BaseEstimator):
         self.device = device
         self.precision = precision
         self.channels_last = channels_last
+        self.output = output
         self.progress = progress
         self.random_state = random_state
         self.cache = cache
@@ -304,8 +312,9 @@ class DeepFeatureTransformer(PersistenceMixin, TransformerMixin, BaseEstimator):
 
         Returns
         -------
-        features : ndarray of shape (n_images, n_features), float32
-            ``n_features`` is ``prod(feature_shape_)``.
+        features : ndarray or torch.Tensor of shape (n_images, n_features), float32
+            ``n_features`` is ``prod(feature_shape_)``; a tensor on ``device_``
+            when ``output="torch"``.
         """
         return self._transform(X)[0]
 
@@ -314,10 +323,13 @@ class DeepFeatureTransformer(PersistenceMixin, TransformerMixin, BaseEstimator):
         ``(height, width)`` when asked, else is None."""
         check_is_fitted(self)
         images = as_image_collection(X)
+        on_device = self.output == "torch"
         if self.cache is None:
-            out = self._run_backbone(images)
+            out = self._run_backbone(images, on_device=on_device)
         else:
             out = self._cached_features(images)
+            if on_device:
+                out = torch.from_numpy(out).to(self.device_)
         return out, (images.sizes() if sizes else None)
 
     def _cached_features(self, images) -> np.ndarray:
@@ -348,12 +360,17 @@ class DeepFeatureTransformer(PersistenceMixin, TransformerMixin, BaseEstimator):
             self.channels_last,
         )
 
-    def _run_backbone(self, images) -> np.ndarray:
-        """Feature rows of an image collection, batch by batch."""
+    def _run_backbone(self, images, on_device: bool = False):
+        """Feature rows of an image collection, batch by batch: a numpy array, or a
+        tensor on ``device_`` when ``on_device`` (nothing then leaves the device)."""
         device = torch.device(self.device_)
         mean = torch.tensor(self.image_mean_, dtype=torch.float32, device=device)
         std = torch.tensor(self.image_std_, dtype=torch.float32, device=device)
-        out = np.empty((len(images), int(np.prod(self.feature_shape_))), np.float32)
+        shape = (len(images), int(np.prod(self.feature_shape_)))
+        if on_device:
+            out = torch.empty(shape, dtype=torch.float32, device=device)
+        else:
+            out = np.empty(shape, np.float32)
         batches = tqdm(
             images.batches(self.batch_size),
             total=-(-len(images) // self.batch_size),
@@ -372,7 +389,8 @@ class DeepFeatureTransformer(PersistenceMixin, TransformerMixin, BaseEstimator):
                     std=std,
                     channels_last=self.channels_last,
                 )
-                out[start : start + len(x)] = self._features(x).cpu().numpy()
+                rows = self._features(x)
+                out[start : start + len(x)] = rows if on_device else rows.cpu().numpy()
         return out
 
     def get_feature_names_out(self, input_features=None):

@@ -358,3 +358,40 @@ def test_cuda_model_round_trips_with_joblib(features, tmp_path):
     np.testing.assert_array_equal(
         loaded.score_samples(X_test), det.score_samples(X_test)
     )
+
+
+def test_device_tensors_are_validated_where_they_are(features):
+    # The checks that keep GPU tensors off the host, exercised on a CPU tensor.
+    X_train, _ = features
+    det = DFMDetector(device="cpu")
+    X = torch.from_numpy(X_train)
+    assert det._validate_device_tensor(X, True, 2) is not None
+    assert det.n_features_in_ == X.shape[1]
+    checks = [
+        (X[0], "2D"),
+        (X[:1], "minimum of 2"),
+        (X[:, :0], "0 feature"),
+        (torch.full_like(X, float("nan")), "NaN or infinity"),
+        (X.to(torch.complex64), "Complex"),
+    ]
+    for bad, message in checks:
+        with pytest.raises(ValueError, match=message):
+            DFMDetector()._validate_device_tensor(bad, True, 2)
+    with pytest.raises(ValueError, match="expecting 300 features"):
+        det._validate_device_tensor(X[:, :-1], False, 1)
+    assert det._validate_device_tensor(X.half(), False, 1).dtype == torch.float32
+    assert det._validate_device_tensor(X.int(), False, 1).dtype == torch.float64
+
+
+@pytest.mark.cuda
+def test_cuda_tensor_input_is_scored_without_leaving_the_gpu(features):
+    X_train, X_test = features
+    det = DFMDetector(device="cuda").fit(torch.from_numpy(X_train).cuda())
+    ref = DFMDetector(device="cpu").fit(X_train)
+    np.testing.assert_allclose(
+        det.score_samples(torch.from_numpy(X_test).cuda()),
+        ref.score_samples(X_test),
+        rtol=1e-6,
+    )
+    with pytest.raises(ValueError, match="NaN or infinity"):
+        det.score_samples(torch.full((2, 300), float("nan"), device="cuda"))

@@ -1,5 +1,7 @@
 """Input rules and preprocessing (skdfm/_images.py)."""
 
+import threading
+
 import numpy as np
 import pytest
 import torch
@@ -205,20 +207,28 @@ def test_missing_and_corrupt_files_name_the_file(rgb, tmp_path):
         prepare([truncated])
 
 
-def test_files_are_decoded_one_batch_at_a_time(rgb, tmp_path, monkeypatch):
+def test_files_are_decoded_at_most_one_batch_ahead(rgb, tmp_path, monkeypatch):
     paths = []
     for i in range(10):
         paths.append(tmp_path / f"{i}.png")
         Image.fromarray(rgb[i % 5]).save(paths[-1])
-    decoded = []
+    decoded, threads = [], set()
     read = images_module._read_file
-    monkeypatch.setattr(
-        images_module, "_read_file", lambda p: decoded.append(p) or read(p)
-    )
+
+    def spy(path):
+        threads.add(threading.current_thread().name)
+        decoded.append(path)
+        return read(path)
+
+    monkeypatch.setattr(images_module, "_read_file", spy)
     collection = as_image_collection(paths)
     assert decoded == []  # validation reads no pixel
     batches = collection.batches(4)
     start, batch = next(batches)
-    assert (start, len(batch), len(decoded)) == (0, 4, 4)
+    # The next batch may already be decoding in the background, never more.
+    assert (start, len(batch)) == (0, 4) and 4 <= len(decoded) <= 8
     start, batch = next(batches)
-    assert (start, len(batch), len(decoded)) == (4, 4, 8)
+    assert (start, len(batch)) == (4, 4) and 8 <= len(decoded) <= 10
+    assert [start for start, _ in batches] == [8]
+    assert decoded == paths
+    assert all(name.startswith("skdfm-decode") for name in threads)

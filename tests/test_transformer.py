@@ -536,3 +536,53 @@ def test_cuda_pipeline_round_trips(images, tmp_path):
 def test_memory_layout_of_the_input_does_not_change_features(fitted, images):
     nchw = np.ascontiguousarray(images.transpose(0, 3, 1, 2))
     np.testing.assert_array_equal(fitted.transform(nchw), fitted.transform(images))
+
+
+def test_torch_output_is_the_same_rows_as_a_tensor(fitted, images):
+    tr = clone(fitted).set_params(output="torch").fit(images)
+    rows = tr.transform(images)
+    assert isinstance(rows, torch.Tensor) and rows.dtype == torch.float32
+    assert rows.device == torch.device(tr.device_)
+    np.testing.assert_array_equal(rows.numpy(), fitted.transform(images))
+    cached = clone(tr).set_params(cache=skdfm.FeatureCache()).fit(images)
+    for _ in range(2):  # a miss, then a hit
+        np.testing.assert_array_equal(cached.transform(images).numpy(), rows.numpy())
+
+
+def test_pipeline_with_torch_output_scores_like_numpy_output(images):
+    numpy_pipe = make_pipeline(
+        DeepFeatureTransformer(**SMALL), DFMDetector(pca_level=3, device="cpu")
+    ).fit(images)
+    torch_pipe = make_pipeline(
+        DeepFeatureTransformer(**dict(SMALL, output="torch")),
+        DFMDetector(pca_level=3, device="cpu"),
+    ).fit(images)
+    np.testing.assert_allclose(
+        torch_pipe.score_samples(images), numpy_pipe.score_samples(images), rtol=1e-12
+    )
+
+
+@pytest.mark.cuda
+def test_cuda_pipeline_keeps_features_on_the_gpu(images, monkeypatch):
+    pipe = make_pipeline(
+        DeepFeatureTransformer(**dict(SMALL, device="cuda", output="torch")),
+        DFMDetector(pca_level=3, device="cuda"),
+    )
+    to_host = []
+    original = torch.Tensor.cpu
+
+    def spy(self, *args, **kwargs):
+        to_host.append(tuple(self.shape))
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.Tensor, "cpu", spy)
+    pipe.fit(images)
+    scores = pipe.score_samples(images)
+    n_features = int(np.prod(pipe[0].feature_shape_))
+    # Only small results (scores, components) come back, never the feature rows.
+    assert all(n_features not in shape for shape in to_host)
+    monkeypatch.undo()
+    reference = make_pipeline(
+        DeepFeatureTransformer(**SMALL), DFMDetector(pca_level=3, device="cpu")
+    ).fit(images)
+    np.testing.assert_allclose(scores, reference.score_samples(images), rtol=1e-3)
