@@ -16,9 +16,10 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 import numpy as np
-import timm
 import torch
-from timm.models import FeatureDictNet, get_pretrained_cfg
+
+# timm (and torchvision with it, ~190 MB resident) is imported where a backbone is
+# built, so processes that only score features never load it.
 
 __all__ = ["Backbone", "build_backbone", "backbone_state", "rebuild_backbone"]
 
@@ -36,6 +37,8 @@ class Backbone:
 
 
 def _check_model_name(name: str) -> None:
+    import timm
+
     if timm.is_model(name):
         return
     stem = name.split(".")[0]
@@ -54,6 +57,9 @@ def _feature_kwargs(name: str, layer) -> tuple[dict, str]:
     Models that cannot be cut that way (ViTs, whose feature getters index blocks
     differently) are rejected rather than run whole or at the wrong block.
     """
+    import timm
+    from timm.models import FeatureDictNet
+
     with torch.device("meta"):
         try:
             probe = timm.create_model(name, pretrained=False, features_only=True)
@@ -165,6 +171,8 @@ def _weights_kwargs(name: str, pretrained: bool, checkpoint_path) -> dict:
         return dict(pretrained=True, pretrained_cfg_overlay=dict(file=str(path)))
     if not pretrained:
         return dict(pretrained=False)
+    from timm.models import get_pretrained_cfg
+
     cfg = get_pretrained_cfg(name, allow_unregistered=True)
     if cfg is None or not (cfg.hf_hub_id or cfg.url or cfg.file):
         raise ValueError(
@@ -210,6 +218,8 @@ def build_backbone(
     OSError
         Pretrained weights neither cached nor downloadable.
     """
+    import timm
+
     _check_model_name(name)
     features, layer_name = _feature_kwargs(name, layer)
     weights = _weights_kwargs(name, pretrained, checkpoint_path)

@@ -91,8 +91,9 @@ class DFMDetector(PersistenceMixin, OutlierMixin, BaseEstimator):
         training rows. See Notes for why in-sample scores are optimistic.
     solver : {"auto", "gram", "covariance"}, default="auto"
         Eigenproblem that finds the components. ``"gram"`` (N x N, chosen when
-        ``n_samples <= n_features``) or ``"covariance"`` (D x D, otherwise). Both are
-        float64-accurate; they differ only in cost.
+        ``n_samples <= n_features``) or ``"covariance"`` (D x D, otherwise; always
+        used by ``partial_fit``). Both are float64-accurate; they differ only in
+        cost.
     device : str or torch.device, default="auto"
         Where the maths runs: ``"auto"`` (the current CUDA device when available,
         else CPU), ``"cpu"``, ``"cuda"`` or ``"cuda:N"``. Resolved at fit into
@@ -169,7 +170,10 @@ class DFMDetector(PersistenceMixin, OutlierMixin, BaseEstimator):
 
     Components are found without a full SVD of the data: by an eigendecomposition
     of the N x N Gram matrix or of the D x D scatter matrix, whichever is smaller,
-    in float64.
+    in float64, computing every eigenvalue but only the k eigenvectors kept (on
+    CPU: LAPACK tridiagonalisation in place, MRRR, blocked back-transformation).
+    ``partial_fit`` accumulates the scatter matrix batch by batch (memory D x D
+    float64, independent of the number of rows) and gives the same model.
     Scores are computed in float64 from ``||x - mean||^2 - ||(x - mean) V||^2``
     without forming the D-dimensional reconstruction.
 
@@ -399,8 +403,9 @@ class DFMDetector(PersistenceMixin, OutlierMixin, BaseEstimator):
         self.n_samples_seen_ = scatter.count
         return self
 
-    def _finish_stream(self):
-        """Components from the streaming statistics (the end of ``partial_fit``)."""
+    def _finish_stream(self, release: bool = False):
+        """Components from the streaming statistics (the end of ``partial_fit``);
+        ``release`` drops the statistics afterwards (no further ``partial_fit``)."""
         scatter = self._scatter
         if scatter.count < 2:
             raise ValueError(
@@ -413,6 +418,8 @@ class DFMDetector(PersistenceMixin, OutlierMixin, BaseEstimator):
         self._set_components(
             scatter.mean, components, singular_values, total, scatter.count
         )
+        if release:
+            del self._scatter
 
     def __getattr__(self, name):
         # Fitted attributes after partial_fit are computed on first use.

@@ -110,8 +110,16 @@ def _eigh_lapack(matrix, choose_k):
         _, Z = eigh_tridiagonal(
             d, e, select="i", select_range=(n - k, n - 1), lapack_driver="stemr"
         )
-        Z = torch.from_numpy(Z[:, ::-1].copy(order="C"))
-        vectors = _apply_reflectors_(matrix, tau, Z)
+        # Z is (n, k) in Fortran order, i.e. the (k, n) C-ordered rows components_
+        # are stored as: reverse its columns in place (decreasing order) and
+        # back-transform it in place, so the n x k result is never copied.
+        Z = np.asfortranarray(Z)
+        for i in range(k // 2):
+            j = k - 1 - i
+            column = Z[:, i].copy()
+            Z[:, i] = Z[:, j]
+            Z[:, j] = column
+        vectors = _apply_reflectors_(matrix, tau, torch.from_numpy(Z))
     finally:
         mirror_(matrix, from_lower=False)
         matrix.diagonal().copy_(diagonal)
@@ -137,7 +145,8 @@ def top_eigh(
     eigenvalues : ndarray of shape (n,)
         Decreasing, clipped at 0.
     vectors : torch.Tensor of shape (n, k)
-        Orthonormal eigenvectors of the k largest eigenvalues, in that order.
+        Orthonormal eigenvectors of the k largest eigenvalues, in that order. On
+        CPU its transpose is C-contiguous (the layout of ``components_``).
     """
     if matrix.device.type != "cpu":
         eigenvalues, vectors = torch.linalg.eigh(matrix)

@@ -72,7 +72,8 @@ def stream_fit(
     Each batch goes through the backbone (for a Pipeline) and is merged into the
     detector's float64 statistics with :meth:`DFMDetector.partial_fit`; memory is
     that of one batch plus the D x D statistics, whatever the number of images. The
-    components are computed once, after the last batch. The threshold needs scores
+    components are computed once, after the last batch, and the statistics are then
+    released (continue a fit with ``partial_fit`` instead). The threshold needs scores
     of normal samples, so it takes a second pass: over ``threshold_batches`` when
     given (held-out good parts, or the training batches again for scikit-learn's
     in-sample rule), else ``offset_`` stays unset and ``predict`` explains how to
@@ -133,6 +134,7 @@ def stream_fit(
         seen_any = True
     if not seen_any:
         raise ValueError("stream_fit got no batches.")
+    detector._finish_stream(release=True)
     if threshold_batches is not None:
         scores = np.concatenate(
             [model.score_samples(b) for b in _batches(threshold_batches, batch_size)]
