@@ -5,6 +5,7 @@ import time
 
 import pytest
 import timm
+import timm.models
 import torch
 
 import skdfm._backbone as backbone_module
@@ -178,7 +179,7 @@ def test_cached_weights_are_found_in_the_hub_cache(tmp_path, monkeypatch):
         return str(found) if filename == "model.safetensors" else None
 
     monkeypatch.setattr(huggingface_hub, "try_to_load_from_cache", lookup)
-    cfg = backbone_module.get_pretrained_cfg("resnet50")
+    cfg = timm.models.get_pretrained_cfg("resnet50")
     assert backbone_module._cached_weights(cfg) == str(found)
     assert calls[0] == ("timm/resnet50.a1_in1k", "model.safetensors")
 
@@ -192,7 +193,7 @@ def test_bad_checkpoints_are_clear_errors(checkpoint, tmp_path):
 
 
 def test_model_without_pretrained_weights_is_a_clear_error(monkeypatch):
-    monkeypatch.setattr(backbone_module, "get_pretrained_cfg", lambda *a, **k: None)
+    monkeypatch.setattr(timm.models, "get_pretrained_cfg", lambda *a, **k: None)
     with pytest.raises(ValueError, match="timm has no pretrained weights"):
         build_backbone("resnet18", 3, pretrained=True)  # offline
 
