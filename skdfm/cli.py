@@ -111,6 +111,7 @@ def _build_pipeline(args):
         device=args.device or "auto",
         progress=not args.no_progress,
         random_state=0,
+        output="torch",  # on a GPU, features go to the detector without a host copy
     )
     detector = DFMDetector(
         pca_level=args.pca_level,

@@ -139,3 +139,13 @@ def test_only_missing_images_reach_the_backbone(images, monkeypatch):
     )
     tr.transform(images)
     assert seen == [2]
+
+
+@pytest.mark.cuda
+def test_weights_digest_does_not_depend_on_the_device():
+    import timm
+
+    from skdfm._cache import weights_digest
+
+    model = timm.create_model("test_resnet", pretrained=False)
+    assert weights_digest(model) == weights_digest(model.cuda())

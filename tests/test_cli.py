@@ -157,3 +157,16 @@ def test_nll_models_score_and_evaluate_without_maps(good_dir, tmp_path, capsys):
     assert main(["evaluate", str(model_path), str(root), "--no-progress"]) == 0
     out = capsys.readouterr().out
     assert "image AUROC: " in out and "n/a" in out
+
+
+@pytest.mark.cuda
+def test_score_on_cuda_matches_cpu(model_file, good_dir, tmp_path, capsys):
+    files = sorted(str(p) for p in good_dir.rglob("*.png") if p.name != "broken.png")
+    scores = {}
+    for device in ("cpu", "cuda"):
+        out_csv = tmp_path / f"{device}.csv"
+        args = ["score", str(model_file), *files[:3], "--csv", str(out_csv)]
+        assert main([*args, "--device", device, "--no-progress"]) == 0
+        rows = list(csv.DictReader(out_csv.open()))
+        scores[device] = [float(r["anomaly_score"]) for r in rows]
+    np.testing.assert_allclose(scores["cuda"], scores["cpu"], rtol=1e-3)

@@ -131,3 +131,26 @@ def test_bad_models_and_sizes(fitted_pipeline, defect_images):
         anomaly_maps(make_pipeline(*steps), images)
     with pytest.raises(ValueError, match="model must be"):
         anomaly_maps(StandardScaler(), images)
+
+
+@pytest.mark.cuda
+def test_maps_on_cuda_equal_cpu_maps(fitted_pipeline, defect_images):
+    import copy
+
+    from skdfm._pipeline import move_model
+
+    images = defect_images[0][:6]
+    features = fitted_pipeline[0].transform(images)
+    shape = fitted_pipeline[0].feature_shape_
+    gpu = copy.deepcopy(fitted_pipeline)
+    move_model(gpu, "cuda")
+    on_gpu = anomaly_maps(
+        gpu[1], torch.from_numpy(features).cuda(), size="grid", feature_shape=shape
+    )
+    on_cpu = anomaly_maps(
+        fitted_pipeline[1], features, size="grid", feature_shape=shape
+    )
+    np.testing.assert_allclose(on_gpu.maps, on_cpu.maps, rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(on_gpu.score_samples, on_cpu.score_samples, rtol=1e-9)
+    whole = anomaly_maps(gpu, images)  # backbone, maps and upsampling on the GPU
+    assert len(whole.maps) == len(images)

@@ -229,3 +229,32 @@ def test_partial_fit_on_cuda_matches_cpu(features):
     assert det.device_.startswith("cuda")
     assert det._scatter.matrix.device.type == "cuda"
     _assert_same_model(det, DFMDetector(device="cpu").fit(X_train), X_test)
+
+
+@pytest.mark.cuda
+def test_stream_fit_pipeline_on_cuda_keeps_features_on_the_gpu():
+    images, _, _ = make_defect_images(n_normal=24, n_anomalous=0, image_size=64)
+    model = Pipeline(
+        [
+            (
+                "features",
+                DeepFeatureTransformer(
+                    **dict(SMALL_BACKBONE, device="cuda", output="torch")
+                ),
+            ),
+            ("dfm", DFMDetector(pca_level=0.9, device="cuda")),
+        ]
+    )
+    stream_fit(
+        model, (images[i : i + 8] for i in range(0, 24, 8)), threshold_batches=[images]
+    )
+    assert model[1].device_.startswith("cuda")
+    reference = Pipeline(
+        [
+            ("features", DeepFeatureTransformer(**SMALL_BACKBONE)),
+            ("dfm", DFMDetector(pca_level=0.9, device="cpu")),
+        ]
+    ).fit(images)
+    np.testing.assert_allclose(
+        model.score_samples(images), reference.score_samples(images), rtol=1e-3
+    )
