@@ -15,8 +15,11 @@ def _projector(V):
     return V @ V.T
 
 
+@pytest.mark.parametrize("reduce_twice", [False, True])
 @pytest.mark.parametrize("n", [2, 5, _BLOCK + 7, 3 * _BLOCK + 1])
-def test_top_eigh_matches_full_eigh(n):
+def test_top_eigh_matches_full_eigh(n, reduce_twice, monkeypatch):
+    if reduce_twice:  # the path of large matrices, on a small one
+        monkeypatch.setattr("skdfm._eigen._STEMR_MAX_N", 1)
     A = _spd(n)
     k = max(1, n // 3)
     # Garbage in the strict upper triangle: only the lower one may be read.
@@ -29,6 +32,8 @@ def test_top_eigh_matches_full_eigh(n):
     np.testing.assert_array_equal(seen[0], values)
     assert np.all(np.diff(values) <= 0)
     assert vectors.shape == (n, k)
+    assert vectors.T.is_contiguous()  # the layout of components_, no copy needed
+    assert vectors.untyped_storage().nbytes() == n * k * 8  # no n x n behind it
     np.testing.assert_allclose((vectors.T @ vectors).numpy(), np.eye(k), atol=1e-12 * n)
     np.testing.assert_allclose(
         _projector(vectors).numpy(), _projector(U).numpy(), atol=1e-10
