@@ -14,6 +14,7 @@ from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.validation import check_is_fitted
 from tqdm.auto import tqdm
 
+from ._allocator import keep_freed_memory
 from ._backbone import backbone_state, build_backbone, rebuild_backbone
 from ._cache import FeatureCache, weights_digest
 from ._device import resolve_device
@@ -72,11 +73,11 @@ class DeepFeatureTransformer(PersistenceMixin, TransformerMixin, BaseEstimator):
         ``"bfloat16"`` or ``"float16"`` run the backbone under torch autocast:
         faster on GPUs and on CPUs with bf16 units, but the features change
         (see Notes). Pooling and the output stay float32.
-    channels_last : bool, default=False
-        Run the backbone in channels-last memory format, usually faster for
-        convolutions on CPU and on tensor-core GPUs; features equal NCHW ones up
-        to rounding. Either way the layout is fixed by this parameter, never by
-        the layout of the input.
+    channels_last : bool, default=True
+        Run the backbone in channels-last memory format, faster for convolutions
+        on CPU (1.3-1.5x measured) and on tensor-core GPUs; features equal NCHW
+        ones (anomalib's) up to rounding. ``False`` runs NCHW. Either way the
+        layout is fixed by this parameter, never by the layout of the input.
     output : {"numpy", "torch"}, default="numpy"
         What ``transform`` returns: a float32 numpy array, or a float32 tensor on
         ``device_``. With ``"torch"`` on a GPU, the features of a
@@ -137,13 +138,17 @@ class DeepFeatureTransformer(PersistenceMixin, TransformerMixin, BaseEstimator):
     RGB. Two or four channels, other dtypes, and lists mixing element kinds are
     errors.
 
-    **Speed and precision options.** ``channels_last=True`` changes features by
+    **Speed and precision options.** ``channels_last`` changes features by
     rounding only (<= 3e-7 relative, measured on resnet18/resnet50) and was
-    1.3-1.5x faster on a 2-core AVX2 CPU. ``precision="bfloat16"`` keeps about 3
-    significant digits per activation: features moved by about 3e-3 relative
-    (float16: 4e-4); scores are then not comparable with float32 ones, so fit and
-    score with the same setting. It pays on GPUs and on CPUs with native bf16
-    (AVX-512 BF16, AMX); on a CPU without, it is several times slower.
+    1.3-1.5x faster on a 2-core AVX2 CPU. On glibc Linux the first CPU
+    ``transform`` tunes malloc to keep freed memory in the heap (see
+    :doc:`/performance`; 1.2-1.5x measured, more for larger backbones); set the
+    environment variable ``SKDFM_KEEP_FREED_MEMORY=0`` to keep glibc's defaults.
+    ``precision="bfloat16"`` keeps about 3 significant digits per activation:
+    features moved by about 3e-3 relative (float16: 4e-4); scores are then not
+    comparable with float32 ones, so fit and score with the same setting. It pays
+    on GPUs and on CPUs with native bf16 (AVX-512 BF16, AMX); on a CPU without,
+    it is several times slower.
 
     **Weights offline.** When the weights are neither cached nor downloadable,
     ``fit`` raises :class:`OSError` at once (no retry loop) and says how to pass
@@ -191,7 +196,7 @@ class DeepFeatureTransformer(PersistenceMixin, TransformerMixin, BaseEstimator):
         batch_size=16,
         device="auto",
         precision="float32",
-        channels_last=False,
+        channels_last=True,
         output="numpy",
         progress=False,
         random_state=None,
@@ -367,6 +372,8 @@ class DeepFeatureTransformer(PersistenceMixin, TransformerMixin, BaseEstimator):
         mean = torch.tensor(self.image_mean_, dtype=torch.float32, device=device)
         std = torch.tensor(self.image_std_, dtype=torch.float32, device=device)
         shape = (len(images), int(np.prod(self.feature_shape_)))
+        if device.type == "cpu":
+            keep_freed_memory()
         if on_device:
             out = torch.empty(shape, dtype=torch.float32, device=device)
         else:
