@@ -4,9 +4,10 @@ For each backbone (layer3, pooling 4, 256 px input, anomalib's defaults), on the
 PNG files (``--file-size`` px parts from ``make_defect_images``, written to a
 temporary folder), in one process, interleaved, median of ``--repeats``:
 
-- ``skdfm``: ``Pipeline(DeepFeatureTransformer(channels_last=True, ...),
-  DFMDetector(pca_level=k))``: ``fit`` on the training files, ``score_samples`` on the
-  test files (decoding, resizing, backbone, pooling, PCA, scores: everything);
+- ``skdfm``: ``Pipeline(DeepFeatureTransformer(...), DFMDetector(pca_level=k))``
+  with skdfm's defaults (``channels_last=True``): ``fit`` on the training files,
+  ``score_samples`` on the test files (decoding, resizing, backbone, pooling, PCA,
+  scores: everything);
 - ``anomalib``: anomalib's path reproduced without anomalib: each image decoded with
   Pillow and transformed on its own (``to_image``, ``to_dtype(scale=True)``,
   ``Resize(256, antialias=True)``, ``Normalize``), batches of 32, the same timm
@@ -17,8 +18,11 @@ temporary folder), in one process, interleaved, median of ``--repeats``:
   precision as skdfm) on already decoded, resized and normalised batches of the same
   images: the compute floor.
 
-Prints images/s of fit + score, the ratios skdfm / anomalib and skdfm / bare, and the
-largest relative difference between skdfm's and anomalib's scores. With
+Each (method, repeat) runs in a fresh process after a warm-up: skdfm tunes glibc malloc
+for the whole process on its first CPU transform, and the anomalib reference must run
+with glibc's defaults (``SKDFM_KEEP_FREED_MEMORY=0`` in its process), as anomalib
+does. Prints images/s of fit + score, the ratios skdfm / anomalib and skdfm / bare,
+and the largest relative difference between skdfm's and anomalib's scores. With
 ``--precision bfloat16`` (or ``float16`` on a GPU) skdfm and bare run in that
 precision, anomalib in float32, and the image AUROC of skdfm on the demo data set
 (``skdfm demo``'s images and backbone) is printed for float32 and that precision.
@@ -33,7 +37,10 @@ from __future__ import annotations
 import argparse
 import copy
 import os
+import pickle
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -46,6 +53,7 @@ from sklearn.pipeline import Pipeline
 from torchvision.transforms import v2
 
 from skdfm import DeepFeatureTransformer, DFMDetector, image_auroc, make_defect_images
+from skdfm._allocator import keep_freed_memory
 
 SIZE = 256
 
@@ -127,13 +135,87 @@ def demo_auroc(precision: str, device: str) -> float:
                     random_state=0,
                     device=device,
                     precision=precision,
-                    channels_last=True,
                 ),
             ),
             ("dfm", DFMDetector(device=device)),
         ]
     ).fit(images[normal[:100]])
     return image_auroc(y[test], model.score_samples(images[test]))
+
+
+def _child(method, name, folder, k, args) -> dict:
+    """One timed fit + score of one method, in this (fresh) process."""
+    device = torch.device(args.device)
+    train = sorted(Path(folder).glob("1_*.png"))
+    test = sorted(Path(folder).glob("2_*.png"))
+    transformer = DeepFeatureTransformer(
+        backbone=name,
+        layer="layer3",
+        pretrained=False,
+        random_state=0,
+        batch_size=args.batch_size,
+        device=args.device,
+        precision=args.precision,
+        output="torch" if device.type == "cuda" else "numpy",
+    ).fit(train[:1])
+    anomalib = AnomalibPath(
+        transformer.backbone_,
+        transformer.image_mean_,
+        transformer.image_std_,
+        transformer.pooling_kernel_size,
+        device,
+    )
+    if method == "anomalib":
+        anomalib.features(train[:2])  # warm-up
+        start = time.perf_counter()
+        anomalib.fit(train)
+        scores = anomalib.score(test)
+        sync(device)
+        return dict(seconds=time.perf_counter() - start, k=anomalib.k, scores=scores)
+    if method == "skdfm":
+        transformer.transform(train[:2])  # warm-up
+        start = time.perf_counter()
+        model = Pipeline([("features", transformer), ("dfm", DFMDetector(pca_level=k))])
+        model.fit(train)
+        scores = -model.score_samples(test)
+        sync(device)
+        return dict(seconds=time.perf_counter() - start, scores=scores)
+    # bare: the truncated backbone on decoded, resized, normalised batches
+    keep_freed_memory()  # as skdfm runs it
+    prepared = [anomalib.prepare(path).to(device) for path in train + test]
+    batches = [
+        torch.stack(prepared[i : i + args.batch_size]).contiguous(
+            memory_format=torch.channels_last
+        )
+        for i in range(0, len(prepared), args.batch_size)
+    ]
+    dtype = getattr(torch, args.precision)
+    autocast = dict(device_type=device.type, dtype=dtype)
+    with (
+        torch.inference_mode(),
+        torch.autocast(**autocast, enabled=dtype != torch.float32),
+    ):
+        model = transformer.backbone_
+        model(batches[0])  # warm-up
+        sync(device)
+        start = time.perf_counter()
+        for x in batches:
+            model(x)
+        sync(device)
+    return dict(seconds=time.perf_counter() - start)
+
+
+def _spawn(method, name, folder, k, args, tmp) -> dict:
+    out = os.path.join(tmp, f"{method}.pkl")
+    env = dict(os.environ)
+    if method == "anomalib":  # glibc's defaults, as anomalib runs
+        env["SKDFM_KEEP_FREED_MEMORY"] = "0"
+    command = [sys.executable, __file__, "--child", method, name, folder, str(k), out]
+    command += ["--batch-size", str(args.batch_size), "--device", args.device]
+    command += ["--precision", args.precision]
+    subprocess.run(command, check=True, env=env)
+    with open(out, "rb") as f:
+        return pickle.load(f)
 
 
 def main() -> None:
@@ -147,91 +229,43 @@ def main() -> None:
     parser.add_argument(
         "--precision", default="float32", choices=["float32", "bfloat16", "float16"]
     )
+    parser.add_argument("--child", nargs=5, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.child:
+        method, name, folder, k, out = args.child
+        with open(out, "wb") as f:
+            pickle.dump(_child(method, name, folder, int(k), args), f)
+        return
     device = torch.device(args.device)
     print(
         f"torch {torch.__version__}, {torch.get_num_threads()} threads, device "
         f"{torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}, "
         f"load average {os.getloadavg()[0]:.2f}; {args.images} train + "
         f"{args.images} test PNGs of {args.file_size} px, batch {args.batch_size}, "
-        f"skdfm precision {args.precision}, median of {args.repeats}"
+        f"skdfm precision {args.precision}, median of {args.repeats}, each run in "
+        "a fresh process"
     )
     with tempfile.TemporaryDirectory() as tmp:
-        train = write_files(Path(tmp), args.images, args.file_size, seed=1)
-        test = write_files(Path(tmp), args.images, args.file_size, seed=2)
+        write_files(Path(tmp), args.images, args.file_size, seed=1)
+        write_files(Path(tmp), args.images, args.file_size, seed=2)
         for name in args.backbones:
-            transformer = DeepFeatureTransformer(
-                backbone=name,
-                layer="layer3",
-                pretrained=False,
-                random_state=0,
-                batch_size=args.batch_size,
-                device=args.device,
-                channels_last=True,
-                precision=args.precision,
-                output="torch" if device.type == "cuda" else "numpy",
-            ).fit(train[:1])
-            anomalib = AnomalibPath(
-                transformer.backbone_,
-                transformer.image_mean_,
-                transformer.image_std_,
-                transformer.pooling_kernel_size,
-                device,
-            )
-            anomalib.fit(train)  # warm-up, and its k for skdfm
-            skdfm = Pipeline(
-                [("features", transformer), ("dfm", DFMDetector(pca_level=anomalib.k))]
-            )
-            prepared = [anomalib.prepare(path).to(device) for path in train + test]
-            bare_batches = [
-                torch.stack(prepared[i : i + args.batch_size]).contiguous(
-                    memory_format=torch.channels_last
-                )
-                for i in range(0, len(prepared), args.batch_size)
-            ]
-
-            def run_skdfm(skdfm=skdfm):
-                skdfm.fit(train)
-                scores = skdfm.score_samples(test)
-                sync(device)
-                return -scores
-
-            def run_anomalib(anomalib=anomalib):
-                anomalib.fit(train)
-                scores = anomalib.score(test)
-                sync(device)
-                return scores
-
-            def run_bare(
-                model=transformer.backbone_,
-                batches=bare_batches,
-            ):
-                dtype = getattr(torch, args.precision)
-                with (
-                    torch.inference_mode(),
-                    torch.autocast(
-                        device.type, dtype=dtype, enabled=args.precision != "float32"
-                    ),
-                ):
-                    for x in batches:
-                        model(x)
-                sync(device)
-
-            methods = {"skdfm": run_skdfm, "anomalib": run_anomalib, "bare": run_bare}
-            times = {key: [] for key in methods}
+            times = {"skdfm": [], "anomalib": [], "bare": []}
             results = {}
             for _ in range(args.repeats):
-                for key, method in methods.items():
-                    start = time.perf_counter()
-                    results[key] = method()
-                    times[key].append(time.perf_counter() - start)
-            rate = {k: 2 * args.images / statistics.median(v) for k, v in times.items()}
-            diff = np.max(np.abs(results["skdfm"] / results["anomalib"] - 1))
+                results["anomalib"] = _spawn("anomalib", name, tmp, 0, args, tmp)
+                k = results["anomalib"]["k"]
+                for method in times:
+                    if method != "anomalib":
+                        results[method] = _spawn(method, name, tmp, k, args, tmp)
+                    times[method].append(results[method]["seconds"])
+            rate = {m: 2 * args.images / statistics.median(v) for m, v in times.items()}
+            reference = results["anomalib"]["scores"]
+            diff = np.max(np.abs(results["skdfm"]["scores"] / reference - 1))
             print(
                 f"{name:>9}: skdfm {rate['skdfm']:6.1f} img/s | anomalib "
                 f"{rate['anomalib']:6.1f} img/s | bare backbone {rate['bare']:6.1f} "
                 f"img/s | skdfm/anomalib {rate['skdfm'] / rate['anomalib']:.2f}x | "
-                f"skdfm/bare {rate['skdfm'] / rate['bare']:.2f} | k {anomalib.k} | "
+                f"skdfm/bare {rate['skdfm'] / rate['bare']:.2f} | k {k} | "
                 f"max rel score diff {diff:.1e}",
                 flush=True,
             )
