@@ -367,7 +367,10 @@ class DFMDetector(PersistenceMixin, OutlierMixin, BaseEstimator):
         them, with ``pca_level`` applied to the whole spectrum, when the detector is
         next used (or an attribute such as ``components_`` is read): the result
         equals ``fit`` on all the rows at once up to float64 rounding. The first
-        call starts a new fit; ``fit`` discards the statistics.
+        call on an unfitted detector starts the fit. A detector fitted with
+        ``fit``, by :func:`~skdfm.stream_fit` or loaded from a file has no
+        statistics to continue from: ``partial_fit`` then starts a new fit from
+        its batch, with a ``UserWarning`` saying so.
 
         ``offset_`` needs scores of normal rows, which a single pass cannot give:
         set it afterwards with :func:`~skdfm.calibrate_threshold` on normal rows
@@ -387,7 +390,22 @@ class DFMDetector(PersistenceMixin, OutlierMixin, BaseEstimator):
         self : object
             The detector, with ``n_samples_seen_`` updated.
         """
-        first = "_scatter" not in vars(self)
+        state = vars(self)
+        first = "_scatter" not in state
+        if first and "n_features_in_" in state:
+            how = (
+                "loaded from a file or fitted by stream_fit, which release the "
+                "streaming statistics"
+                if "n_samples_seen_" in state
+                else "fitted with fit(), which keeps no streaming statistics"
+            )
+            warnings.warn(
+                f"partial_fit cannot continue this DFMDetector: it was {how}. It "
+                "starts a new streaming fit from this batch; the rows of the earlier "
+                "fit are not part of it.",
+                UserWarning,
+                stacklevel=2,
+            )
         if first:
             self._forget_fit()
         X = self._validate_features(X, reset=first, min_samples=1)

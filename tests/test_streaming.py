@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from sklearn.base import clone
 from sklearn.exceptions import NotFittedError
 from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import StandardScaler
@@ -98,8 +99,11 @@ def test_fit_discards_streaming_statistics(features):
     det.fit(X_train[:50])
     assert "_scatter" not in vars(det) and "n_samples_seen_" not in vars(det)
     assert det.n_samples_ == 50
-    det.partial_fit(X_train[:10])  # a new streaming fit, not a continuation
-    assert det.n_samples_seen_ == 10
+    with pytest.warns(UserWarning, match="fitted with fit"):
+        det.partial_fit(X_train[:10])  # nothing to continue from: a new fit
+    assert det.n_samples_seen_ == 10 and "n_samples_" not in vars(det)
+    fresh = clone(det).partial_fit(X_train[:10])  # no warning on a fresh clone
+    assert fresh.n_samples_seen_ == 10
 
 
 def test_partial_fit_validates_batches(features):
@@ -126,6 +130,8 @@ def test_pickling_finishes_the_fit_without_the_statistics(features):
     loaded = pickle.loads(blob)
     assert "_scatter" not in vars(loaded)
     np.testing.assert_array_equal(loaded.predict(X_test), det.predict(X_test))
+    with pytest.warns(UserWarning, match="loaded from a file"):
+        loaded.partial_fit(X_train)  # the rows seen before saving are not in it
 
 
 def test_stream_fit_detector_from_a_generator(features):
