@@ -22,6 +22,21 @@ from skdfm import (
 from .conftest import SMALL_BACKBONE, make_features
 
 
+def _pipeline(device="cpu", **transformer):
+    """The tiny-backbone Pipeline these tests stream into."""
+    return Pipeline(
+        [
+            (
+                "features",
+                DeepFeatureTransformer(
+                    **dict(SMALL_BACKBONE, device=device, **transformer)
+                ),
+            ),
+            ("dfm", DFMDetector(pca_level=0.9, device=device)),
+        ]
+    )
+
+
 def _streamed(X, sizes, **params):
     det = DFMDetector(device="cpu", **params)
     for batch in np.array_split(X, np.cumsum(sizes)[:-1]):
@@ -164,16 +179,8 @@ def test_stream_fit_pipeline_equals_pipeline_fit():
         n_normal=5, n_anomalous=5, image_size=64, random_state=1
     )
 
-    def pipeline():
-        return Pipeline(
-            [
-                ("features", DeepFeatureTransformer(**SMALL_BACKBONE)),
-                ("dfm", DFMDetector(pca_level=0.9, device="cpu")),
-            ]
-        )
-
-    streamed = stream_fit(pipeline(), (images[i : i + 16] for i in range(0, 40, 16)))
-    fitted = pipeline().fit(images)
+    streamed = stream_fit(_pipeline(), (images[i : i + 16] for i in range(0, 40, 16)))
+    fitted = _pipeline().fit(images)
     np.testing.assert_allclose(
         streamed.score_samples(test_images),
         fitted.score_samples(test_images),
@@ -195,20 +202,10 @@ def test_stream_fit_groups_single_paths_into_batches(tmp_path, monkeypatch):
         return original(self, X, y)
 
     monkeypatch.setattr(DFMDetector, "partial_fit", spy)
-    model = Pipeline(
-        [
-            ("features", DeepFeatureTransformer(**SMALL_BACKBONE)),
-            ("dfm", DFMDetector(pca_level=0.9, device="cpu")),
-        ]
-    )
+    model = _pipeline()
     stream_fit(model, iter(paths), batch_size=5)
     assert seen == [5, 5, 2]
-    reference = Pipeline(
-        [
-            ("features", DeepFeatureTransformer(**SMALL_BACKBONE)),
-            ("dfm", DFMDetector(pca_level=0.9, device="cpu")),
-        ]
-    ).fit(images)
+    reference = _pipeline().fit(images)
     np.testing.assert_allclose(
         model.score_samples(images), reference.score_samples(images), rtol=1e-5
     )
@@ -240,27 +237,12 @@ def test_partial_fit_on_cuda_matches_cpu(features):
 @pytest.mark.cuda
 def test_stream_fit_pipeline_on_cuda_keeps_features_on_the_gpu():
     images, _, _ = make_defect_images(n_normal=24, n_anomalous=0, image_size=64)
-    model = Pipeline(
-        [
-            (
-                "features",
-                DeepFeatureTransformer(
-                    **dict(SMALL_BACKBONE, device="cuda", output="torch")
-                ),
-            ),
-            ("dfm", DFMDetector(pca_level=0.9, device="cuda")),
-        ]
-    )
+    model = _pipeline(device="cuda", output="torch")
     stream_fit(
         model, (images[i : i + 8] for i in range(0, 24, 8)), threshold_batches=[images]
     )
     assert model[1].device_.startswith("cuda")
-    reference = Pipeline(
-        [
-            ("features", DeepFeatureTransformer(**SMALL_BACKBONE)),
-            ("dfm", DFMDetector(pca_level=0.9, device="cpu")),
-        ]
-    ).fit(images)
+    reference = _pipeline().fit(images)
     np.testing.assert_allclose(
         model.score_samples(images), reference.score_samples(images), rtol=1e-3
     )
