@@ -148,14 +148,6 @@ def _centred_columns(X: torch.Tensor, mean: torch.Tensor):
         yield cols, X[:, cols].to(torch.float64) - mean[cols]
 
 
-def _centred_rows(X: torch.Tensor, mean: torch.Tensor):
-    """Yield float64 row blocks of the centred matrix."""
-    n, d = X.shape
-    step = _step(n, d * 8)
-    for start in range(0, n, step):
-        yield X[start : start + step].to(torch.float64) - mean
-
-
 def _spectrum(matrix: torch.Tensor, choose_k):
     """Eigenvalues and top-k eigenvectors of a Gram or scatter matrix (lower triangle).
 
@@ -177,7 +169,8 @@ def _spectrum(matrix: torch.Tensor, choose_k):
     return eigenvalues, vectors, total, vectors.shape[1]
 
 
-def _gram_route(X, mean, choose_k):
+def _gram_route(X, choose_k):
+    mean = column_mean(X)
     n = X.shape[0]
     gram = torch.zeros((n, n), dtype=torch.float64, device=X.device)
     for _, block in _centred_columns(X, mean):
@@ -198,9 +191,9 @@ def _gram_route(X, mean, choose_k):
         basis[cols] = block.T @ top
     if k and float(eigenvalues[k - 1]) < float(eigenvalues[0]) * 1e-6:
         basis, _ = torch.linalg.qr(basis)
-        return basis, singular_values, total, None
+        return mean, basis, singular_values, total, None
     training = (eigenvectors * singular_values, sq_norm)
-    return basis, singular_values, total, training
+    return mean, basis, singular_values, total, training
 
 
 def scatter_components(scatter: Scatter, choose_k):
@@ -213,11 +206,11 @@ def scatter_components(scatter: Scatter, choose_k):
     return vectors, singular_values.to(vectors.device), total
 
 
-def _covariance_route(X, mean, choose_k):
+def _covariance_route(X, choose_k):
     scatter = Scatter(X.shape[1], X.device)
     scatter.update(X, chunk_rows=_step(X.shape[0], X.shape[1] * 8))
     components, singular_values, total = scatter_components(scatter, choose_k)
-    return components, singular_values, total, None
+    return scatter.mean, components, singular_values, total, None
 
 
 def fit_pca(
@@ -249,9 +242,8 @@ def fit_pca(
     n, d = X.shape
     if solver == "auto":
         solver = choose_solver(n, d)
-    mean = column_mean(X)
     route = _gram_route if solver == "gram" else _covariance_route
-    components, singular_values, total, training = route(X, mean, n_components)
+    mean, components, singular_values, total, training = route(X, n_components)
     if components.shape[1]:
         # The sign of each column's largest-magnitude entry, without a D x k temporary.
         signs = torch.where(

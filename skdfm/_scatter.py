@@ -86,7 +86,3 @@ class Scatter:
             self.mean.copy_(mean_b)
         lower_syrk_(self.matrix, centred)
         self.count = total
-
-    def trace(self) -> float:
-        """Sum of squares of the centred rows (the total variance times count)."""
-        return float(self.matrix.diagonal().sum())
