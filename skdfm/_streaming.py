@@ -29,21 +29,17 @@ def _batches(items: Iterable, batch_size: int) -> Iterator:
     """Items as batches: single paths or PIL images are grouped ``batch_size`` at a
     time; anything else (arrays, tensors, lists of paths) already is a batch."""
     iterator = iter(items)
-    pending = []
     for item in iterator:
-        if _is_single_image(item):
-            pending.append(item)
-            pending.extend(islice(iterator, batch_size - 1))
-            singles = [i for i in pending if _is_single_image(i)]
-            if len(singles) != len(pending):
-                raise ValueError(
-                    "stream_fit got single images mixed with batches; pass either "
-                    "single image paths (or PIL images) or batches, not both."
-                )
-            yield pending
-            pending = []
-        else:
+        if not _is_single_image(item):
             yield item
+            continue
+        batch = [item, *islice(iterator, batch_size - 1)]
+        if not all(_is_single_image(i) for i in batch):
+            raise ValueError(
+                "stream_fit got single images mixed with batches; pass either "
+                "single image paths (or PIL images) or batches, not both."
+            )
+        yield batch
 
 
 def _parts(model):
