@@ -308,7 +308,7 @@ class DFMDetector(PersistenceMixin, OutlierMixin, BaseEstimator):
             train_scores = self._score_samples(Xt)
         else:
             train_scores = self._score_projection(*pca.training_projection)
-        self._set_threshold(train_scores, self.contamination, "contamination")
+        self._set_contamination_threshold(train_scores, self.contamination)
         return self
 
     def _components_rule(self, n_samples: int, n_features: int):
@@ -345,11 +345,17 @@ class DFMDetector(PersistenceMixin, OutlierMixin, BaseEstimator):
         self.explained_variance_ = singular_values**2 / (n - 1)
         self.explained_variance_ratio_ = singular_values**2 / total
 
-    def _set_threshold(self, scores: np.ndarray, contamination: float, method: str):
-        """``offset_`` at the ``contamination`` quantile of ``scores`` (normal rows)."""
-        self.offset_ = float(np.percentile(scores, 100.0 * contamination))
+    def _set_threshold(self, offset: float, method: str, scores: np.ndarray):
+        """Set ``offset_``, how it was chosen, and the range of ``scores`` it came
+        from (the scale of ``normalized_scores``)."""
+        self.offset_ = float(offset)
         self.threshold_method_ = method
         self.score_range_ = (float(scores.min()), float(scores.max()))
+
+    def _set_contamination_threshold(self, scores: np.ndarray, contamination: float):
+        """``offset_`` at the ``contamination`` quantile of ``scores`` (normal rows)."""
+        offset = np.percentile(scores, 100.0 * contamination)
+        self._set_threshold(offset, "contamination", scores)
 
     def _forget_fit(self):
         """Drop every fitted attribute and the streaming statistics."""

@@ -137,5 +137,5 @@ def stream_fit(
         )
         if contamination is None:
             contamination = detector.contamination
-        detector._set_threshold(scores, contamination, "contamination")
+        detector._set_contamination_threshold(scores, contamination)
     return model

@@ -139,9 +139,7 @@ def calibrate_threshold(model, X, y=None, *, method="f1", contamination=0.01):
                 "method='f1' needs labels y (1 normal, -1 anomalous); with normal "
                 "images only, use method='contamination'."
             )
-        detector.offset_ = f1_adaptive_threshold(y, scores)
-        detector.threshold_method_ = method
-        detector.score_range_ = (float(scores.min()), float(scores.max()))
+        detector._set_threshold(f1_adaptive_threshold(y, scores), method, scores)
         return model
     else:
         if not isinstance(contamination, Real) or not 0 < contamination <= 0.5:
@@ -149,7 +147,7 @@ def calibrate_threshold(model, X, y=None, *, method="f1", contamination=0.01):
         normal = scores if y is None else scores[y == 1]
         if len(normal) == 0:
             raise ValueError("method='contamination' needs normal samples (y == 1).")
-        detector._set_threshold(normal, contamination, method)
+        detector._set_contamination_threshold(normal, contamination)
     return model
 
 
