@@ -11,7 +11,7 @@ from scipy import ndimage
 from sklearn.utils import Bunch, check_random_state
 from sklearn.utils._param_validation import Interval, StrOptions, validate_params
 
-from ._images import IMAGE_SUFFIXES, _opened, file_size
+from ._images import IMAGE_SUFFIXES, open_image, read_image_size
 
 __all__ = ["load_mvtec", "make_defect_images"]
 
@@ -222,7 +222,7 @@ def _mask_of(image: Path, mask_folder: Path) -> Path:
 
 
 def _read_mask(path: Path) -> np.ndarray:
-    with _opened(path) as mask:
+    with open_image(path) as mask:
         return np.asarray(mask.convert("L")) > 0
 
 
@@ -285,7 +285,7 @@ def load_mvtec(category_dir, *, split="test", load_masks=True):
     masks = None
     if load_masks and split == "test":
         masks = [
-            _read_mask(Path(m)) if m else np.zeros(file_size(p), bool)
+            _read_mask(Path(m)) if m else np.zeros(read_image_size(p), bool)
             for p, m in zip(paths, mask_paths, strict=True)
         ]
     return Bunch(

@@ -9,23 +9,31 @@ import numpy as np
 import torch
 from sklearn.base import BaseEstimator, OutlierMixin, _fit_context
 from sklearn.exceptions import NotFittedError
+from sklearn.utils import metadata_routing
 from sklearn.utils._param_validation import Interval, RealNotInt, StrOptions
 from sklearn.utils.validation import check_is_fitted, validate_data
 
-from ._device import resolve_device
-from ._gaussian import gaussian_variances, negative_log_likelihood
+from ._chunks import chunk_rows
+from ._device import DeviceMixin, resolve_device
 from ._pca import (
-    _step,
+    ComponentRule,
+    PCAFit,
     fit_pca,
     n_components_for_level,
-    project,
-    reconstruction_error,
-    scatter_components,
+    pca_from_scatter,
 )
 from ._persistence import PersistenceMixin
 from ._scatter import Scatter
+from ._scores import (
+    SCORE_TYPES,
+    ScoringState,
+    check_has_grid,
+    gaussian_variances,
+    score_projection,
+    score_rows,
+)
 
-__all__ = ["DFMDetector"]
+__all__ = ["DFMDetector", "check_contamination"]
 
 _THRESHOLD_ATTRIBUTES = ("offset_", "threshold_method_", "score_range_")
 #: Attributes that partial_fit invalidates and that are computed on first use.
@@ -40,6 +48,9 @@ _STREAM_DERIVED = (
     "solver_",
     *_THRESHOLD_ATTRIBUTES,
 )
+#: Private state that is not pickled: the streaming statistics (D x D) and the
+#: fitted subspace as tensors on ``device_`` (rebuilt on load and device moves).
+_PRIVATE_STATE = ("_scatter", "_state")
 
 
 def _as_host_array(X):
@@ -61,7 +72,20 @@ def _as_tensor(X: np.ndarray, device: torch.device) -> torch.Tensor:
         return torch.as_tensor(X, device=device)
 
 
-class DFMDetector(PersistenceMixin, OutlierMixin, BaseEstimator):
+def check_contamination(contamination) -> float:
+    """``contamination`` as a float in (0, 0.5], or a ValueError naming it."""
+    if (
+        isinstance(contamination, bool)
+        or not isinstance(contamination, Real)
+        or not 0 < contamination <= 0.5
+    ):
+        raise ValueError(
+            f"contamination={contamination!r} must be a float in (0, 0.5]."
+        )
+    return float(contamination)
+
+
+class DFMDetector(DeviceMixin, PersistenceMixin, OutlierMixin, BaseEstimator):
     """Deep Feature Modeling (DFM) outlier detector on a 2-D feature matrix.
 
     Fits the mean and a PCA of the training rows, keeping ``pca_level`` of the
@@ -200,12 +224,15 @@ class DFMDetector(PersistenceMixin, OutlierMixin, BaseEstimator):
     array([ 1, -1])
     """
 
+    # ``restart`` is an option of partial_fit, not metadata to route.
+    __metadata_request__partial_fit = {"restart": metadata_routing.UNUSED}
+
     _parameter_constraints: dict = {
         "pca_level": [
             Interval(RealNotInt, 0, 1, closed="right"),
             Interval(Integral, 1, None, closed="left"),
         ],
-        "score_type": [StrOptions({"fre", "nll"})],
+        "score_type": [StrOptions(set(SCORE_TYPES))],
         "contamination": [Interval(Real, 0, 0.5, closed="right")],
         "solver": [StrOptions({"auto", "gram", "covariance"})],
         "device": [str, torch.device],
@@ -225,6 +252,8 @@ class DFMDetector(PersistenceMixin, OutlierMixin, BaseEstimator):
         self.contamination = contamination
         self.solver = solver
         self.device = device
+
+    # -- validation ------------------------------------------------------------------
 
     def _validate_features(self, X, *, reset: bool, min_samples=None):
         """Validated rows: a numpy array, or a float tensor left on its GPU."""
@@ -273,6 +302,8 @@ class DFMDetector(PersistenceMixin, OutlierMixin, BaseEstimator):
             )
         return X
 
+    # -- fitting ---------------------------------------------------------------------
+
     @_fit_context(prefer_skip_nested_validation=True)
     def fit(self, X, y=None):
         """Fit the mean, the principal components and the threshold.
@@ -292,28 +323,23 @@ class DFMDetector(PersistenceMixin, OutlierMixin, BaseEstimator):
         self._forget_fit()
         device = resolve_device(self.device)
         X = self._validate_features(X, reset=True)
-        n_components = self._components_rule(*X.shape)
         Xt = _as_tensor(X, device)
-        pca = fit_pca(Xt, n_components, solver=self.solver)
+        pca = fit_pca(Xt, self._component_rule(*X.shape), solver=self.solver)
         self.device_ = str(device)
-        self.solver_ = pca.solver
-        self._set_components(
-            pca.mean,
-            pca.components,
-            pca.singular_values,
-            pca.total_sum_squares,
-            X.shape[0],
-        )
+        self._set_components(pca, X.shape[0])
         if pca.training_projection is None:
-            train_scores = self._score_samples(Xt)
+            train_scores, _ = self._scores(Xt)
         else:
-            train_scores = self._score_projection(*pca.training_projection)
-        self._set_contamination_threshold(train_scores, self.contamination)
+            z, sq_norm = pca.training_projection
+            train_scores = -self._to_host(
+                score_projection(z, sq_norm, self._state, self.score_type)
+            )
+        self.set_threshold(train_scores, contamination=self.contamination)
         return self
 
-    def _components_rule(self, n_samples: int, n_features: int):
-        """``n_components(eigenvalues, total, rank_tol) -> k`` for ``_pca``; raises
-        when an integer ``pca_level`` cannot be met."""
+    def _component_rule(self, n_samples: int, n_features: int) -> ComponentRule:
+        """The :data:`~skdfm._pca.ComponentRule` of ``pca_level``; raises when an
+        integer ``pca_level`` cannot be met."""
         max_components = min(
             n_samples - 1, n_features - (1 if self.score_type == "fre" else 0)
         )
@@ -335,48 +361,56 @@ class DFMDetector(PersistenceMixin, OutlierMixin, BaseEstimator):
 
         return n_components
 
-    def _set_components(self, pca_mean, components, singular_values, total, n):
-        singular_values = singular_values.cpu().numpy()
-        self.mean_ = pca_mean.cpu().numpy()
-        self.components_ = np.ascontiguousarray(components.T.cpu().numpy())
+    def _set_components(self, pca: PCAFit, n: int) -> None:
+        """Fitted attributes (numpy, pickled) and the scoring state (on device_,
+        not pickled) from one PCA fit; they share memory on CPU."""
+        singular_values = pca.singular_values.cpu().numpy()
+        self.solver_ = pca.solver
+        self.mean_ = pca.mean.cpu().numpy()
+        self.components_ = np.ascontiguousarray(pca.components.T.cpu().numpy())
         self.n_components_ = self.components_.shape[0]
         self.singular_values_ = singular_values
         self.n_samples_ = n
         self.explained_variance_ = singular_values**2 / (n - 1)
-        self.explained_variance_ratio_ = singular_values**2 / total
+        self.explained_variance_ratio_ = singular_values**2 / pca.total_sum_squares
+        self._state = ScoringState(
+            pca.mean, pca.components, gaussian_variances(pca.singular_values, n)
+        )
 
-    def _set_threshold(self, offset: float, method: str, scores: np.ndarray):
-        """Set ``offset_``, how it was chosen, and the range of ``scores`` it came
-        from (the scale of ``normalized_scores``)."""
-        self.offset_ = float(offset)
-        self.threshold_method_ = method
-        self.score_range_ = (float(scores.min()), float(scores.max()))
-
-    def _set_contamination_threshold(self, scores: np.ndarray, contamination: float):
-        """``offset_`` at the ``contamination`` quantile of ``scores`` (normal rows)."""
-        offset = np.percentile(scores, 100.0 * contamination)
-        self._set_threshold(offset, "contamination", scores)
+    def _build_state(self, device: torch.device) -> None:
+        """The scoring state from the fitted arrays (after loading or moving)."""
+        self._state = ScoringState.from_arrays(
+            self.mean_,
+            self.components_,
+            self.singular_values_,
+            self.n_samples_,
+            device,
+        )
 
     def _forget_fit(self):
-        """Drop every fitted attribute and the streaming statistics."""
-        for name in [k for k in vars(self) if k.endswith("_") or k == "_scatter"]:
+        """Drop every fitted attribute, the scoring state and the statistics."""
+        for name in [k for k in vars(self) if k.endswith("_") or k in _PRIVATE_STATE]:
             if not name.startswith("__"):
                 delattr(self, name)
 
     @_fit_context(prefer_skip_nested_validation=True)
-    def partial_fit(self, X, y=None):
+    def partial_fit(self, X, y=None, *, restart=False):
         """Merge a batch of rows into the running statistics (a streaming fit).
 
         Keeps the count, mean and centred scatter of all rows seen so far in
         float64 on ``device_`` (D x D, whatever the number of rows), merging each
         batch with Chan et al.'s pairwise update. The components are computed from
-        them, with ``pca_level`` applied to the whole spectrum, when the detector is
-        next used (or an attribute such as ``components_`` is read): the result
-        equals ``fit`` on all the rows at once up to float64 rounding. The first
-        call on an unfitted detector starts the fit. A detector fitted with
-        ``fit``, by :func:`~skdfm.stream_fit` or loaded from a file has no
-        statistics to continue from: ``partial_fit`` then starts a new fit from
-        its batch, with a ``UserWarning`` saying so.
+        them, with ``pca_level`` applied to the whole spectrum, by
+        :meth:`finish_partial_fit`, which ``score_samples``, ``decision_function``,
+        ``predict``, :func:`~skdfm.anomaly_maps` and pickling call when the
+        statistics have changed since: the result equals ``fit`` on all the rows
+        at once up to float64 rounding. Until then the fitted attributes derived
+        from the statistics (``components_``, ``mean_``, ...) are absent.
+
+        The first call on an unfitted detector (or with ``restart=True``) starts
+        the fit. A detector fitted with ``fit``, by :func:`~skdfm.stream_fit` or
+        loaded from a file has no statistics to continue from: ``partial_fit``
+        then starts a new fit from its batch, with a ``UserWarning`` saying so.
 
         ``offset_`` needs scores of normal rows, which a single pass cannot give:
         set it afterwards with :func:`~skdfm.calibrate_threshold` on normal rows
@@ -390,6 +424,9 @@ class DFMDetector(PersistenceMixin, OutlierMixin, BaseEstimator):
             A batch of feature rows of normal samples.
         y : Ignored
             Not used, present for API consistency by convention.
+        restart : bool, default=False
+            Drop whatever was fitted before and start a new streaming fit from
+            this batch, without a warning.
 
         Returns
         -------
@@ -397,8 +434,8 @@ class DFMDetector(PersistenceMixin, OutlierMixin, BaseEstimator):
             The detector, with ``n_samples_seen_`` updated.
         """
         state = vars(self)
-        first = "_scatter" not in state
-        if first and "n_features_in_" in state:
+        first = restart or "_scatter" not in state
+        if first and not restart and "n_features_in_" in state:
             how = (
                 "loaded from a file or fitted by stream_fit, which release the "
                 "streaming statistics"
@@ -421,32 +458,57 @@ class DFMDetector(PersistenceMixin, OutlierMixin, BaseEstimator):
             self._scatter = Scatter(X.shape[1], device)
         scatter = self._scatter
         Xt = _as_tensor(X, scatter.mean.device)
-        scatter.update(Xt, chunk_rows=_step(X.shape[0], X.shape[1] * 8))
-        for name in _STREAM_DERIVED:
-            vars(self).pop(name, None)
+        scatter.update(Xt, chunk_rows=chunk_rows(X.shape[0], X.shape[1] * 8))
+        for name in (*_STREAM_DERIVED, "_state"):
+            state.pop(name, None)
         self.n_samples_seen_ = scatter.count
         return self
 
-    def _finish_stream(self, release: bool = False):
-        """Components from the streaming statistics (the end of ``partial_fit``);
-        ``release`` drops the statistics afterwards (no further ``partial_fit``)."""
-        scatter = self._scatter
-        if scatter.count < 2:
-            raise ValueError(
-                f"partial_fit has seen {scatter.count} sample; at least 2 are needed "
-                "to fit the components."
+    def finish_partial_fit(self, *, release=False):
+        """Compute the components from the statistics of :meth:`partial_fit`.
+
+        The explicit end of a streaming fit: sets ``components_``, ``mean_``,
+        ``n_components_``, the variances and ``solver_ = "covariance"``. The
+        methods that need them call it for you; call it yourself to read those
+        attributes, or with ``release=True`` to free the D x D statistics once the
+        last batch is in (no further ``partial_fit`` can then continue the fit).
+        Calling it again without new batches recomputes nothing.
+
+        Parameters
+        ----------
+        release : bool, default=False
+            Drop the statistics afterwards.
+
+        Returns
+        -------
+        self : object
+            The detector, its components set.
+        """
+        state = vars(self)
+        if "_scatter" not in state:
+            if "n_samples_seen_" in state and "components_" in state:
+                return self  # finished and released already
+            raise NotFittedError(
+                "finish_partial_fit needs the statistics of partial_fit; this "
+                "DFMDetector has none (it is unfitted, or was fitted with fit)."
             )
-        rule = self._components_rule(scatter.count, scatter.mean.shape[0])
-        components, singular_values, total = scatter_components(scatter, rule)
-        self.solver_ = "covariance"
-        self._set_components(
-            scatter.mean, components, singular_values, total, scatter.count
-        )
+        scatter = self._scatter
+        if "components_" not in state:
+            rule = self._component_rule(scatter.count, scatter.mean.shape[0])
+            self._set_components(pca_from_scatter(scatter, rule), scatter.count)
         if release:
             del self._scatter
+        return self
+
+    def _finish_pending_stream(self) -> None:
+        """Compute the components when ``partial_fit`` has changed the statistics."""
+        state = vars(self)
+        if "_scatter" in state and "components_" not in state:
+            self.finish_partial_fit()
 
     def __getattr__(self, name):
-        # Fitted attributes after partial_fit are computed on first use.
+        # Only reached for missing attributes: explain the ones a streaming fit
+        # has not set yet. Nothing is computed here.
         state = vars(self)
         if name in _THRESHOLD_ATTRIBUTES and "n_samples_seen_" in state:
             raise NotFittedError(
@@ -457,41 +519,51 @@ class DFMDetector(PersistenceMixin, OutlierMixin, BaseEstimator):
                 "skdfm.stream_fit(..., threshold_batches=...)."
             )
         if name in _STREAM_DERIVED and "_scatter" in state:
-            self._finish_stream()
-            return state[name]
+            raise AttributeError(
+                f"{name} is computed from the statistics of partial_fit by "
+                "finish_partial_fit(), which score_samples, decision_function, "
+                "predict and anomaly_maps call; call det.finish_partial_fit() to "
+                "read it now."
+            )
         raise AttributeError(
             f"{type(self).__name__!r} object has no attribute {name!r}"
         )
 
+    # -- persistence and devices -----------------------------------------------------
+
     def __getstate__(self):
         # The D x D statistics are not saved (2 GiB at D = 16384): finish the fit.
-        if "_scatter" in vars(self) and "components_" not in vars(self):
-            self._finish_stream()
+        # The scoring state is rebuilt on load, on the device the model loads on.
+        self._finish_pending_stream()
         state = super().__getstate__()
-        state.pop("_scatter", None)
+        for name in _PRIVATE_STATE:
+            state.pop(name, None)
         return state
 
-    def _score_samples(self, Xt: torch.Tensor) -> np.ndarray:
-        """Scores of a validated tensor on ``device_``; no validation."""
-        device = Xt.device
-        z, sq_norm = project(
-            Xt,
-            _as_tensor(self.mean_, device),
-            _as_tensor(self.components_, device).T,
-        )
-        return self._score_projection(z, sq_norm)
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        if "components_" in vars(self):
+            self._build_state(self._fitted_device)
 
-    def _score_projection(self, z: torch.Tensor, sq_norm: torch.Tensor) -> np.ndarray:
-        """``score_samples`` from the output of ``_pca.project``."""
-        device = z.device
-        if self.score_type == "fre":
-            score = reconstruction_error(z, sq_norm)
-        else:
-            variances = gaussian_variances(
-                _as_tensor(self.singular_values_, device), self.n_samples_
-            )
-            score = negative_log_likelihood(z, variances)
-        return -score.cpu().numpy()
+    def _move_fitted_state(self, device: torch.device) -> None:
+        if "components_" in vars(self):
+            self._build_state(device)
+        if "_scatter" in vars(self):
+            self._scatter.to(device)
+
+    # -- scoring ---------------------------------------------------------------------
+
+    @staticmethod
+    def _to_host(scores: torch.Tensor) -> np.ndarray:
+        return scores.cpu().numpy()
+
+    def _scores(self, X, grid_shape=None):
+        """``(score_samples, grid)`` of validated rows; no validation."""
+        state = self._state
+        scores, grid = score_rows(
+            _as_tensor(X, state.device), state, self.score_type, grid_shape=grid_shape
+        )
+        return -self._to_host(scores), grid
 
     def score_samples(self, X):
         """Opposite of the anomaly score: higher means more normal.
@@ -506,8 +578,96 @@ class DFMDetector(PersistenceMixin, OutlierMixin, BaseEstimator):
             ``-FRE`` or ``-NLL`` of each row.
         """
         check_is_fitted(self)
+        self._finish_pending_stream()
         X = self._validate_features(X, reset=False)
-        return self._score_samples(_as_tensor(X, torch.device(self.device_)))
+        return self._scores(X)[0]
+
+    def score_samples_with_grid(self, X, feature_shape):
+        """``score_samples`` and the FRE's residual grid of each row, in one pass.
+
+        The interface :func:`~skdfm.anomaly_maps` builds its maps from: each
+        chunk of rows is centred and projected once, and both the score and the
+        grid come from it.
+
+        Parameters
+        ----------
+        X : array-like or torch.Tensor of shape (n_samples, n_features)
+        feature_shape : tuple of (int, int, int)
+            ``(channels, rows, columns)`` of the feature map each row flattens (C
+            order), e.g. ``DeepFeatureTransformer.feature_shape_``.
+
+        Returns
+        -------
+        score_samples : ndarray of shape (n_samples,), float64
+            Equal to ``score_samples(X)``.
+        grid : torch.Tensor of shape (n_samples, rows, columns), float64
+            On ``device_``: the squared residual summed over channels; each grid
+            sums to the row's FRE (``-score_samples``).
+        """
+        check_is_fitted(self)
+        check_has_grid(self.score_type)
+        self._finish_pending_stream()
+        X = self._validate_features(X, reset=False)
+        feature_shape = tuple(int(s) for s in feature_shape)
+        if len(feature_shape) != 3 or int(np.prod(feature_shape)) != X.shape[1]:
+            raise ValueError(
+                f"feature_shape={feature_shape} has {int(np.prod(feature_shape))} "
+                f"entries but the rows have {X.shape[1]} features; it must be "
+                "(channels, rows, columns) of the feature map."
+            )
+        return self._scores(X, grid_shape=feature_shape)
+
+    def set_threshold(self, scores, *, contamination=None, offset=None, method=None):
+        """Set the decision threshold ``offset_`` from scores of samples (in place).
+
+        The one place ``offset_``, ``threshold_method_`` and ``score_range_`` are
+        set: by ``fit`` (training scores), :func:`~skdfm.stream_fit` and
+        :func:`~skdfm.calibrate_threshold` (held-out scores).
+
+        Parameters
+        ----------
+        scores : array-like of shape (n_samples,)
+            ``score_samples`` of the samples the threshold is taken from; their
+            ``(min, max)`` becomes ``score_range_``, the scale of
+            :func:`~skdfm.normalized_scores`.
+        contamination : float in (0, 0.5], default=None
+            ``offset_`` is this quantile of ``scores`` (normal samples), so that
+            share of them is flagged; ``threshold_method_`` becomes
+            ``"contamination"``.
+        offset : float, default=None
+            Use this ``offset_`` instead (chosen by ``method``, e.g. ``"f1"``).
+            Exactly one of ``contamination`` and ``offset`` is given.
+        method : str, default=None
+            How ``offset`` was chosen, recorded as ``threshold_method_``; required
+            with ``offset``.
+
+        Returns
+        -------
+        self : object
+            The detector, its threshold replaced.
+        """
+        check_is_fitted(self)
+        scores = np.asarray(scores, dtype=np.float64).ravel()
+        if scores.size == 0 or not np.isfinite(scores).all():
+            raise ValueError(
+                "set_threshold needs at least one score, all finite; got "
+                f"{scores.size} score(s)."
+            )
+        if (contamination is None) == (offset is None):
+            raise ValueError("Pass exactly one of contamination and offset.")
+        if contamination is not None:
+            contamination = check_contamination(contamination)
+            offset = np.percentile(scores, 100.0 * contamination)
+            method = "contamination" if method is None else method
+        elif not isinstance(method, str) or not np.isfinite(offset):
+            raise ValueError(
+                "set_threshold(offset=...) needs a finite offset and method, the "
+                f"name of how it was chosen; got offset={offset!r}, method={method!r}."
+            )
+        self.offset_ = float(offset)
+        self.threshold_method_ = method
+        self.score_range_ = (float(scores.min()), float(scores.max()))
+        return self
 
     def decision_function(self, X):
         """Shifted scores: negative for outliers, ``score_samples(X) - offset_``.
@@ -534,11 +694,22 @@ class DFMDetector(PersistenceMixin, OutlierMixin, BaseEstimator):
         labels : ndarray of shape (n_samples,), int
             ``1`` where ``decision_function(X) >= 0``, else ``-1``.
         """
-        return self._labels(self.score_samples(X))
+        return self.labels_from_scores(self.score_samples(X))
 
-    def _labels(self, score_samples: np.ndarray) -> np.ndarray:
-        """``predict`` from already computed ``score_samples``."""
-        return np.where(score_samples - self.offset_ >= 0, 1, -1)
+    def labels_from_scores(self, score_samples):
+        """``predict`` from already computed ``score_samples`` (no second pass).
+
+        Parameters
+        ----------
+        score_samples : array-like of shape (n_samples,)
+
+        Returns
+        -------
+        labels : ndarray of shape (n_samples,), int
+            ``1`` where ``score_samples - offset_ >= 0``, else ``-1``.
+        """
+        offset = self.offset_
+        return np.where(np.asarray(score_samples) - offset >= 0, 1, -1)
 
     def __sklearn_tags__(self):
         tags = super().__sklearn_tags__()

@@ -5,8 +5,9 @@ from __future__ import annotations
 import warnings
 
 import torch
+from sklearn.utils.validation import check_is_fitted
 
-__all__ = ["DeviceWarning", "resolve_device", "loadable_device"]
+__all__ = ["DeviceMixin", "DeviceWarning", "loadable_device", "resolve_device"]
 
 
 class DeviceWarning(UserWarning):
@@ -91,3 +92,44 @@ def loadable_device(device: str) -> str:
             stacklevel=3,
         )
         return "cpu"
+
+
+class DeviceMixin:
+    """The fitted device of an estimator, in one place, and moving it.
+
+    An estimator keeps its resolved device as the string ``device_`` (portable in
+    pickles); ``_fitted_device`` is that string parsed once per use site, and
+    :meth:`to_device` is the one way to move a fitted estimator. Subclasses move their
+    own fitted state in ``_move_fitted_state``.
+    """
+
+    @property
+    def _fitted_device(self) -> torch.device:
+        return torch.device(self.device_)
+
+    def to_device(self, device):
+        """Compute on ``device`` from now on, without refitting (in place).
+
+        Sets the ``device`` parameter and ``device_``, and moves every fitted
+        tensor there (backbone weights, the fitted subspace). Results are the same
+        up to the rounding of the device's kernels.
+
+        Parameters
+        ----------
+        device : str or torch.device
+            ``"auto"``, ``"cpu"``, ``"cuda"`` or ``"cuda:N"``.
+
+        Returns
+        -------
+        self : object
+            The estimator, moved.
+        """
+        check_is_fitted(self)
+        resolved = resolve_device(device)
+        self.set_params(device=device)
+        self.device_ = str(resolved)
+        self._move_fitted_state(resolved)
+        return self
+
+    def _move_fitted_state(self, device: torch.device) -> None:  # pragma: no cover
+        raise NotImplementedError

@@ -12,7 +12,7 @@ workspace). On CPU this module instead:
 2. takes all eigenvalues of T (O(n^2)), lets the caller choose k, and computes only
    the top k eigenvectors of T (MRRR, ``dstemr``);
 3. back-transforms them, Q Z, by applying the stored reflectors in blocks of
-   ``_BLOCK`` in compact WY form (GEMMs in torch).
+   ``_WY_BLOCK`` in compact WY form (GEMMs in torch).
 
 Extra memory: n x k for the eigenvectors, no second n x n matrix (for n above
 ``_STEMR_MAX_N`` the eigenvectors come from a second in-place reduction, LAPACK
@@ -31,7 +31,7 @@ import torch
 
 __all__ = ["mirror_", "top_eigh"]
 
-_BLOCK = 64
+_WY_BLOCK = 64
 _MIRROR_BLOCK = 1024
 #: Largest n for the one-reduction path: SciPy's dstemr wrapper returns an n x n
 #: array (512 MiB here) even for k vectors; larger matrices are reduced twice.
@@ -80,8 +80,8 @@ def _apply_reflectors_(reflectors: torch.Tensor, tau: torch.Tensor, Z: torch.Ten
     increasing b as I - V T^T V^T, T the forward compact-WY factor (LAPACK dlarft).
     """
     n = Z.shape[0]
-    for start in range(0, n - 1, _BLOCK):
-        stop = min(start + _BLOCK, n - 1)
+    for start in range(0, n - 1, _WY_BLOCK):
+        stop = min(start + _WY_BLOCK, n - 1)
         m = stop - start
         rows = stop  # reflectors of this block live in rows [0, stop)
         V = torch.zeros((rows, m), dtype=Z.dtype)
@@ -144,7 +144,7 @@ def _top_vectors_again(matrix: torch.Tensor, k: int) -> np.ndarray:
     return np.asfortranarray(Z)
 
 
-def _eigh_lapack(matrix, choose_k):
+def _eigh_lapack(matrix, n_vectors):
     n = matrix.shape[0]
     diagonal = matrix.diagonal().clone()
     # Keep the input in the upper triangle: LAPACK overwrites only the lower one.
@@ -154,7 +154,7 @@ def _eigh_lapack(matrix, choose_k):
         from scipy.linalg import eigh_tridiagonal
 
         eigenvalues = np.clip(eigh_tridiagonal(d, e, eigvals_only=True)[::-1], 0, None)
-        k = choose_k(eigenvalues)
+        k = n_vectors(eigenvalues)
         if k == 0:
             return eigenvalues, torch.zeros((n, 0), dtype=torch.float64)
         if n > _STEMR_MAX_N:
@@ -175,7 +175,7 @@ def _eigh_lapack(matrix, choose_k):
 
 
 def top_eigh(
-    matrix: torch.Tensor, choose_k: Callable[[np.ndarray], int]
+    matrix: torch.Tensor, n_vectors: Callable[[np.ndarray], int]
 ) -> tuple[np.ndarray, torch.Tensor]:
     """All eigenvalues and the top k eigenvectors of a symmetric float64 matrix.
 
@@ -184,8 +184,8 @@ def top_eigh(
     matrix : torch.Tensor of shape (n, n), float64, C-contiguous
         Only its lower triangle is read. On CPU it is used as workspace and
         restored (symmetrised) before returning.
-    choose_k : callable
-        ``choose_k(eigenvalues) -> k`` given every eigenvalue (numpy float64,
+    n_vectors : callable
+        ``n_vectors(eigenvalues) -> k`` given every eigenvalue (numpy float64,
         decreasing, clipped at 0).
 
     Returns
@@ -199,6 +199,6 @@ def top_eigh(
     if matrix.device.type != "cpu":
         eigenvalues, vectors = torch.linalg.eigh(matrix)
         eigenvalues = eigenvalues.flip(0).clamp_min(0.0).cpu().numpy()
-        k = choose_k(eigenvalues)
+        k = n_vectors(eigenvalues)
         return eigenvalues, vectors.flip(1)[:, :k]
-    return _eigh_lapack(matrix.contiguous(), choose_k)
+    return _eigh_lapack(matrix.contiguous(), n_vectors)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -23,7 +23,18 @@ import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 from scipy.sparse import issparse
 
-__all__ = ["ImageCollection", "as_image_collection", "model_input"]
+__all__ = [
+    "IMAGE_SUFFIXES",
+    "FileBatch",
+    "ImageCollection",
+    "as_image_collection",
+    "decode_image_file",
+    "model_input",
+    "open_image",
+    "read_image_file",
+    "read_image_files",
+    "read_image_size",
+]
 
 # Unsigned integers are scaled by their dtype's maximum; floats must lie in [0, 1].
 _NUMPY_DTYPES = {
@@ -107,7 +118,7 @@ IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".
 
 
 @contextmanager
-def _opened(path):
+def open_image(path):
     """``Image.open`` with errors that name the file: FileNotFoundError, ValueError."""
     try:
         with Image.open(path) as image:
@@ -120,16 +131,22 @@ def _opened(path):
         ) from exc
 
 
-def _read_file(path) -> torch.Tensor:
-    """Decode an image file as anomalib does (Pillow, ``convert("RGB")``)."""
-    with _opened(path) as image:
-        rgb = image.convert("RGB")
-    return torch.from_numpy(np.array(rgb)).permute(2, 0, 1)
+def decode_image_file(path) -> Image.Image:
+    """Decode an image file as anomalib does (Pillow, ``convert("RGB")``): a loaded
+    RGB PIL image. Errors name the file (see :func:`open_image`)."""
+    with open_image(path) as image:
+        return image.convert("RGB")
 
 
-def file_size(path) -> tuple[int, int]:
-    """``(height, width)`` from the file's header, with the errors of ``_read_file``."""
-    with _opened(path) as image:
+def read_image_file(path) -> torch.Tensor:
+    """:func:`decode_image_file` as a (3, H, W) uint8 tensor."""
+    return torch.from_numpy(np.array(decode_image_file(path))).permute(2, 0, 1)
+
+
+def read_image_size(path) -> tuple[int, int]:
+    """``(height, width)`` of an image file, from its header only, with the errors
+    of :func:`read_image_file`."""
+    with open_image(path) as image:
         return (image.height, image.width)
 
 
@@ -210,7 +227,7 @@ class ImageCollection:
         if self.kind == "pil":
             return [(image.height, image.width) for image in self.data]
         if self.kind == "path":
-            return [file_size(item) for item in self.data]
+            return [read_image_size(item) for item in self.data]
         return [size for _, batch in self.batches(64) for size in image_sizes(batch)]
 
     def batches(self, batch_size: int) -> Iterator[tuple[int, object]]:
@@ -221,21 +238,13 @@ class ImageCollection:
         previous batch; errors surface at the batch they belong to.
         """
         starts = range(0, len(self), batch_size)
-        if self.kind != "path" or len(starts) < 2:
-            for start in starts:
-                yield start, self._batch(start, min(start + batch_size, len(self)))
-            return
-        with ThreadPoolExecutor(
-            max_workers=1, thread_name_prefix="skdfm-decode"
-        ) as pool:
-            pending = pool.submit(self._batch, 0, min(batch_size, len(self)))
-            for start in starts:
-                batch = pending.result()
-                after = start + batch_size
-                if after < len(self):
-                    stop = min(after + batch_size, len(self))
-                    pending = pool.submit(self._batch, after, stop)
-                yield start, batch
+
+        def batch_at(start):
+            return start, self._batch(start, min(start + batch_size, len(self)))
+
+        if self.kind != "path":
+            return map(batch_at, starts)
+        return _one_ahead(batch_at, starts)
 
     def _batch(self, start: int, stop: int):
         if self.kind == "array":
@@ -247,10 +256,60 @@ class ImageCollection:
             return chunk if self.channel_axis == 1 else chunk.permute(0, 3, 1, 2)
         items = self.data[start:stop]
         if self.kind == "path":
-            return [_read_file(item) for item in items]
+            return [read_image_file(item) for item in items]
         if self.kind == "pil":
             return [_from_pil(item) for item in items]
         return [_to_chw_tensor(item) for item in items]
+
+
+def _one_ahead(function: Callable, arguments: Iterable) -> Iterator:
+    """``map(function, arguments)``, each call made while the previous result is
+    being used (one background thread; Pillow releases the GIL while decoding).
+    Errors surface at the item they belong to."""
+    arguments = list(arguments)
+    if len(arguments) < 2:
+        yield from map(function, arguments)
+        return
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="skdfm-decode") as pool:
+        pending = pool.submit(function, arguments[0])
+        for index in range(1, len(arguments) + 1):
+            result = pending.result()
+            if index < len(arguments):
+                pending = pool.submit(function, arguments[index])
+            yield result
+
+
+@dataclass(frozen=True)
+class FileBatch:
+    """Files of one batch of :func:`read_image_files`, each decoded once."""
+
+    paths: list  #: the files that decoded, in input order
+    images: list  #: their RGB PIL images (:func:`decode_image_file`)
+    failed: list  #: ``(path, reason)`` of the files that did not
+
+
+def read_image_files(paths: Sequence, batch_size: int) -> Iterator[FileBatch]:
+    """Decode files ``batch_size`` at a time, one batch ahead, skipping bad ones.
+
+    For callers that must keep going past an unreadable file (the command line):
+    a file that is missing or cannot be decoded lands in ``failed`` with the
+    reason, the others are decoded exactly once. The images are what
+    ``DeepFeatureTransformer`` reads from the same files.
+    """
+
+    def decode(start):
+        batch = FileBatch([], [], [])
+        for path in paths[start : start + batch_size]:
+            try:
+                image = decode_image_file(path)
+            except (OSError, ValueError) as error:
+                batch.failed.append((path, str(error)))
+            else:
+                batch.paths.append(path)
+                batch.images.append(image)
+        return batch
+
+    return _one_ahead(decode, range(0, len(paths), batch_size))
 
 
 def _element_kind(item) -> str | None:

@@ -8,35 +8,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ._detector import _as_tensor
-from ._pca import _step
-from ._pipeline import split_model
+from ._model import split_model
+from ._scores import check_has_grid
 
-__all__ = ["AnomalyMaps", "anomaly_maps", "residual_grid", "upsample"]
-
-
-def residual_grid(
-    X: torch.Tensor,
-    mean: torch.Tensor,
-    components: torch.Tensor,
-    feature_shape: tuple[int, int, int],
-) -> torch.Tensor:
-    """Channel sums of the squared reconstruction residual, on the feature grid.
-
-    ``X`` (n, C*h*w) rows in (C, h, w) order; ``components`` (D, k) float64.
-    Returns (n, h, w) float64 whose sum over the grid is each row's FRE.
-    """
-    n, d = X.shape
-    channels, rows, cols = feature_shape
-    out = torch.empty((n, rows, cols), dtype=torch.float64, device=X.device)
-    step = _step(n, d * 8 * 3)
-    for start in range(0, n, step):
-        xc = X[start : start + step].to(torch.float64) - mean
-        residual = xc - (xc @ components) @ components.T
-        out[start : start + step] = (
-            residual.square_().reshape(-1, channels, rows, cols).sum(1)
-        )
-    return out
+__all__ = ["AnomalyMaps", "anomaly_maps", "upsample"]
 
 
 def upsample(grid: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
@@ -138,17 +113,11 @@ def anomaly_maps(model, X, *, size="image", feature_shape=None) -> AnomalyMaps:
     True
     """
     transformer, detector = split_model(model)
-    if detector.score_type != "fre":
-        raise ValueError(
-            f"Anomaly maps need score_type='fre'; this detector uses "
-            f"{detector.score_type!r}, whose score (a likelihood of the projection) "
-            "does not split over image locations. Fit a detector with "
-            "score_type='fre' to localise defects."
-        )
+    check_has_grid(detector.score_type)  # before the backbone runs
     if transformer is not None:
         if feature_shape is not None:
             raise ValueError("feature_shape is only for a bare DFMDetector.")
-        features, image_sizes = transformer._transform(X, sizes=size == "image")
+        features, image_sizes = transformer.transform_with_sizes(X)
         feature_shape = transformer.feature_shape_
     else:
         if feature_shape is None:
@@ -162,21 +131,7 @@ def anomaly_maps(model, X, *, size="image", feature_shape=None) -> AnomalyMaps:
                 "size='grid' or a (height, width) tuple."
             )
         features, image_sizes = X, None
-    features = detector._validate_features(features, reset=False)
-    if int(np.prod(feature_shape)) != features.shape[1]:
-        raise ValueError(
-            f"feature_shape={tuple(feature_shape)} has {int(np.prod(feature_shape))} "
-            f"entries but the rows have {features.shape[1]} features."
-        )
-    device = torch.device(detector.device_)
-    Xt = _as_tensor(features, device)
-    score_samples = detector._score_samples(Xt)
-    grid = residual_grid(
-        Xt,
-        _as_tensor(detector.mean_, device),
-        _as_tensor(detector.components_, device).T,
-        tuple(feature_shape),
-    )
+    score_samples, grid = detector.score_samples_with_grid(features, feature_shape)
     targets = _target_sizes(size, transformer, image_sizes, len(grid))
     if targets is None:
         maps = grid.cpu().numpy()
@@ -188,4 +143,4 @@ def anomaly_maps(model, X, *, size="image", feature_shape=None) -> AnomalyMaps:
             index = [i for i, t in enumerate(targets) if t == target]
             for i, m in zip(index, upsample(grid[index], target).cpu(), strict=True):
                 maps[i] = m.numpy()
-    return AnomalyMaps(maps, score_samples, detector._labels(score_samples))
+    return AnomalyMaps(maps, score_samples, detector.labels_from_scores(score_samples))

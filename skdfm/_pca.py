@@ -15,10 +15,13 @@ shape (:func:`choose_solver`):
 Either way only the top k eigenvectors are computed (:func:`~skdfm._eigen.top_eigh`:
 all eigenvalues, then k vectors), never a full SVD of the N x D matrix (anomalib's
 O(N^2 D) float64 SVD with its ~9x memory), nor a copy of the centred matrix: every
-pass walks the data in chunks of about ``_CHUNK_BYTES``. No randomized solver: on
+pass walks the data in chunks of rows (:func:`~skdfm._chunks.chunk_rows`: scikit-learn's
+``working_memory``, at most 64 MiB). No randomized solver: on
 backbone features the 97 % level keeps 25-60 % of min(N, D) components of a slowly
 decaying spectrum, where randomized range finders miss the variance level by 1-7 %
-or need a sketch nearly as large as the matrix.
+or need a sketch nearly as large as the matrix (measured in ``docs/performance.rst``).
+
+The scores of a fitted subspace live in :mod:`skdfm._scores`.
 """
 
 from __future__ import annotations
@@ -29,28 +32,27 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from ._chunks import chunk_rows
 from ._eigen import top_eigh
 from ._scatter import Scatter, lower_syrk_
 
 __all__ = [
+    "ComponentRule",
     "PCAFit",
     "choose_solver",
     "column_mean",
     "fit_pca",
     "n_components_for_level",
-    "project",
-    "reconstruction_error",
+    "pca_from_scatter",
 ]
 
-# Temporaries per chunk; large enough for efficient GEMMs, small enough that big
-# score/fit batches do not page-fault fresh buffers (see PERF_NOTES).
-_CHUNK_BYTES = 64 * 2**20
 _EPS64 = float(np.finfo(np.float64).eps)
 
-
-def _step(n_items: int, bytes_per_item: int) -> int:
-    """Number of items per chunk so that a chunk holds about ``_CHUNK_BYTES``."""
-    return max(1, min(n_items, _CHUNK_BYTES // max(1, bytes_per_item)))
+#: ``n_components(eigenvalues, total, rank_tol) -> k``: given the whole spectrum
+#: (float64 numpy, decreasing), the squared Frobenius norm of the centred matrix and
+#: the eigenvalue at or below which the spectrum is numerical noise, how many
+#: components to keep.
+ComponentRule = Callable[[np.ndarray, float, float], int]
 
 
 @dataclass(frozen=True)
@@ -63,8 +65,9 @@ class PCAFit:
     singular_values: torch.Tensor  #: (k,) singular values of the centred matrix
     total_sum_squares: float  #: squared Frobenius norm of the centred matrix
     solver: str  #: "gram" or "covariance"
-    #: ``project(X, mean, components)`` of the training rows when the route gives it
-    #: for free (the Gram route: z = U diag(s), ||xc||^2 = diag(G)), else None.
+    #: ``(z, ||xc||^2)`` of the training rows (their coordinates z = (x - mean) V and
+    #: squared centred norms) when the route gives them for free (the Gram route:
+    #: z = U diag(s), ||xc||^2 = diag(G)), else None.
     training_projection: tuple[torch.Tensor, torch.Tensor] | None = None
 
 
@@ -77,39 +80,10 @@ def column_mean(X: torch.Tensor) -> torch.Tensor:
     """Float64 mean of the rows of ``X``, summed chunk by chunk."""
     n, d = X.shape
     total = torch.zeros(d, dtype=torch.float64, device=X.device)
-    step = _step(n, d * 8)
+    step = chunk_rows(n, d * 8)
     for start in range(0, n, step):
         total += X[start : start + step].sum(dim=0, dtype=torch.float64)
     return total / n
-
-
-def project(
-    X: torch.Tensor, mean: torch.Tensor, components: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Centre ``X`` and project it on ``components``, in float64, chunk by chunk.
-
-    Returns ``(z, sq_norm)``: the (n, k) coordinates z = (x - mean) V and the (n,)
-    squared norms ||x - mean||^2. The D-dimensional reconstruction is never formed.
-    """
-    n, d = X.shape
-    k = components.shape[1]
-    z = torch.empty((n, k), dtype=torch.float64, device=X.device)
-    sq_norm = torch.empty(n, dtype=torch.float64, device=X.device)
-    step = _step(n, d * 8)
-    for start in range(0, n, step):
-        xc = X[start : start + step].to(torch.float64) - mean
-        sq_norm[start : start + step] = torch.einsum("ij,ij->i", xc, xc)
-        z[start : start + step] = xc @ components
-    return z, sq_norm
-
-
-def reconstruction_error(z: torch.Tensor, sq_norm: torch.Tensor) -> torch.Tensor:
-    """FRE = ||x - mean||^2 - ||z||^2 with z = (x - mean) V, V orthonormal.
-
-    Both terms are float64, so the cancellation loses about 1e-16 of ||x - mean||^2;
-    the clamp only removes the sign of rounding noise when x lies in the subspace.
-    """
-    return (sq_norm - torch.einsum("ij,ij->i", z, z)).clamp_min_(0.0)
 
 
 def n_components_for_level(
@@ -142,13 +116,13 @@ def n_components_for_level(
 def _centred_columns(X: torch.Tensor, mean: torch.Tensor):
     """Yield ``(slice, Xc[:, slice])`` float64 column blocks of the centred matrix."""
     n, d = X.shape
-    step = _step(d, n * 8)
+    step = chunk_rows(d, n * 8)
     for start in range(0, d, step):
         cols = slice(start, start + step)
         yield cols, X[:, cols].to(torch.float64) - mean[cols]
 
 
-def _spectrum(matrix: torch.Tensor, choose_k):
+def _spectrum(matrix: torch.Tensor, n_components: ComponentRule):
     """Eigenvalues and top-k eigenvectors of a Gram or scatter matrix (lower triangle).
 
     Returns the eigenvalues (decreasing, clipped at 0, numpy), the k eigenvectors,
@@ -161,22 +135,22 @@ def _spectrum(matrix: torch.Tensor, choose_k):
             "variance to model."
         )
 
-    def k_of(eigenvalues):
+    def n_vectors(eigenvalues):
         rank_tol = float(eigenvalues[0]) * len(eigenvalues) * _EPS64
-        return choose_k(eigenvalues, total, rank_tol)
+        return n_components(eigenvalues, total, rank_tol)
 
-    eigenvalues, vectors = top_eigh(matrix, k_of)
+    eigenvalues, vectors = top_eigh(matrix, n_vectors)
     return eigenvalues, vectors, total, vectors.shape[1]
 
 
-def _gram_route(X, choose_k):
+def _gram_route(X, n_components: ComponentRule):
     mean = column_mean(X)
     n = X.shape[0]
     gram = torch.zeros((n, n), dtype=torch.float64, device=X.device)
     for _, block in _centred_columns(X, mean):
         lower_syrk_(gram, block.T)
     sq_norm = gram.diagonal().clone()
-    eigenvalues, eigenvectors, total, k = _spectrum(gram, choose_k)
+    eigenvalues, eigenvectors, total, k = _spectrum(gram, n_components)
     del gram
     eigenvalues = torch.as_tensor(eigenvalues[:k].copy(), device=X.device)
     singular_values = eigenvalues.sqrt()
@@ -196,27 +170,33 @@ def _gram_route(X, choose_k):
     return mean, basis, singular_values, total, training
 
 
-def scatter_components(scatter: Scatter, choose_k):
-    """Components, singular values and total sum of squares from a :class:`Scatter`.
-
-    The scatter is left as it was, so more rows can be merged afterwards.
-    """
-    eigenvalues, vectors, total, k = _spectrum(scatter.matrix, choose_k)
+def _scatter_route(scatter: Scatter, n_components: ComponentRule):
+    eigenvalues, vectors, total, k = _spectrum(scatter.matrix, n_components)
     singular_values = torch.as_tensor(eigenvalues[:k].copy()).sqrt()
-    return vectors, singular_values.to(vectors.device), total
+    return scatter.mean, vectors, singular_values.to(vectors.device), total, None
 
 
-def _covariance_route(X, choose_k):
+def _covariance_route(X, n_components: ComponentRule):
     scatter = Scatter(X.shape[1], X.device)
-    scatter.update(X, chunk_rows=_step(X.shape[0], X.shape[1] * 8))
-    components, singular_values, total = scatter_components(scatter, choose_k)
-    return scatter.mean, components, singular_values, total, None
+    scatter.update(X, chunk_rows=chunk_rows(X.shape[0], X.shape[1] * 8))
+    return _scatter_route(scatter, n_components)
+
+
+def _sign_normalised(components, training):
+    """Flip each component so that its largest-magnitude entry is positive."""
+    if components.shape[1]:
+        # The sign of each column's largest-magnitude entry, without a D x k temporary.
+        signs = torch.where(
+            components.amax(dim=0) >= -components.amin(dim=0), 1.0, -1.0
+        )
+        components.mul_(signs)
+        if training is not None:
+            training = (training[0] * signs, training[1])
+    return components, training
 
 
 def fit_pca(
-    X: torch.Tensor,
-    n_components: Callable[[np.ndarray, float, float], int],
-    solver: str = "auto",
+    X: torch.Tensor, n_components: ComponentRule, solver: str = "auto"
 ) -> PCAFit:
     """Fit the principal subspace of the rows of ``X``.
 
@@ -225,11 +205,9 @@ def fit_pca(
     X : torch.Tensor of shape (N, D), float32 or float64
         The data, on the device where the work should run. It is not modified and
         not copied whole.
-    n_components : callable
+    n_components : ComponentRule
         ``n_components(eigenvalues, total, rank_tol) -> k``, called once with the
-        whole spectrum (float64 numpy, decreasing), the squared Frobenius norm of the
-        centred matrix and the eigenvalue below which the spectrum is numerical noise.
-        It returns how many components to keep.
+        whole spectrum.
     solver : {"auto", "gram", "covariance"}
         ``"auto"`` takes :func:`choose_solver`.
 
@@ -244,12 +222,23 @@ def fit_pca(
         solver = choose_solver(n, d)
     route = _gram_route if solver == "gram" else _covariance_route
     mean, components, singular_values, total, training = route(X, n_components)
-    if components.shape[1]:
-        # The sign of each column's largest-magnitude entry, without a D x k temporary.
-        signs = torch.where(
-            components.amax(dim=0) >= -components.amin(dim=0), 1.0, -1.0
-        )
-        components.mul_(signs)
-        if training is not None:
-            training = (training[0] * signs, training[1])
+    components, training = _sign_normalised(components, training)
     return PCAFit(mean, components, singular_values, total, solver, training)
+
+
+def pca_from_scatter(scatter: Scatter, n_components: ComponentRule) -> PCAFit:
+    """The principal subspace of the rows merged into ``scatter`` (a streaming fit).
+
+    Equal to :func:`fit_pca` with ``solver="covariance"`` on all those rows, up to
+    float64 rounding, with the same sign normalisation. The scatter is only read
+    (its matrix is used as workspace and restored), so more rows can be merged
+    afterwards.
+    """
+    if scatter.count < 2:
+        raise ValueError(
+            f"partial_fit has seen {scatter.count} sample; at least 2 are needed "
+            "to fit the components."
+        )
+    mean, components, singular_values, total, _ = _scatter_route(scatter, n_components)
+    components, _ = _sign_normalised(components, None)
+    return PCAFit(mean.clone(), components, singular_values, total, "covariance")

@@ -19,9 +19,9 @@ import torch
 
 __all__ = ["Scatter"]
 
-# Rows per batch chunk and columns per triangular block: chunks of ~64 MB float64
-# for the rows (see _pca._CHUNK_BYTES), blocks large enough for efficient GEMMs.
-_BLOCK = 2048
+# Columns per block of the triangular product: large enough for efficient GEMMs,
+# small enough that the blocks above the diagonal skipped save about half the flops.
+_SYRK_BLOCK = 2048
 
 
 def lower_syrk_(out: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
@@ -31,8 +31,8 @@ def lower_syrk_(out: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     left untouched. About half the flops of the full product for large d.
     """
     d = rows.shape[1]
-    for start in range(0, d, _BLOCK):
-        stop = min(start + _BLOCK, d)
+    for start in range(0, d, _SYRK_BLOCK):
+        stop = min(start + _SYRK_BLOCK, d)
         # Block row [start:stop) against columns [0:stop): the diagonal block and
         # everything to its left.
         out[start:stop, :stop].addmm_(rows[:, start:stop].T, rows[:, :stop])
@@ -63,8 +63,15 @@ class Scatter:
             (n_features, n_features), dtype=torch.float64, device=device
         )
 
+    def to(self, device: torch.device) -> Scatter:
+        """Move the statistics to ``device`` (in place)."""
+        self.mean = self.mean.to(device)
+        self.matrix = self.matrix.to(device)
+        return self
+
     def update(self, X: torch.Tensor, chunk_rows: int) -> Scatter:
-        """Merge the rows of ``X`` (n, D), ``chunk_rows`` at a time."""
+        """Merge the rows of ``X`` (n, D), ``chunk_rows`` at a time (the caller
+        sizes the chunks: each is copied to float64 and centred)."""
         for start in range(0, X.shape[0], chunk_rows):
             self._merge_batch(X[start : start + chunk_rows].to(torch.float64))
         return self

@@ -7,10 +7,9 @@ from collections.abc import Iterable, Iterator
 from itertools import islice
 
 import numpy as np
-from sklearn.pipeline import Pipeline
 
-from ._detector import DFMDetector
-from ._transformer import DeepFeatureTransformer
+from ._detector import check_contamination
+from ._model import split_model
 
 __all__ = ["stream_fit"]
 
@@ -40,24 +39,6 @@ def _batches(items: Iterable, batch_size: int) -> Iterator:
                 "single image paths (or PIL images) or batches, not both."
             )
         yield batch
-
-
-def _parts(model):
-    """(transformer or None, detector) of an unfitted or fitted model."""
-    if isinstance(model, DFMDetector):
-        return None, model
-    if isinstance(model, Pipeline):
-        steps = [s for _, s in model.steps if s not in (None, "passthrough")]
-        if (
-            len(steps) == 2
-            and isinstance(steps[0], DeepFeatureTransformer)
-            and isinstance(steps[1], DFMDetector)
-        ):
-            return steps[0], steps[1]
-    raise ValueError(
-        "stream_fit needs a DFMDetector or a Pipeline of a DeepFeatureTransformer and "
-        "a DFMDetector: other steps would be fitted on the first batch only."
-    )
 
 
 def stream_fit(
@@ -116,26 +97,33 @@ def stream_fit(
     >>> int((det.predict(good(100)) == -1).sum()) < 10
     True
     """
-    transformer, detector = _parts(model)
+    try:
+        transformer, detector = split_model(model, fitted=False)
+    except ValueError as error:
+        raise ValueError(
+            f"stream_fit needs a DFMDetector or a Pipeline of a "
+            f"DeepFeatureTransformer and a DFMDetector: {error}"
+        ) from None
+    if contamination is not None or threshold_batches is not None:
+        contamination = check_contamination(
+            detector.contamination if contamination is None else contamination
+        )
     if batch_size is None:
         batch_size = transformer.batch_size if transformer is not None else 256
-    detector._forget_fit()  # partial_fit below starts a new fit
     seen_any = False
     for batch in _batches(batches, batch_size):
         if transformer is not None:
             if not seen_any:
                 transformer.fit(batch)
             batch = transformer.transform(batch)
-        detector.partial_fit(batch)
+        detector.partial_fit(batch, restart=not seen_any)
         seen_any = True
     if not seen_any:
         raise ValueError("stream_fit got no batches.")
-    detector._finish_stream(release=True)
+    detector.finish_partial_fit(release=True)
     if threshold_batches is not None:
         scores = np.concatenate(
             [model.score_samples(b) for b in _batches(threshold_batches, batch_size)]
         )
-        if contamination is None:
-            contamination = detector.contamination
-        detector._set_contamination_threshold(scores, contamination)
+        detector.set_threshold(scores, contamination=contamination)
     return model

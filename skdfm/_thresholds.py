@@ -10,13 +10,13 @@ images the model did not see, and records the score range that
 from __future__ import annotations
 
 import warnings
-from numbers import Real
 
 import numpy as np
 from sklearn.metrics import precision_recall_curve
 
+from ._detector import check_contamination
 from ._metrics import check_labels_and_scores, check_outlier_labels
-from ._pipeline import split_model
+from ._model import split_model
 
 __all__ = ["calibrate_threshold", "f1_adaptive_threshold", "normalized_scores"]
 
@@ -128,6 +128,8 @@ def calibrate_threshold(model, X, y=None, *, method="f1", contamination=0.01):
     _, detector = split_model(model)
     if method not in ("f1", "contamination"):
         raise ValueError(f"method={method!r} must be 'f1' or 'contamination'.")
+    if method == "contamination":
+        contamination = check_contamination(contamination)
     if y is not None:
         y = check_outlier_labels(y)
     scores = model.score_samples(X)
@@ -139,15 +141,13 @@ def calibrate_threshold(model, X, y=None, *, method="f1", contamination=0.01):
                 "method='f1' needs labels y (1 normal, -1 anomalous); with normal "
                 "images only, use method='contamination'."
             )
-        detector._set_threshold(f1_adaptive_threshold(y, scores), method, scores)
+        offset = f1_adaptive_threshold(y, scores)
+        detector.set_threshold(scores, offset=offset, method="f1")
         return model
-    else:
-        if not isinstance(contamination, Real) or not 0 < contamination <= 0.5:
-            raise ValueError(f"contamination={contamination!r} must be in (0, 0.5].")
-        normal = scores if y is None else scores[y == 1]
-        if len(normal) == 0:
-            raise ValueError("method='contamination' needs normal samples (y == 1).")
-        detector._set_contamination_threshold(normal, contamination)
+    normal = scores if y is None else scores[y == 1]
+    if len(normal) == 0:
+        raise ValueError("method='contamination' needs normal samples (y == 1).")
+    detector.set_threshold(normal, contamination=contamination)
     return model
 
 

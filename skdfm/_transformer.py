@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 from ._allocator import keep_freed_memory
 from ._backbone import backbone_state, build_backbone, rebuild_backbone
 from ._cache import FeatureCache, weights_digest
-from ._device import resolve_device
+from ._device import DeviceMixin, resolve_device
 from ._images import as_image_collection, model_input
 from ._persistence import PersistenceMixin
 
@@ -26,7 +26,9 @@ __all__ = ["DeepFeatureTransformer"]
 _AUTOCAST_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-class DeepFeatureTransformer(PersistenceMixin, TransformerMixin, BaseEstimator):
+class DeepFeatureTransformer(
+    DeviceMixin, PersistenceMixin, TransformerMixin, BaseEstimator
+):
     """Pooled features of a pretrained CNN: images in, one feature row per image.
 
     Each image is turned into RGB floats in [0, 1], resized to ``input_size``
@@ -64,8 +66,8 @@ class DeepFeatureTransformer(PersistenceMixin, TransformerMixin, BaseEstimator):
         Size every image is resized to, as ``size`` or ``(height, width)``.
     batch_size : int, default=16
         Images decoded and run through the backbone at a time. Only memory and
-        speed depend on it (on a 2-core CPU, resnet50: 8 was ~10 % faster than
-        16 and 32 ~10 % slower; GPUs want larger batches).
+        speed depend on it (measured in :doc:`/performance`; GPUs want larger
+        batches).
     device : str or torch.device, default="auto"
         ``"auto"`` (the current CUDA device when available, else CPU), ``"cpu"``,
         ``"cuda"`` or ``"cuda:N"``. Resolved at fit into ``device_``.
@@ -111,6 +113,10 @@ class DeepFeatureTransformer(PersistenceMixin, TransformerMixin, BaseEstimator):
     device_ : str
         The device the backbone runs on. A model loaded on a machine without that
         device moves to ``"cpu"`` with a :class:`~skdfm.DeviceWarning`.
+    weights_digest_ : str
+        A digest of the truncated backbone's weights (every parameter and
+        buffer), computed once at fit: equal digests, equal weights. Part of the
+        key of :class:`~skdfm.FeatureCache`.
 
     See Also
     --------
@@ -264,6 +270,7 @@ class DeepFeatureTransformer(PersistenceMixin, TransformerMixin, BaseEstimator):
             checkpoint_path=self.checkpoint_path,
             seed=seed,
         )
+        digest = weights_digest(built.model)  # on the host, before any device copy
         model = self._place(built.model, device)
         feature_shape = self._pooled_shape(model, device, size, built.layer_name)
         self.backbone_ = model
@@ -273,6 +280,7 @@ class DeepFeatureTransformer(PersistenceMixin, TransformerMixin, BaseEstimator):
         self.image_mean_ = built.mean
         self.image_std_ = built.std
         self.feature_shape_ = feature_shape
+        self.weights_digest_ = digest
         return self
 
     def _place(self, model: torch.nn.Module, device: torch.device):
@@ -321,21 +329,37 @@ class DeepFeatureTransformer(PersistenceMixin, TransformerMixin, BaseEstimator):
             ``n_features`` is ``prod(feature_shape_)``; a tensor on ``device_``
             when ``output="torch"``.
         """
-        return self._transform(X)[0]
+        check_is_fitted(self)
+        return self._features_of(as_image_collection(X))
 
-    def _transform(self, X, *, sizes: bool = False):
-        """``(features, sizes)``; ``sizes`` lists each image's original
-        ``(height, width)`` when asked, else is None."""
+    def transform_with_sizes(self, X):
+        """``transform(X)`` and each image's original ``(height, width)``.
+
+        What :func:`~skdfm.anomaly_maps` needs to bring maps back to each image's
+        own size: files are read for their header only, nothing is decoded
+        twice.
+
+        Parameters
+        ----------
+        X : array-like, tensor or sequence of images
+
+        Returns
+        -------
+        features : ndarray or torch.Tensor of shape (n_images, n_features)
+            As ``transform(X)``.
+        sizes : list of (int, int)
+            ``(height, width)`` of each image before resizing.
+        """
         check_is_fitted(self)
         images = as_image_collection(X)
+        return self._features_of(images), images.sizes()
+
+    def _features_of(self, images):
         on_device = self.output == "torch"
         if self.cache is None:
-            out = self._run_backbone(images, on_device=on_device)
-        else:
-            out = self._cached_features(images)
-            if on_device:
-                out = torch.from_numpy(out).to(self.device_)
-        return out, (images.sizes() if sizes else None)
+            return self._run_backbone(images, on_device=on_device)
+        out = self._cached_features(images)
+        return torch.from_numpy(out).to(self._fitted_device) if on_device else out
 
     def _cached_features(self, images) -> np.ndarray:
         """Rows from ``cache``; only the images it lacks run through the backbone."""
@@ -357,7 +381,7 @@ class DeepFeatureTransformer(PersistenceMixin, TransformerMixin, BaseEstimator):
     def _cache_config(self) -> tuple:
         return (
             self.backbone,
-            weights_digest(self.backbone_),
+            self.weights_digest_,
             self.layer_,
             self.input_size_,
             self.pooling_kernel_size,
@@ -368,7 +392,7 @@ class DeepFeatureTransformer(PersistenceMixin, TransformerMixin, BaseEstimator):
     def _run_backbone(self, images, on_device: bool = False):
         """Feature rows of an image collection, batch by batch: a numpy array, or a
         tensor on ``device_`` when ``on_device`` (nothing then leaves the device)."""
-        device = torch.device(self.device_)
+        device = self._fitted_device
         mean = torch.tensor(self.image_mean_, dtype=torch.float32, device=device)
         std = torch.tensor(self.image_std_, dtype=torch.float32, device=device)
         shape = (len(images), int(np.prod(self.feature_shape_)))
@@ -439,7 +463,12 @@ class DeepFeatureTransformer(PersistenceMixin, TransformerMixin, BaseEstimator):
         super().__setstate__(state)
         if weights is not None:
             model = rebuild_backbone(self.backbone, self.layer_, weights)
-            self.backbone_ = self._place(model, torch.device(self.device_))
+            if "weights_digest_" not in state:  # saved by skdfm 0.1.0
+                self.weights_digest_ = weights_digest(model)
+            self.backbone_ = self._place(model, self._fitted_device)
+
+    def _move_fitted_state(self, device: torch.device) -> None:
+        self.backbone_ = self._place(self.backbone_, device)
 
     def __sklearn_tags__(self):
         tags = super().__sklearn_tags__()

@@ -50,27 +50,30 @@ def _collect_images(targets: list[str]) -> list[str]:
     return files
 
 
-def _readable(paths: list[str]) -> tuple[list[str], list[tuple[str, str]]]:
-    """Split paths into images that decode and ``(path, reason)`` for the rest."""
-    from ._images import _read_file
+def _file_batches(paths: list[str], batch_size: int, *, progress: bool):
+    """Each file decoded once, a batch at a time (one batch ahead); the files that
+    cannot be read are listed on stderr as they come and left out."""
+    from tqdm.auto import tqdm
 
-    good, skipped = [], []
-    for path in paths:
-        try:
-            _read_file(path)
-        except (OSError, ValueError) as error:
-            skipped.append((path, str(error)))
-        else:
-            good.append(path)
-    for path, reason in skipped:
-        _say(f"skdfm: skipped {path}: {reason}")
-    return good, skipped
+    from ._images import read_image_files
+
+    batches = tqdm(
+        read_image_files(paths, batch_size),
+        total=-(-len(paths) // batch_size),
+        desc="images",
+        unit="batch",
+        disable=not progress,
+    )
+    for batch in batches:
+        for path, reason in batch.failed:
+            _say(f"skdfm: skipped {path}: {reason}")
+        yield batch
 
 
 def _load_model(path: str, args):
     import joblib
 
-    from ._pipeline import move_model, split_model
+    from ._model import move_model, split_model
 
     if not Path(path).is_file():
         raise CommandError(f"no such model file: {path}")
@@ -91,11 +94,11 @@ def _load_model(path: str, args):
         move_model(model, args.device)
     if args.batch_size is not None:
         transformer.set_params(batch_size=args.batch_size)
-    transformer.set_params(progress=not args.no_progress)
+    transformer.set_params(progress=False)  # the command shows one bar of its own
     return model
 
 
-def _build_pipeline(args):
+def _build_pipeline(args, *, progress: bool = False):
     from sklearn.pipeline import make_pipeline
 
     from . import DeepFeatureTransformer, DFMDetector
@@ -109,7 +112,7 @@ def _build_pipeline(args):
         input_size=args.input_size,
         batch_size=args.batch_size or 16,
         device=args.device or "auto",
-        progress=not args.no_progress,
+        progress=progress,
         random_state=0,
         output="torch",  # on a GPU, features go to the detector without a host copy
     )
@@ -121,12 +124,13 @@ def _build_pipeline(args):
     return make_pipeline(transformer, detector)
 
 
-def _fit_with_fallback(model, X, *, allow_random: bool):
-    """Fit; offline without weights, either fall back to random init or fail."""
-    transformer = model[0]
-    try:  # the transformer fits first: no feature is computed before this fails
-        return model.fit(X)
-    except FileNotFoundError:  # a missing checkpoint or image: not a download issue
+def _fit_transformer(transformer, X, *, allow_random: bool) -> None:
+    """Build the backbone; offline without weights, fall back to random init or
+    fail. Nothing is computed before this fails."""
+    try:
+        transformer.fit(X)
+        return
+    except FileNotFoundError:  # a missing checkpoint: not a download issue
         raise
     except OSError as error:
         if not allow_random:
@@ -140,56 +144,61 @@ def _fit_with_fallback(model, X, *, allow_random: bool):
             "(offline); using random init. Results are illustrative only; pass "
             "--checkpoint to use a local copy of the weights."
         )
-        transformer.set_params(pretrained=False, checkpoint_path=None)
-    return model.fit(X)
+    transformer.set_params(pretrained=False, checkpoint_path=None)
+    transformer.fit(X)
 
 
-def _write_maps(folder: str, paths, maps) -> None:
+def _features_of_files(transformer, files, *, progress: bool):
+    """Fit the transformer on the first readable batch and return the feature rows
+    of every readable file, the files they belong to and the skipped ones."""
+    import torch
+
+    parts, used, skipped = [], [], []
+    for batch in _file_batches(files, transformer.batch_size, progress=progress):
+        skipped.extend(batch.failed)
+        if not batch.images:
+            continue
+        if not parts:
+            _fit_transformer(transformer, batch.images, allow_random=False)
+        parts.append(transformer.transform(batch.images))
+        used.extend(batch.paths)
+    if not parts:
+        return None, used, skipped
+    if isinstance(parts[0], torch.Tensor):
+        return torch.cat(parts), used, skipped
+    return np.concatenate(parts), used, skipped
+
+
+def _write_maps(folder: str, paths, images, maps) -> None:
     from PIL import Image
 
-    from ._images import _read_file
     from ._plotting import overlay_anomaly_map
 
     out = Path(folder)
     out.mkdir(parents=True, exist_ok=True)
-    for path, amap in zip(paths, maps, strict=True):
-        image = _read_file(path).permute(1, 2, 0).numpy()
-        Image.fromarray(overlay_anomaly_map(image, amap)).save(
+    for path, image, amap in zip(paths, images, maps, strict=True):
+        Image.fromarray(overlay_anomaly_map(np.asarray(image), amap)).save(
             out / f"{Path(path).stem}_map.png"
         )
 
 
-def _scores_and_maps(model, files, *, maps: bool):
+def _scores_and_maps(model, images, *, maps: bool):
     """Scores and labels (and maps at the images' size when ``maps``), one pass."""
     from . import AnomalyMaps, anomaly_maps
 
     if maps:
-        return anomaly_maps(model, files, size="image")
-    scores = model.score_samples(files)
-    return AnomalyMaps(None, scores, model[-1]._labels(scores))
+        return anomaly_maps(model, images, size="image")
+    scores = model.score_samples(images)
+    return AnomalyMaps(None, scores, model[-1].labels_from_scores(scores))
 
 
 # -- commands ------------------------------------------------------------------
 
 
-def cmd_demo(args) -> int:
-    import joblib
-    from PIL import Image
-    from sklearn.metrics import f1_score
+def _demo_split(args):
+    """Synthetic parts and the fit / calibrate / test split of the demo."""
+    from . import make_defect_images
 
-    from . import (
-        anomaly_maps,
-        aupro,
-        calibrate_threshold,
-        image_auroc,
-        make_defect_images,
-        pixel_auroc,
-    )
-    from ._plotting import anomaly_map_grid
-
-    start = time.perf_counter()
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     n_train, n_val, n_test = args.n_train, 20, 40
     images, y, masks = make_defect_images(
         n_train + n_val + n_test,
@@ -209,10 +218,50 @@ def cmd_demo(args) -> int:
         f"normal to fit, {len(val)} to calibrate, {len(test)} to test "
         f"({(y[test] == -1).sum()} with defects)"
     )
-    model = _build_pipeline(args)
-    t = time.perf_counter()
-    _fit_with_fallback(model, images[train], allow_random=True)
+    return images, y, masks, train, val, test
+
+
+def _demo_report(truth, masks, result) -> None:
+    from sklearn.metrics import f1_score
+
+    from . import aupro, image_auroc, pixel_auroc
+
+    f1 = f1_score(truth == -1, result.labels == -1)
+    print(f"image AUROC: {image_auroc(truth, result.score_samples):.3f}")
+    print(f"pixel AUROC: {pixel_auroc(masks, result.maps):.3f}")
+    print(f"AUPRO (FPR <= 0.3): {aupro(masks, result.maps):.3f}")
+    print(f"F1 at the threshold calibrated on the validation images: {f1:.3f}")
+
+
+def _demo_picture(path: Path, images, truth, masks, result) -> None:
+    from PIL import Image
+
+    from ._plotting import anomaly_map_grid
+
+    show = np.r_[np.flatnonzero(truth == 1)[:3], np.flatnonzero(truth == -1)[:5]]
+    picture = anomaly_map_grid(
+        images[show],
+        result.maps[show],
+        masks=masks[show],
+        vmax=float(np.percentile(result.maps, 99.9)),  # one hot defect sets no scale
+    )
+    Image.fromarray(picture).save(path)
+
+
+def cmd_demo(args) -> int:
+    import joblib
+
+    from . import anomaly_maps, calibrate_threshold
+
+    start = time.perf_counter()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    images, y, masks, train, val, test = _demo_split(args)
+    model = _build_pipeline(args, progress=not args.no_progress)
     transformer, detector = model[0], model[1]
+    t = time.perf_counter()
+    _fit_transformer(transformer, images[train], allow_random=True)
+    detector.fit(transformer.transform(images[train]))
     weights = "pretrained" if transformer.pretrained else "random init"
     print(
         f"fit: {transformer.backbone} ({weights}) {transformer.layer_}, "
@@ -221,23 +270,11 @@ def cmd_demo(args) -> int:
     )
     calibrate_threshold(model, images[val], y[val], method="f1")
     result = anomaly_maps(model, images[test])
-    truth = y[test]
-    f1 = f1_score(truth == -1, result.labels == -1)
-    print(f"image AUROC: {image_auroc(truth, result.score_samples):.3f}")
-    print(f"pixel AUROC: {pixel_auroc(masks[test], result.maps):.3f}")
-    print(f"AUPRO (FPR <= 0.3): {aupro(masks[test], result.maps):.3f}")
-    print(f"F1 at the threshold calibrated on the validation images: {f1:.3f}")
+    _demo_report(y[test], masks[test], result)
     model_path = out / "model.joblib"
     joblib.dump(model, model_path)
-    show = np.r_[np.flatnonzero(truth == 1)[:3], np.flatnonzero(truth == -1)[:5]]
-    picture = anomaly_map_grid(
-        images[test][show],
-        result.maps[show],
-        masks=masks[test][show],
-        vmax=float(np.percentile(result.maps, 99.9)),  # one hot defect sets no scale
-    )
     picture_path = out / "anomaly_maps.png"
-    Image.fromarray(picture).save(picture_path)
+    _demo_picture(picture_path, images[test], y[test], masks[test], result)
     print(f"saved {model_path} ({model_path.stat().st_size / 1e6:.1f} MB)")
     print(
         f"saved {picture_path} (top: images; bottom: anomaly maps, defects "
@@ -250,36 +287,34 @@ def cmd_demo(args) -> int:
 def cmd_fit(args) -> int:
     import joblib
 
-    from . import calibrate_threshold
-
-    files, skipped = _readable(_collect_images([args.normal_images]))
+    files = _collect_images([args.normal_images])
+    model = _build_pipeline(args)
+    transformer, detector = model[0], model[1]
+    t = time.perf_counter()
+    features, files, skipped = _features_of_files(
+        transformer, files, progress=not args.no_progress
+    )
     if len(files) < 3:
         raise CommandError(
             f"{len(files)} readable images in {args.normal_images}; at least 3 needed"
         )
-    rng = np.random.default_rng(0)
-    order = rng.permutation(len(files))
+    order = np.random.default_rng(0).permutation(len(files))
     n_hold = int(round(args.holdout * len(files)))
     if n_hold and len(files) - n_hold < 2:
         raise CommandError("--holdout leaves fewer than 2 images to fit on")
-    held = [files[i] for i in sorted(order[:n_hold])]
-    train = [files[i] for i in sorted(order[n_hold:])]
-    model = _build_pipeline(args)
-    t = time.perf_counter()
+    held, train = np.sort(order[:n_hold]), np.sort(order[n_hold:])
     try:
-        _fit_with_fallback(model, train, allow_random=False)
+        detector.fit(features[train])
     except ValueError as error:
         raise CommandError(str(error)) from error
-    transformer, detector = model[0], model[1]
     print(
         f"fitted on {len(train)} images in {time.perf_counter() - t:.1f} s: "
         f"{transformer.backbone} {transformer.layer_}, {detector.n_features_in_} "
         f"features, {detector.n_components_} components"
     )
-    if held:
-        calibrate_threshold(
-            model, held, method="contamination", contamination=args.contamination
-        )
+    if len(held):
+        held_scores = detector.score_samples(features[held])
+        detector.set_threshold(held_scores, contamination=args.contamination)
         print(
             f"threshold: {args.contamination:.0%} quantile of {len(held)} held-out "
             "normal images (--holdout)"
@@ -295,21 +330,35 @@ def cmd_score(args) -> int:
     from ._thresholds import normalize
 
     model = _load_model(args.model, args)
-    files, skipped = _readable(_collect_images(args.images))
-    if not files:
-        raise CommandError("no readable images to score")
-    if args.maps and model[-1].score_type != "fre":
+    files = _collect_images(args.images)
+    detector = model[-1]
+    if args.maps and detector.score_type != "fre":
         raise CommandError(
             "--maps needs a model with score_type 'fre' (nll has no maps)"
         )
-    result = _scores_and_maps(model, files, maps=bool(args.maps))
-    normalized = normalize(model[-1], result.score_samples)
-    rows = [
-        (path, -score, norm, "anomalous" if label == -1 else "normal")
-        for path, score, norm, label in zip(
-            files, result.score_samples, normalized, result.labels, strict=True
+    rows, skipped, flagged = [], [], 0
+    batch_size = model[0].batch_size
+    for batch in _file_batches(files, batch_size, progress=not args.no_progress):
+        skipped.extend(batch.failed)
+        if not batch.images:
+            continue
+        result = _scores_and_maps(model, batch.images, maps=bool(args.maps))
+        if args.maps:  # written as each batch finishes: no map is kept
+            _write_maps(args.maps, batch.paths, batch.images, result.maps)
+        normalized = normalize(detector, result.score_samples)
+        rows.extend(
+            (path, -score, norm, "anomalous" if label == -1 else "normal")
+            for path, score, norm, label in zip(
+                batch.paths,
+                result.score_samples,
+                normalized,
+                result.labels,
+                strict=True,
+            )
         )
-    ]
+        flagged += int(np.sum(result.labels == -1))
+    if not rows:
+        raise CommandError("no readable images to score")
     writer = csv.writer(sys.stdout, delimiter="\t")
     writer.writerow(["path", "anomaly_score", "normalized", "label"])
     for path, score, norm, label in rows:
@@ -319,12 +368,8 @@ def cmd_score(args) -> int:
             out = csv.writer(handle)
             out.writerow(["path", "anomaly_score", "normalized", "label"])
             out.writerows(rows)
-    if args.maps:
-        _write_maps(args.maps, files, result.maps)
-    flagged = int(np.sum(result.labels == -1))
     _say(
-        f"skdfm: scored {len(files)} images, {flagged} anomalous, "
-        f"{len(skipped)} skipped"
+        f"skdfm: scored {len(rows)} images, {flagged} anomalous, {len(skipped)} skipped"
     )
     return EXIT_SKIPPED if skipped else EXIT_OK
 
@@ -339,19 +384,30 @@ def cmd_evaluate(args) -> int:
         data = load_mvtec(args.category)
     except (FileNotFoundError, ValueError) as error:
         raise CommandError(str(error)) from error
-    files, skipped = _readable(data.paths)
-    readable = set(files)
-    keep = [i for i, path in enumerate(data.paths) if path in readable]
-    y = data.y[keep]
-    masks = [data.masks[i] for i in keep]
     has_maps = model[-1].score_type == "fre"
-    result = _scores_and_maps(model, files, maps=has_maps)
-    f1 = f1_score(y == -1, result.labels == -1)
-    print(f"images: {len(files)} ({int((y == -1).sum())} defective)")
-    print(f"image AUROC: {image_auroc(y, result.score_samples):.4f}")
+    index = {path: i for i, path in enumerate(data.paths)}
+    keep, scores, labels, maps, skipped = [], [], [], [], []
+    batch_size = model[0].batch_size
+    for batch in _file_batches(data.paths, batch_size, progress=not args.no_progress):
+        skipped.extend(batch.failed)
+        if not batch.images:
+            continue
+        result = _scores_and_maps(model, batch.images, maps=has_maps)
+        keep.extend(index[path] for path in batch.paths)
+        scores.append(result.score_samples)
+        labels.append(result.labels)
+        if has_maps:
+            maps.extend(result.maps)
+    if not keep:
+        raise CommandError(f"no readable images in {args.category}")
+    y, scores, labels = data.y[keep], np.concatenate(scores), np.concatenate(labels)
+    masks = [data.masks[i] for i in keep]
+    f1 = f1_score(y == -1, labels == -1)
+    print(f"images: {len(keep)} ({int((y == -1).sum())} defective)")
+    print(f"image AUROC: {image_auroc(y, scores):.4f}")
     if has_maps:
-        print(f"pixel AUROC: {pixel_auroc(masks, result.maps):.4f}")
-        print(f"AUPRO (FPR <= 0.3): {aupro(masks, result.maps):.4f}")
+        print(f"pixel AUROC: {pixel_auroc(masks, maps):.4f}")
+        print(f"AUPRO (FPR <= 0.3): {aupro(masks, maps):.4f}")
     else:
         print("pixel AUROC, AUPRO: n/a (score_type 'nll' has no anomaly maps)")
     print(
@@ -404,19 +460,7 @@ def _add_model_options(parser, *, backbone: str, layer: str, pooling: int) -> No
     )
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from . import __version__
-
-    parser = argparse.ArgumentParser(
-        prog="skdfm",
-        description="Deep Feature Modeling (DFM) anomaly detection: fit on images "
-        "of good parts, score new ones, localise defects.",
-        epilog="Exit codes: 0 done; 1 failed; 2 bad command line; 3 done, some "
-        "images skipped (listed on stderr).",
-    )
-    parser.add_argument("--version", action="version", version=f"skdfm {__version__}")
-    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-
+def _add_demo(commands) -> None:
     demo = commands.add_parser(
         "demo",
         help="fit and evaluate on built-in synthetic parts, save model and picture",
@@ -439,6 +483,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_runtime(demo)
     demo.set_defaults(func=cmd_demo)
 
+
+def _add_fit(commands) -> None:
     fit = commands.add_parser(
         "fit",
         help="fit a model on a folder of good images",
@@ -469,6 +515,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_runtime(fit)
     fit.set_defaults(func=cmd_fit)
 
+
+def _add_score(commands) -> None:
     score = commands.add_parser(
         "score",
         help="score images with a saved model",
@@ -482,6 +530,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_runtime(score)
     score.set_defaults(func=cmd_score)
 
+
+def _add_evaluate(commands) -> None:
     evaluate = commands.add_parser(
         "evaluate",
         help="image/pixel AUROC, AUPRO and F1 on an MVTec-style category",
@@ -492,6 +542,22 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("category", metavar="CATEGORY_DIR")
     _add_runtime(evaluate)
     evaluate.set_defaults(func=cmd_evaluate)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="skdfm",
+        description="Deep Feature Modeling (DFM) anomaly detection: fit on images "
+        "of good parts, score new ones, localise defects.",
+        epilog="Exit codes: 0 done; 1 failed; 2 bad command line; 3 done, some "
+        "images skipped (listed on stderr).",
+    )
+    parser.add_argument("--version", action="version", version=f"skdfm {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for add in (_add_demo, _add_fit, _add_score, _add_evaluate):
+        add(commands)
     return parser
 
 

@@ -213,14 +213,14 @@ def test_files_are_decoded_at_most_one_batch_ahead(rgb, tmp_path, monkeypatch):
         paths.append(tmp_path / f"{i}.png")
         Image.fromarray(rgb[i % 5]).save(paths[-1])
     decoded, threads = [], set()
-    read = images_module._read_file
+    read = images_module.read_image_file
 
     def spy(path):
         threads.add(threading.current_thread().name)
         decoded.append(path)
         return read(path)
 
-    monkeypatch.setattr(images_module, "_read_file", spy)
+    monkeypatch.setattr(images_module, "read_image_file", spy)
     collection = as_image_collection(paths)
     assert decoded == []  # validation reads no pixel
     batches = collection.batches(4)

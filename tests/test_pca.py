@@ -1,16 +1,16 @@
 import numpy as np
 import pytest
 import torch
+from sklearn import config_context
 from sklearn.decomposition import PCA
 
-from skdfm import _pca
 from skdfm._pca import (
     choose_solver,
     fit_pca,
     n_components_for_level,
-    project,
-    reconstruction_error,
+    pca_from_scatter,
 )
+from skdfm._scatter import Scatter
 
 from .conftest import make_features
 
@@ -78,47 +78,45 @@ def test_choose_solver_by_shape():
     assert choose_solver(20000, 4096) == "covariance"
 
 
-def test_chunked_passes_equal_unchunked(monkeypatch):
+def test_chunked_passes_equal_unchunked():
     X = torch.from_numpy(make_features(64, 100))
     whole = fit_pca(X, _keep(6), "gram")
-    z_whole, sq_whole = project(X, whole.mean, whole.components)
-    monkeypatch.setattr(_pca, "_CHUNK_BYTES", 8 * 64 * 7)  # 7 columns / rows a chunk
-    for solver in ("gram", "covariance"):
-        chunked = fit_pca(X, _keep(6), solver)
-        torch.testing.assert_close(chunked.mean, whole.mean, rtol=1e-12, atol=0)
-        torch.testing.assert_close(
-            _projector(chunked.components),
-            _projector(whole.components),
-            atol=1e-10,
-            rtol=0,
-        )
-    z, sq = project(X, whole.mean, whole.components)
-    torch.testing.assert_close(sq, sq_whole, rtol=1e-12, atol=0)
-    torch.testing.assert_close(z, z_whole, rtol=1e-10, atol=1e-12)
+    with config_context(working_memory=8 * 64 * 7 / 2**20):  # 7 columns / rows a chunk
+        for solver in ("gram", "covariance"):
+            chunked = fit_pca(X, _keep(6), solver)
+            torch.testing.assert_close(chunked.mean, whole.mean, rtol=1e-12, atol=0)
+            torch.testing.assert_close(
+                _projector(chunked.components),
+                _projector(whole.components),
+                atol=1e-10,
+                rtol=0,
+            )
 
 
-def test_reconstruction_error_equals_explicit_residual():
-    X = torch.from_numpy(make_features(80, 60))
-    pca = fit_pca(X, _keep(8))
-    new = torch.from_numpy(make_features(20, 60, seed=3))
-    z, sq = project(new, pca.mean, pca.components)
-    xc = new.double() - pca.mean
-    residual = xc - xc @ pca.components @ pca.components.T
+def test_pca_from_scatter_equals_the_covariance_route():
+    X = make_features(90, 40)
+    fitted = fit_pca(torch.from_numpy(X), _keep(5), "covariance")
+    scatter = Scatter(40, torch.device("cpu"))
+    for batch in np.array_split(X, [1, 30, 31]):
+        scatter.update(torch.from_numpy(batch), chunk_rows=16)
+    streamed = pca_from_scatter(scatter, _keep(5))
+    assert streamed.solver == "covariance" and streamed.training_projection is None
+    torch.testing.assert_close(streamed.mean, fitted.mean, rtol=1e-12, atol=1e-12)
+    # the same sign normalisation: the components themselves agree, not only spans
     torch.testing.assert_close(
-        reconstruction_error(z, sq), (residual**2).sum(1), rtol=1e-10, atol=0
+        streamed.components, fitted.components, rtol=0, atol=1e-9
     )
+    torch.testing.assert_close(
+        streamed.singular_values, fitted.singular_values, rtol=1e-10, atol=0
+    )
+    streamed.mean.add_(1.0)  # the fit owns its mean: the statistics are untouched
+    assert not torch.equal(streamed.mean, scatter.mean)
 
 
-def test_reconstruction_error_is_never_negative_in_the_subspace():
-    X = torch.from_numpy(make_features(80, 60))
-    pca = fit_pca(X, _keep(8))
-    # points exactly in the subspace: the two terms cancel to rounding noise
-    inside = (
-        pca.mean + torch.randn(500, 8, dtype=torch.float64) @ pca.components.T * 1e3
-    )
-    fre = reconstruction_error(*project(inside, pca.mean, pca.components))
-    assert (fre >= 0).all()
-    assert float(fre.max()) < 1e-12 * float((inside - pca.mean).pow(2).sum(1).max())
+def test_pca_from_scatter_needs_two_rows():
+    scatter = Scatter(3, torch.device("cpu")).update(torch.ones(1, 3), chunk_rows=1)
+    with pytest.raises(ValueError, match="at least 2"):
+        pca_from_scatter(scatter, _keep(1))
 
 
 def test_zero_variance_is_an_error():
@@ -131,7 +129,8 @@ def test_gram_route_gives_the_training_projection_for_free():
     X = torch.from_numpy(make_features(50, 120))
     pca = fit_pca(X, _keep(9), "gram")
     z, sq = pca.training_projection
-    z_ref, sq_ref = project(X, pca.mean, pca.components)
+    xc = X.double() - pca.mean
+    z_ref, sq_ref = xc @ pca.components, (xc * xc).sum(1)
     torch.testing.assert_close(sq, sq_ref, rtol=1e-12, atol=0)
     torch.testing.assert_close(z, z_ref, rtol=1e-9, atol=1e-12)
     assert fit_pca(X, _keep(9), "covariance").training_projection is None

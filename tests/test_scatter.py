@@ -11,7 +11,7 @@ def _two_pass(X):
 
 
 def test_lower_syrk_fills_the_lower_triangle_only(monkeypatch):
-    monkeypatch.setattr("skdfm._scatter._BLOCK", 4)  # several blocks
+    monkeypatch.setattr("skdfm._scatter._SYRK_BLOCK", 4)  # several blocks
     rows = torch.from_numpy(np.random.default_rng(0).normal(size=(7, 10)))
     out = torch.full((10, 10), 5.0, dtype=torch.float64)
     lower_syrk_(out, rows)

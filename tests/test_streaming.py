@@ -1,6 +1,7 @@
 """partial_fit on the detector and stream_fit on detectors and Pipelines."""
 
 import pickle
+import warnings
 
 import numpy as np
 import pytest
@@ -11,6 +12,7 @@ from sklearn.exceptions import NotFittedError
 from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import StandardScaler
 
+import skdfm._detector
 from skdfm import (
     DeepFeatureTransformer,
     DFMDetector,
@@ -45,6 +47,10 @@ def _streamed(X, sizes, **params):
 
 
 def _assert_same_model(streamed, fitted, X_test):
+    # Scoring finishes a pending streaming fit: compare scores first.
+    np.testing.assert_allclose(
+        streamed.score_samples(X_test), fitted.score_samples(X_test), rtol=1e-6
+    )
     assert streamed.n_components_ == fitted.n_components_
     np.testing.assert_allclose(streamed.mean_, fitted.mean_, rtol=1e-12, atol=1e-12)
     np.testing.assert_allclose(
@@ -59,9 +65,6 @@ def _assert_same_model(streamed, fitted, X_test):
     np.testing.assert_allclose(
         streamed.singular_values_, fitted.singular_values_, rtol=1e-9
     )
-    np.testing.assert_allclose(
-        streamed.score_samples(X_test), fitted.score_samples(X_test), rtol=1e-6
-    )
 
 
 @pytest.mark.parametrize("shape", [(400, 60), (90, 300)])  # N > D and N < D
@@ -74,8 +77,8 @@ def test_partial_fit_equals_fit(shape, score_type):
     fitted = DFMDetector(device="cpu", score_type=score_type, pca_level=0.95)
     fitted.fit(X_train)
     assert streamed.n_samples_seen_ == shape[0]
-    assert streamed.solver_ == "covariance"
     _assert_same_model(streamed, fitted, X_test)
+    assert streamed.solver_ == "covariance"
     np.testing.assert_allclose(
         streamed.explained_variance_ratio_, fitted.explained_variance_ratio_, rtol=1e-9
     )
@@ -92,6 +95,46 @@ def test_partial_fit_can_continue_after_scoring(features):
         det, DFMDetector(pca_level=0.9, device="cpu").fit(X_train), X_test
     )
     assert det.n_samples_seen_ == 120 and first_k > 0
+
+
+def test_components_are_computed_by_an_explicit_finish(features, monkeypatch):
+    X_train, X_test = features
+    det = _streamed(X_train, [60, 60])
+    # Reading a derived attribute computes nothing: it says how to get it.
+    with pytest.raises(AttributeError, match="finish_partial_fit"):
+        det.components_  # noqa: B018
+    assert not hasattr(det, "n_components_")
+    calls = []
+    original = skdfm._detector.pca_from_scatter
+
+    def counting(*args):
+        calls.append(1)
+        return original(*args)
+
+    monkeypatch.setattr(skdfm._detector, "pca_from_scatter", counting)
+    assert det.finish_partial_fit() is det
+    assert det.n_components_ > 0 and len(calls) == 1
+    det.finish_partial_fit()
+    det.score_samples(X_test)
+    assert len(calls) == 1  # nothing new merged: nothing recomputed
+    det.partial_fit(X_test)
+    det.score_samples(X_test)  # new rows: the next use recomputes
+    assert len(calls) == 2 and det.n_samples_seen_ == 160
+    det.finish_partial_fit(release=True)
+    assert "_scatter" not in vars(det) and det.finish_partial_fit() is det
+    with pytest.raises(NotFittedError, match="statistics of partial_fit"):
+        DFMDetector(device="cpu").fit(X_train).finish_partial_fit()
+
+
+def test_restart_starts_a_new_streaming_fit_without_a_warning(features):
+    X_train, X_test = features
+    det = _streamed(X_train[:60], [30, 30])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        det.partial_fit(X_train[60:], restart=True)
+    assert det.n_samples_seen_ == 60
+    _assert_same_model(det, DFMDetector(device="cpu").fit(X_train[60:]), X_test)
+    assert "set_partial_fit_request" not in dir(det)  # restart is not metadata
 
 
 def test_threshold_needs_a_second_pass(features):
@@ -197,9 +240,9 @@ def test_stream_fit_groups_single_paths_into_batches(tmp_path, monkeypatch):
     seen = []
     original = DFMDetector.partial_fit
 
-    def spy(self, X, y=None):
+    def spy(self, X, y=None, **kwargs):
         seen.append(len(X))
-        return original(self, X, y)
+        return original(self, X, y, **kwargs)
 
     monkeypatch.setattr(DFMDetector, "partial_fit", spy)
     model = _pipeline()
@@ -221,6 +264,11 @@ def test_stream_fit_rejects_what_it_cannot_stream(features):
         )
     with pytest.raises(ValueError, match="mixed"):
         stream_fit(DFMDetector(device="cpu"), ["a.png", X_train])
+    for bad in (0.9, -1, 0, True):
+        det = DFMDetector(device="cpu")
+        with pytest.raises(ValueError, match=r"contamination=.*\(0, 0.5\]"):
+            stream_fit(det, [X_train], threshold_batches=[X_train], contamination=bad)
+        assert not hasattr(det, "n_samples_seen_")  # refused before any batch ran
 
 
 @pytest.mark.cuda
