@@ -14,7 +14,7 @@ from sklearn.utils._param_validation import Interval, RealNotInt, StrOptions
 from sklearn.utils.validation import check_is_fitted, validate_data
 
 from ._chunks import chunk_rows
-from ._device import DeviceMixin, resolve_device
+from ._device import DeviceMixin, as_tensor, resolve_device
 from ._pca import (
     ComponentRule,
     PCAFit,
@@ -61,15 +61,6 @@ def _as_host_array(X):
             X = X.to(torch.float32)
         return X.cpu().numpy()
     return X
-
-
-def _as_tensor(X: np.ndarray, device: torch.device) -> torch.Tensor:
-    """Zero-copy on CPU (also for read-only arrays, which are never written)."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings(
-            "ignore", message="The given NumPy array is not writable"
-        )
-        return torch.as_tensor(X, device=device)
 
 
 def check_contamination(contamination) -> float:
@@ -323,7 +314,7 @@ class DFMDetector(DeviceMixin, PersistenceMixin, OutlierMixin, BaseEstimator):
         self._forget_fit()
         device = resolve_device(self.device)
         X = self._validate_features(X, reset=True)
-        Xt = _as_tensor(X, device)
+        Xt = as_tensor(X, device)
         pca = fit_pca(Xt, self._component_rule(*X.shape), solver=self.solver)
         self.device_ = str(device)
         self._set_components(pca, X.shape[0])
@@ -457,7 +448,7 @@ class DFMDetector(DeviceMixin, PersistenceMixin, OutlierMixin, BaseEstimator):
             self.device_ = str(device)
             self._scatter = Scatter(X.shape[1], device)
         scatter = self._scatter
-        Xt = _as_tensor(X, scatter.mean.device)
+        Xt = as_tensor(X, scatter.mean.device)
         scatter.update(Xt, chunk_rows=chunk_rows(X.shape[0], X.shape[1] * 8))
         for name in (*_STREAM_DERIVED, "_state"):
             state.pop(name, None)
@@ -561,7 +552,7 @@ class DFMDetector(DeviceMixin, PersistenceMixin, OutlierMixin, BaseEstimator):
         """``(score_samples, grid)`` of validated rows; no validation."""
         state = self._state
         scores, grid = score_rows(
-            _as_tensor(X, state.device), state, self.score_type, grid_shape=grid_shape
+            as_tensor(X, state.device), state, self.score_type, grid_shape=grid_shape
         )
         return -self._to_host(scores), grid
 

@@ -7,7 +7,13 @@ import warnings
 import torch
 from sklearn.utils.validation import check_is_fitted
 
-__all__ = ["DeviceMixin", "DeviceWarning", "loadable_device", "resolve_device"]
+__all__ = [
+    "DeviceMixin",
+    "DeviceWarning",
+    "as_tensor",
+    "loadable_device",
+    "resolve_device",
+]
 
 
 class DeviceWarning(UserWarning):
@@ -92,6 +98,16 @@ def loadable_device(device: str) -> str:
             stacklevel=3,
         )
         return "cpu"
+
+
+def as_tensor(X, device: torch.device, dtype: torch.dtype | None = None):
+    """``torch.as_tensor``: zero-copy where it can be, also for read-only arrays
+    (loaded or memory-mapped models), which skdfm never writes to."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings(
+            "ignore", message="The given NumPy array is not writable"
+        )
+        return torch.as_tensor(X, dtype=dtype, device=device)
 
 
 class DeviceMixin:

@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from ._chunks import chunk_rows
+from ._device import as_tensor
 
 __all__ = [
     "SCORE_TYPES",
@@ -93,11 +94,9 @@ class ScoringState:
         device: torch.device,
     ) -> ScoringState:
         """From ``mean_`` (D,), ``components_`` (k, D), ``singular_values_`` (k,)."""
-        mean_t = torch.as_tensor(mean, dtype=torch.float64, device=device)
-        rows = torch.as_tensor(components, dtype=torch.float64, device=device)
-        singular_values_t = torch.as_tensor(
-            singular_values, dtype=torch.float64, device=device
-        )
+        mean_t = as_tensor(mean, device, torch.float64)
+        rows = as_tensor(components, device, torch.float64)
+        singular_values_t = as_tensor(singular_values, device, torch.float64)
         return cls(mean_t, rows.T, gaussian_variances(singular_values_t, n_samples))
 
     @property

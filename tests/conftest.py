@@ -1,6 +1,7 @@
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 
 def pytest_collection_modifyitems(config, items):
@@ -60,3 +61,57 @@ def fitted_pipeline(defect_images):
         DFMDetector(pca_level=0.95, device="cpu"),
     )
     return model.fit(images[y == 1][:20])
+
+
+def write_mvtec_tree(root, size=(20, 24)):
+    """A tiny category: 3 train/good, 2 test/good, 2 test/scratch, 1 test/hole."""
+    rng = np.random.default_rng(0)
+
+    def save(path, array):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(array).save(path)
+
+    for i in range(3):
+        save(
+            root / "train" / "good" / f"{i:03d}.png",
+            rng.integers(0, 255, (*size, 3), "uint8"),
+        )
+    for i in range(2):
+        save(
+            root / "test" / "good" / f"{i:03d}.png",
+            rng.integers(0, 255, (*size, 3), "uint8"),
+        )
+    for defect, n in (("scratch", 2), ("hole", 1)):
+        for i in range(n):
+            save(
+                root / "test" / defect / f"{i:03d}.png",
+                rng.integers(0, 255, (*size, 3), "uint8"),
+            )
+            mask = np.zeros(size, np.uint8)
+            mask[2 + i : 6 + i, 3:9] = 255
+            save(root / "ground_truth" / defect / f"{i:03d}_mask.png", mask)
+    (root / "test" / "good" / "notes.txt").write_text("not an image")
+    return root
+
+
+@pytest.fixture
+def host_copies(monkeypatch):
+    """Shapes of the CUDA tensors copied to the host while the test runs
+    (``.cpu()`` and ``.to(<a host device>)``)."""
+    copied = []
+    cpu, to = torch.Tensor.cpu, torch.Tensor.to
+
+    def spy_cpu(self, *args, **kwargs):
+        if self.is_cuda:
+            copied.append(tuple(self.shape))
+        return cpu(self, *args, **kwargs)
+
+    def spy_to(self, *args, **kwargs):
+        out = to(self, *args, **kwargs)
+        if self.is_cuda and not out.is_cuda:
+            copied.append(tuple(self.shape))
+        return out
+
+    monkeypatch.setattr(torch.Tensor, "cpu", spy_cpu)
+    monkeypatch.setattr(torch.Tensor, "to", spy_to)
+    return copied

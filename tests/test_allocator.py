@@ -1,3 +1,4 @@
+import ctypes
 import platform
 import sys
 
@@ -16,9 +17,21 @@ def fresh(monkeypatch):
 @pytest.mark.skipif(not glibc, reason="needs glibc")
 def test_applies_once_on_glibc(monkeypatch):
     monkeypatch.delenv("SKDFM_KEEP_FREED_MEMORY", raising=False)
+    loaded = []
+    real = ctypes.CDLL
+
+    def counting(*args, **kwargs):  # every application loads libc to call mallopt
+        loaded.append(args)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(_allocator.ctypes, "CDLL", counting)
     assert _allocator.keep_freed_memory() is True
-    assert _allocator._applied is True
-    assert _allocator.keep_freed_memory() is True  # cached, not re-applied
+    assert len(loaded) == 1
+    assert _allocator.keep_freed_memory() is True
+    assert _allocator.keep_freed_memory() is True
+    assert len(loaded) == 1  # cached: not applied again
+    assert _allocator.keep_freed_memory(force=True) is True
+    assert len(loaded) == 2  # force does apply again
 
 
 def test_environment_variable_turns_it_off(monkeypatch):

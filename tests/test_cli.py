@@ -11,7 +11,7 @@ import skdfm._backbone
 from skdfm import make_defect_images
 from skdfm.cli import main
 
-from .test_datasets import write_mvtec_tree
+from .conftest import write_mvtec_tree
 
 TINY = [
     "--backbone", "test_resnet", "--layer", "layer2", "--input-size", "64",
@@ -170,3 +170,28 @@ def test_score_on_cuda_matches_cpu(model_file, good_dir, tmp_path, capsys):
         rows = list(csv.DictReader(out_csv.open()))
         scores[device] = [float(r["anomaly_score"]) for r in rows]
     np.testing.assert_allclose(scores["cuda"], scores["cpu"], rtol=1e-3)
+
+
+def test_each_file_is_decoded_once(good_dir, tmp_path, monkeypatch, capsys):
+    import skdfm._images as images_module
+
+    decoded = []
+    original = images_module.decode_image_file
+
+    def counting(path):
+        decoded.append(str(path))
+        return original(path)
+
+    monkeypatch.setattr(images_module, "decode_image_file", counting)
+    model_path = tmp_path / "model.joblib"
+    assert (
+        main(["fit", str(good_dir), "-o", str(model_path), "--random-init", *TINY]) == 3
+    )
+    assert sorted(decoded) == sorted(str(p) for p in good_dir.rglob("*.png"))
+    decoded.clear()
+    args = ["score", str(model_path), str(good_dir), "--maps", str(tmp_path / "maps")]
+    assert main([*args, "--no-progress", "--batch-size", "5"]) == 3
+    # scores, maps and overlays from one decode of each file (13, one unreadable)
+    assert sorted(decoded) == sorted(str(p) for p in good_dir.rglob("*.png"))
+    assert len(list((tmp_path / "maps").iterdir())) == 12
+    assert "scored 12 images" in capsys.readouterr().err

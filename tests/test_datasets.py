@@ -1,8 +1,9 @@
 import numpy as np
 import pytest
-from PIL import Image
 
 from skdfm import load_mvtec, make_defect_images
+
+from .conftest import write_mvtec_tree
 
 
 def test_make_defect_images_shapes_labels_masks():
@@ -56,37 +57,6 @@ def test_make_defect_images_validates():
         make_defect_images(2, 2, texture="marble")
     with pytest.raises(ValueError, match="image_size"):
         make_defect_images(2, 2, image_size=8)
-
-
-def write_mvtec_tree(root, size=(20, 24)):
-    """A tiny category: 3 train/good, 2 test/good, 2 test/scratch, 1 test/hole."""
-    rng = np.random.default_rng(0)
-
-    def save(path, array):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(array).save(path)
-
-    for i in range(3):
-        save(
-            root / "train" / "good" / f"{i:03d}.png",
-            rng.integers(0, 255, (*size, 3), "uint8"),
-        )
-    for i in range(2):
-        save(
-            root / "test" / "good" / f"{i:03d}.png",
-            rng.integers(0, 255, (*size, 3), "uint8"),
-        )
-    for defect, n in (("scratch", 2), ("hole", 1)):
-        for i in range(n):
-            save(
-                root / "test" / defect / f"{i:03d}.png",
-                rng.integers(0, 255, (*size, 3), "uint8"),
-            )
-            mask = np.zeros(size, np.uint8)
-            mask[2 + i : 6 + i, 3:9] = 255
-            save(root / "ground_truth" / defect / f"{i:03d}_mask.png", mask)
-    (root / "test" / "good" / "notes.txt").write_text("not an image")
-    return root
 
 
 def test_load_mvtec_test_split(tmp_path):

@@ -7,6 +7,7 @@ import torch
 from sklearn.decomposition import PCA
 from sklearn.exceptions import NotFittedError
 
+import skdfm._scores
 from skdfm import DFMDetector
 
 from .conftest import make_features
@@ -384,14 +385,106 @@ def test_device_tensors_are_validated_where_they_are(features):
 
 
 @pytest.mark.cuda
-def test_cuda_tensor_input_is_scored_without_leaving_the_gpu(features):
+def test_cuda_tensor_input_is_scored_without_leaving_the_gpu(features, host_copies):
     X_train, X_test = features
     det = DFMDetector(device="cuda").fit(torch.from_numpy(X_train).cuda())
     ref = DFMDetector(device="cpu").fit(X_train)
-    np.testing.assert_allclose(
-        det.score_samples(torch.from_numpy(X_test).cuda()),
-        ref.score_samples(X_test),
-        rtol=1e-6,
-    )
+    X_gpu = torch.from_numpy(X_test).cuda()
+    host_copies.clear()
+    scores = det.score_samples(X_gpu)
+    # only the scores come back: no feature row, no fitted array per call
+    assert host_copies == [(len(X_test),)]
+    np.testing.assert_allclose(scores, ref.score_samples(X_test), rtol=1e-6)
     with pytest.raises(ValueError, match="NaN or infinity"):
         det.score_samples(torch.full((2, 300), float("nan"), device="cuda"))
+
+
+# -- the detector's interface to the rest of the package ------------------------------
+
+
+def test_set_threshold_is_the_one_threshold_setter(features):
+    X_train, X_test = features
+    det = DFMDetector(device="cpu").fit(X_train)
+    scores = det.score_samples(X_test)
+    assert det.set_threshold(scores, contamination=np.float32(0.25)) is det
+    assert det.threshold_method_ == "contamination"
+    flagged = np.mean(det.predict(X_test) == -1)
+    assert 0.25 - 1 / len(X_test) <= flagged <= 0.25
+    assert det.score_range_ == (scores.min(), scores.max())
+    det.set_threshold(scores, offset=float(np.median(scores)), method="f1")
+    assert det.threshold_method_ == "f1" and np.mean(det.predict(X_test) == -1) == 0.5
+    bad_calls = [
+        (dict(contamination=0.9), r"contamination=0.9 must be a float in \(0, 0.5\]"),
+        (dict(contamination=-1), "contamination=-1"),
+        (dict(contamination=True), "contamination=True"),
+        (dict(contamination=0.1, offset=1.0), "exactly one"),
+        ({}, "exactly one"),
+        (dict(offset=1.0), "method"),
+        (dict(offset=np.nan, method="f1"), "finite offset"),
+    ]
+    for kwargs, message in bad_calls:
+        with pytest.raises(ValueError, match=message):
+            det.set_threshold(scores, **kwargs)
+    for bad_scores in ([], [1.0, np.nan]):
+        with pytest.raises(ValueError, match="at least one score, all finite"):
+            det.set_threshold(bad_scores, contamination=0.1)
+    with pytest.raises(NotFittedError):
+        DFMDetector().set_threshold(scores, contamination=0.1)
+
+
+def test_labels_from_scores_equal_predict(features):
+    X_train, X_test = features
+    det = DFMDetector(device="cpu").fit(X_train)
+    X = np.vstack([X_train[:20], X_test])  # training rows are mostly inliers
+    labels = det.labels_from_scores(det.score_samples(X))
+    np.testing.assert_array_equal(labels, det.predict(X))
+    assert set(labels) == {-1, 1}
+
+
+def test_score_samples_with_grid(features):
+    X_train, X_test = features  # 300 features = 12 channels on a 5 x 5 grid
+    det = DFMDetector(device="cpu").fit(X_train)
+    scores, grid = det.score_samples_with_grid(X_test, (12, 5, 5))
+    np.testing.assert_array_equal(scores, det.score_samples(X_test))  # same bits
+    assert grid.shape == (len(X_test), 5, 5) and grid.dtype == torch.float64
+    np.testing.assert_allclose(-grid.sum((1, 2)).numpy(), scores, rtol=1e-9)
+    with pytest.raises(ValueError, match=r"feature_shape=\(12, 5, 4\) has 240"):
+        det.score_samples_with_grid(X_test, (12, 5, 4))
+    with pytest.raises(ValueError, match="score_type='fre'"):
+        DFMDetector(score_type="nll", device="cpu").fit(
+            X_train
+        ).score_samples_with_grid(X_test, (12, 5, 5))
+    with pytest.raises(NotFittedError):
+        DFMDetector().score_samples_with_grid(X_test, (12, 5, 5))
+
+
+def test_fitted_subspace_stays_on_the_device_between_calls(features, monkeypatch):
+    X_train, X_test = features
+    det = DFMDetector(device="cpu").fit(X_train)
+    state = det._state
+    # On CPU the device copy is the fitted arrays themselves.
+    assert np.shares_memory(state.components.numpy(), det.components_)
+    assert np.shares_memory(state.mean.numpy(), det.mean_)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the fitted arrays were converted again")
+
+    monkeypatch.setattr(skdfm._scores.ScoringState, "from_arrays", refuse)
+    for method in (det.score_samples, det.decision_function, det.predict):
+        method(X_test)
+    assert det._state is state
+    det.fit(X_test)  # a new fit, a new state
+    assert det._state is not state
+
+
+def test_to_device_moves_a_streaming_fit_too(features):
+    X_train, X_test = features
+    det = DFMDetector(device="cpu")
+    det.partial_fit(X_train[:60])
+    assert det.to_device("cpu") is det and det.device == "cpu"
+    det.partial_fit(X_train[60:])
+    np.testing.assert_allclose(
+        det.score_samples(X_test),
+        DFMDetector(device="cpu").fit(X_train).score_samples(X_test),
+        rtol=1e-6,
+    )

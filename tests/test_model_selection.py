@@ -106,8 +106,8 @@ def grid_search(X, masks, cache):
         DFMDetector(device="cpu"),
     )
     grid = {
-        "deepfeaturetransformer__layer": ["layer1", "layer2", "layer3"],
-        "dfmdetector__pca_level": [0.8, 0.9, 0.95],
+        "deepfeaturetransformer__layer": ["layer1", "layer2"],
+        "dfmdetector__pca_level": [0.8, 0.95],
     }
     search = GridSearchCV(
         pipe,
@@ -127,8 +127,8 @@ def test_grid_search_runs_each_image_once_per_layer(defect_images, monkeypatch):
     counts = count_forwards(monkeypatch)
     cache = FeatureCache()
     cached = grid_search(X, masks, cache)
-    assert counts["images"] == 3 * n_images  # 3 layers, each image once
-    assert cache.misses == 3 * n_images and cache.hits > 0
+    assert counts["images"] == 2 * n_images  # 2 layers, each image once
+    assert cache.misses == 2 * n_images and cache.hits > 0
 
     counts.update(images=0, calls=0)
     plain = grid_search(X, masks, None)
@@ -136,7 +136,7 @@ def test_grid_search_runs_each_image_once_per_layer(defect_images, monkeypatch):
     per_search = sum(
         len(train) + 2 * len(test) for train, test in InlierKFold(3).split(X, masks)
     )
-    assert counts["images"] == 9 * per_search
+    assert counts["images"] == 4 * per_search  # 2 x 2 candidates
     for key in ("mean_test_image_auroc", "mean_test_pixel_auroc"):
         np.testing.assert_array_equal(cached.cv_results_[key], plain.cv_results_[key])
 

@@ -283,13 +283,18 @@ def test_partial_fit_on_cuda_matches_cpu(features):
 
 
 @pytest.mark.cuda
-def test_stream_fit_pipeline_on_cuda_keeps_features_on_the_gpu():
+def test_stream_fit_pipeline_on_cuda_keeps_features_on_the_gpu(host_copies):
     images, _, _ = make_defect_images(n_normal=24, n_anomalous=0, image_size=64)
     model = _pipeline(device="cuda", output="torch")
     stream_fit(
         model, (images[i : i + 8] for i in range(0, 24, 8)), threshold_batches=[images]
     )
     assert model[1].device_.startswith("cuda")
+    n_features = int(np.prod(model[0].feature_shape_))
+    # the one 2-D array that comes back is components_, never a batch of rows
+    matrices = [shape for shape in host_copies if len(shape) == 2]
+    assert matrices == [(model[1].n_components_, n_features)]
+    assert (len(images),) in host_copies  # the spy sees copies: the scores
     reference = _pipeline().fit(images)
     np.testing.assert_allclose(
         model.score_samples(images), reference.score_samples(images), rtol=1e-3

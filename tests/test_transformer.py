@@ -22,12 +22,14 @@ from torchvision.transforms import v2
 
 import skdfm
 import skdfm._backbone as backbone_module
+import skdfm._transformer as transformer_module
 from skdfm import (
     DeepFeatureTransformer,
     DeviceWarning,
     DFMDetector,
     SkdfmVersionWarning,
 )
+from skdfm._cache import weights_digest
 
 from .conftest import SMALL_BACKBONE
 
@@ -586,3 +588,37 @@ def test_cuda_pipeline_keeps_features_on_the_gpu(images, monkeypatch):
         DeepFeatureTransformer(**SMALL), DFMDetector(pca_level=3, device="cpu")
     ).fit(images)
     np.testing.assert_allclose(scores, reference.score_samples(images), rtol=1e-3)
+
+
+def test_weights_digest_is_computed_once_at_fit(images, monkeypatch):
+    tr = DeepFeatureTransformer(**SMALL, cache=skdfm.FeatureCache()).fit(images)
+    assert tr.weights_digest_ == weights_digest(tr.backbone_)
+    other = clone(tr).set_params(random_state=1).fit(images)
+    assert other.weights_digest_ != tr.weights_digest_
+
+    def refuse(model):
+        raise AssertionError("the backbone weights were hashed again")
+
+    monkeypatch.setattr(transformer_module, "weights_digest", refuse)
+    for _ in range(2):  # a miss, then a hit: the cache key uses the fitted digest
+        tr.transform(images)
+    assert tr.cache.hits == len(images)
+
+
+def test_transform_with_sizes_gives_each_images_own_size(fitted, tmp_path):
+    mixed = [make_images(1, size)[0] for size in [(48, 56), (30, 20)]]
+    features, sizes = fitted.transform_with_sizes(mixed)
+    np.testing.assert_array_equal(features, fitted.transform(mixed))
+    assert sizes == [(48, 56), (30, 20)]
+    path = tmp_path / "wide.png"
+    Image.fromarray(make_images(1, (17, 90))[0]).save(path)
+    assert fitted.transform_with_sizes([path])[1] == [(17, 90)]
+
+
+def test_to_device_moves_the_backbone(images):
+    tr = DeepFeatureTransformer(**dict(SMALL, device="auto")).fit(images)
+    before = tr.transform(images)
+    assert tr.to_device("cpu") is tr
+    assert tr.device == "cpu" and tr.device_ == "cpu"
+    assert next(tr.backbone_.parameters()).device == torch.device("cpu")
+    np.testing.assert_array_equal(tr.transform(images), before)

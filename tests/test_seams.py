@@ -1,0 +1,78 @@
+"""The package's seams: no module reaches into another object's private parts."""
+
+import ast
+from pathlib import Path
+
+import skdfm
+
+PACKAGE = Path(skdfm.__file__).parent
+OWN = {"self", "cls"}
+
+
+def _private(name: str) -> bool:
+    return name.startswith("_") and not (name.startswith("__") and name.endswith("__"))
+
+
+def _owner(node: ast.AST) -> bool:
+    """``self`` / ``cls`` / ``super()``: the object's own attributes."""
+    if isinstance(node, ast.Name):
+        return node.id in OWN
+    return (
+        isinstance(node, ast.Call)
+        and isinstance(node.func, ast.Name)
+        and node.func.id == "super"
+    )
+
+
+def cross_module_reaches(source: str) -> list[str]:
+    """Private names imported from sibling modules, private attributes of other
+    objects used, and fitted attributes (``name_``) of other objects written."""
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.ImportFrom) and node.level >= 1:
+            found += [
+                f"{node.lineno}: imports {node.module}.{alias.name}"
+                for alias in node.names
+                if _private(alias.name)
+            ]
+        elif isinstance(node, ast.Attribute) and _private(node.attr):
+            if not _owner(node.value):
+                found.append(f"{node.lineno}: uses {ast.unparse(node)}")
+        elif isinstance(node, (ast.Assign, ast.AugAssign, ast.AnnAssign)):
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            for target in targets:
+                if (
+                    isinstance(target, ast.Attribute)
+                    and target.attr.endswith("_")
+                    and not target.attr.startswith("__")
+                    and not _owner(target.value)
+                ):
+                    found.append(f"{node.lineno}: writes {ast.unparse(target)}")
+    return sorted(found, key=lambda line: int(line.split(":")[0]))
+
+
+def test_the_checker_finds_what_it_looks_for():
+    source = """
+from ._images import _read_file
+from ._pca import chunk_rows
+def f(detector, transformer):
+    detector._labels(1)
+    transformer.device_ = "cpu"
+    self._own()
+    super()._own()
+    self.fitted_ = 1
+"""
+    found = cross_module_reaches(source)
+    assert found == [
+        "2: imports _images._read_file",
+        "5: uses detector._labels",
+        "6: writes transformer.device_",
+    ]
+
+
+def test_no_module_reaches_into_another_objects_privates():
+    reaches = {
+        path.name: cross_module_reaches(path.read_text())
+        for path in sorted(PACKAGE.glob("*.py"))
+    }
+    assert {name: found for name, found in reaches.items() if found} == {}
