@@ -77,8 +77,8 @@ class DeepFeatureTransformer(
         (see Notes). Pooling and the output stay float32.
     channels_last : bool, default=True
         Run the backbone in channels-last memory format, faster for convolutions
-        on CPU (1.3-1.5x measured) and on tensor-core GPUs; features equal NCHW
-        ones (anomalib's) up to rounding. ``False`` runs NCHW. Either way the
+        on CPU and on tensor-core GPUs (see :doc:`/performance`); features equal
+        NCHW ones (anomalib's) up to rounding. ``False`` runs NCHW. Either way the
         layout is fixed by this parameter, never by the layout of the input.
     output : {"numpy", "torch"}, default="numpy"
         What ``transform`` returns: a float32 numpy array, or a float32 tensor on
@@ -144,12 +144,11 @@ class DeepFeatureTransformer(
     RGB. Two or four channels, other dtypes, and lists mixing element kinds are
     errors.
 
-    **Speed and precision options.** ``channels_last`` changes features by
-    rounding only (<= 3e-7 relative, measured on resnet18/resnet50) and was
-    1.3-1.5x faster on a 2-core AVX2 CPU. On glibc Linux the first CPU
-    ``transform`` tunes malloc to keep freed memory in the heap (see
-    :doc:`/performance`; 1.2-1.5x measured, more for larger backbones); set the
-    environment variable ``SKDFM_KEEP_FREED_MEMORY=0`` to keep glibc's defaults.
+    **Speed and precision options** (measured in :doc:`/performance`).
+    ``channels_last`` changes features by rounding only (<= 3e-7 relative on
+    resnet18/resnet50). On glibc Linux the first CPU ``transform`` tunes malloc to
+    keep freed memory in the heap; set the environment variable
+    ``SKDFM_KEEP_FREED_MEMORY=0`` to keep glibc's defaults.
     ``precision="bfloat16"`` keeps about 3 significant digits per activation:
     features moved by about 3e-3 relative (float16: 4e-4); scores are then not
     comparable with float32 ones, so fit and score with the same setting. It pays
