@@ -36,7 +36,7 @@ from ._scores import (
 __all__ = ["DFMDetector", "check_contamination"]
 
 _THRESHOLD_ATTRIBUTES = ("offset_", "threshold_method_", "score_range_")
-#: Attributes that partial_fit invalidates and that are computed on first use.
+#: Attributes that partial_fit invalidates and finish_partial_fit computes.
 _STREAM_DERIVED = (
     "mean_",
     "components_",
@@ -365,7 +365,10 @@ class DFMDetector(DeviceMixin, PersistenceMixin, OutlierMixin, BaseEstimator):
         self.explained_variance_ = singular_values**2 / (n - 1)
         self.explained_variance_ratio_ = singular_values**2 / pca.total_sum_squares
         self._state = ScoringState(
-            pca.mean, pca.components, gaussian_variances(pca.singular_values, n)
+            pca.mean,
+            pca.components,
+            gaussian_variances(pca.singular_values, n),
+            source=(self.mean_, self.components_, self.singular_values_),
         )
 
     def _build_state(self, device: torch.device) -> None:
@@ -548,9 +551,19 @@ class DFMDetector(DeviceMixin, PersistenceMixin, OutlierMixin, BaseEstimator):
     def _to_host(scores: torch.Tensor) -> np.ndarray:
         return scores.cpu().numpy()
 
+    def _scoring_state(self) -> ScoringState:
+        """The fitted subspace on ``device_``; rebuilt only if the fitted arrays were
+        replaced since it was built (``det.mean_ = ...``)."""
+        state = self._state
+        fitted = (self.mean_, self.components_, self.singular_values_)
+        if any(a is not b for a, b in zip(state.source, fitted, strict=True)):
+            self._build_state(state.device)
+            state = self._state
+        return state
+
     def _scores(self, X, grid_shape=None):
         """``(score_samples, grid)`` of validated rows; no validation."""
-        state = self._state
+        state = self._scoring_state()
         scores, grid = score_rows(
             as_tensor(X, state.device), state, self.score_type, grid_shape=grid_shape
         )

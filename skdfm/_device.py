@@ -92,7 +92,7 @@ def loadable_device(device: str) -> str:
     except ValueError:
         warnings.warn(
             f"This model was fitted on device {device!r}, which this machine does not "
-            "have; it will compute on 'cpu'. Call set_params(device=...) and refit, or "
+            "have; it will compute on 'cpu'. Call to_device(...) to pick another, or "
             "ignore this warning: results are the same.",
             DeviceWarning,
             stacklevel=3,
@@ -142,9 +142,9 @@ class DeviceMixin:
         """
         check_is_fitted(self)
         resolved = resolve_device(device)
+        self._move_fitted_state(resolved)  # first: a failed move changes nothing
         self.set_params(device=device)
         self.device_ = str(resolved)
-        self._move_fitted_state(resolved)
         return self
 
     def _move_fitted_state(self, device: torch.device) -> None:  # pragma: no cover

@@ -117,7 +117,10 @@ def anomaly_maps(model, X, *, size="image", feature_shape=None) -> AnomalyMaps:
     if transformer is not None:
         if feature_shape is not None:
             raise ValueError("feature_shape is only for a bare DFMDetector.")
-        features, image_sizes = transformer.transform_with_sizes(X)
+        if size == "image":
+            features, image_sizes = transformer.transform_with_sizes(X)
+        else:
+            features, image_sizes = transformer.transform(X), None
         feature_shape = transformer.feature_shape_
     else:
         if feature_shape is None:

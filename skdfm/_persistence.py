@@ -22,7 +22,9 @@ class PersistenceMixin:
     """Version stamp and device re-resolution for pickle, joblib and skops.
 
     Fitted state must be numpy or plain Python (never device tensors), so that the
-    pickle is portable; ``device_`` is the only device-bound attribute.
+    pickle is portable; ``device_`` is the only device-bound attribute. Device
+    copies of fitted state (the detector's private ``_state``) are dropped by the
+    estimator's ``__getstate__`` and rebuilt by its ``__setstate__``.
     """
 
     def __getstate__(self):

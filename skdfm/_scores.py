@@ -24,7 +24,7 @@ and, when asked, the grid from it. All of it runs in float64 on the device the
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -83,6 +83,9 @@ class ScoringState:
     mean: torch.Tensor  #: (D,)
     components: torch.Tensor  #: (D, k), orthonormal columns
     variances: torch.Tensor  #: (k,), floored, for ``"nll"``
+    #: the fitted arrays it was built from (compared by identity, to notice a
+    #: replaced ``mean_`` / ``components_`` / ``singular_values_``)
+    source: tuple = field(default=(None, None, None), compare=False, repr=False)
 
     @classmethod
     def from_arrays(
@@ -97,7 +100,8 @@ class ScoringState:
         mean_t = as_tensor(mean, device, torch.float64)
         rows = as_tensor(components, device, torch.float64)
         singular_values_t = as_tensor(singular_values, device, torch.float64)
-        return cls(mean_t, rows.T, gaussian_variances(singular_values_t, n_samples))
+        variances = gaussian_variances(singular_values_t, n_samples)
+        return cls(mean_t, rows.T, variances, (mean, components, singular_values))
 
     @property
     def device(self) -> torch.device:

@@ -100,10 +100,7 @@ def stream_fit(
     try:
         transformer, detector = split_model(model, fitted=False)
     except ValueError as error:
-        raise ValueError(
-            f"stream_fit needs a DFMDetector or a Pipeline of a "
-            f"DeepFeatureTransformer and a DFMDetector: {error}"
-        ) from None
+        raise ValueError(f"stream_fit: {error}") from None
     if contamination is not None or threshold_batches is not None:
         contamination = check_contamination(
             detector.contamination if contamination is None else contamination

@@ -1,7 +1,8 @@
 """The ``skdfm`` command: demo, fit, score and evaluate from a shell.
 
-Exit codes: 0 done; 1 failed (a message says why, nothing written); 2 bad
-command line; 3 done, but some images could not be read and were skipped
+Exit codes: 0 done; 1 failed (a message says why; no model or score table is
+written, though ``score --maps`` keeps the overlays of the batches done before);
+2 bad command line; 3 done, but some images could not be read and were skipped
 (each is listed on stderr).
 """
 
@@ -321,6 +322,7 @@ def cmd_fit(args) -> int:
         )
     else:
         print("threshold: in-sample (--holdout 0); expect more false alarms")
+    transformer.set_params(progress=not args.no_progress)  # as saved before
     joblib.dump(model, args.output)
     print(f"saved {args.output}")
     return EXIT_SKIPPED if skipped else EXIT_OK

@@ -97,9 +97,18 @@ def write_mvtec_tree(root, size=(20, 24)):
 @pytest.fixture
 def host_copies(monkeypatch):
     """Shapes of the CUDA tensors copied to the host while the test runs
-    (``.cpu()`` and ``.to(<a host device>)``)."""
+    (``.cpu()``, ``.to(<a host device>)``, ``.tolist()``, ``.item()``)."""
     copied = []
     cpu, to = torch.Tensor.cpu, torch.Tensor.to
+    for name in ("tolist", "item"):
+        method = getattr(torch.Tensor, name)
+
+        def spy(self, *args, _method=method, **kwargs):
+            if self.is_cuda:
+                copied.append(tuple(self.shape))
+            return _method(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, name, spy)
 
     def spy_cpu(self, *args, **kwargs):
         if self.is_cuda:

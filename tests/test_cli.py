@@ -75,7 +75,17 @@ def test_fit_skips_unreadable_files_and_saves(good_dir, tmp_path, capsys):
     assert "skipped" in captured.err and "broken.png" in captured.err
     assert "fitted on 10 images" in captured.out  # 12 readable, 2 held out
     model = joblib.load(model_path)
-    assert model[-1].threshold_method_ == "contamination"
+    detector = model[-1]
+    assert detector.threshold_method_ == "contamination"
+    assert detector.n_samples_ == 10
+    # the threshold comes from the 2 held-out images: the ends of its score range
+    # are two of the 12 good images' scores, and the offset lies between them
+    files = sorted(str(p) for p in good_dir.rglob("*.png") if p.name != "broken.png")
+    scores = model.score_samples(files)
+    low, high = detector.score_range_
+    for end in (low, high):
+        assert np.isclose(scores, end, rtol=1e-5).sum() == 1
+    assert low < detector.offset_ < high
 
 
 def test_fit_offline_without_random_init_fails_in_one_line(good_dir, tmp_path, capsys):

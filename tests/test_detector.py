@@ -488,3 +488,27 @@ def test_to_device_moves_a_streaming_fit_too(features):
         DFMDetector(device="cpu").fit(X_train).score_samples(X_test),
         rtol=1e-6,
     )
+
+
+def test_replaced_fitted_arrays_are_what_scores(features):
+    X_train, X_test = features
+    det = DFMDetector(device="cpu").fit(X_train)
+    before = det.score_samples(X_test)
+    det.mean_ = det.mean_ + 1.0  # a new array: the device state follows it
+    assert not np.allclose(det.score_samples(X_test), before)
+    det.mean_ = det.mean_ - 1.0
+    np.testing.assert_allclose(det.score_samples(X_test), before, rtol=1e-12)
+
+
+@pytest.mark.cuda
+def test_to_device_moves_state_and_statistics_to_cuda(features):
+    X_train, X_test = features
+    reference = DFMDetector(device="cpu").fit(X_train).score_samples(X_test)
+    det = DFMDetector(device="cpu").fit(X_train).to_device("cuda")
+    assert det._state.components.is_cuda and det.device_.startswith("cuda")
+    np.testing.assert_allclose(det.score_samples(X_test), reference, rtol=1e-6)
+    streaming = DFMDetector(device="cpu").partial_fit(X_train[:60])
+    streaming.to_device("cuda")
+    assert streaming._scatter.matrix.is_cuda
+    streaming.partial_fit(X_train[60:])
+    np.testing.assert_allclose(streaming.score_samples(X_test), reference, rtol=1e-6)

@@ -622,3 +622,12 @@ def test_to_device_moves_the_backbone(images):
     assert tr.device == "cpu" and tr.device_ == "cpu"
     assert next(tr.backbone_.parameters()).device == torch.device("cpu")
     np.testing.assert_array_equal(tr.transform(images), before)
+
+
+@pytest.mark.cuda
+def test_to_device_moves_the_backbone_to_cuda(images):
+    tr = DeepFeatureTransformer(**SMALL).fit(images)
+    before = tr.transform(images)
+    tr.to_device("cuda")
+    assert next(tr.backbone_.parameters()).is_cuda and tr.device_.startswith("cuda")
+    np.testing.assert_allclose(tr.transform(images), before, rtol=1e-3, atol=1e-4)
