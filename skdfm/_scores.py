@@ -160,8 +160,9 @@ def score_rows(
     # The same chunking with or without the grid, so scores are bit-identical.
     step = chunk_rows(n, 2 * 8 * d)
     for start in range(0, n, step):
-        # Promotion to float64 happens inside the subtraction (no float64 copy of X).
-        xc = X[start : start + step] - mean
+        # One float64 copy of the chunk, centred in place (a fresh result of the
+        # subtraction would be a second chunk-sized buffer to fault in).
+        xc = X[start : start + step].to(torch.float64, copy=True).sub_(mean)
         z = xc @ components
         sq_norm = torch.einsum("ij,ij->i", xc, xc)
         scores[start : start + step] = score_projection(z, sq_norm, state, score_type)
