@@ -14,6 +14,7 @@ from ._model_selection import (
 )
 from ._persistence import SkdfmVersionWarning
 from ._plotting import anomaly_map_grid, overlay_anomaly_map, plot_anomaly_maps
+from ._saving import ModelFileError, load, save
 from ._streaming import stream_fit
 from ._thresholds import calibrate_threshold, f1_adaptive_threshold, normalized_scores
 from ._transformer import DeepFeatureTransformer
@@ -27,6 +28,7 @@ __all__ = [
     "DeviceWarning",
     "FeatureCache",
     "InlierKFold",
+    "ModelFileError",
     "SkdfmVersionWarning",
     "__version__",
     "anomaly_map_grid",
@@ -38,6 +40,7 @@ __all__ = [
     "f1_adaptive_threshold",
     "image_auroc",
     "image_auroc_scorer",
+    "load",
     "load_mvtec",
     "make_defect_images",
     "normalized_scores",
@@ -45,5 +48,6 @@ __all__ = [
     "pixel_auroc",
     "pixel_auroc_scorer",
     "plot_anomaly_maps",
+    "save",
     "stream_fit",
 ]

@@ -3,7 +3,12 @@
 Exit codes: 0 done; 1 failed (a message says why; no model or score table is
 written, though ``score --maps`` keeps the overlays of the batches done before);
 2 bad command line; 3 done, but some images could not be read and were skipped
-(each is listed on stderr).
+(each is listed on stderr); 130 interrupted (Ctrl-C), 143 terminated (SIGTERM): files
+being written are removed, the ones they would replace are left as they were.
+
+Model files are ``.skdfm`` files (:func:`skdfm.save`): data that loading parses and
+checks, never code. A joblib/pickle model runs whatever code it holds when loaded,
+so the command loads one only with ``--allow-pickle``, for files you trust.
 """
 
 from __future__ import annotations
@@ -17,9 +22,12 @@ from pathlib import Path
 
 import numpy as np
 
+from ._files import Terminated, atomic_write, terminate_as_exception
 from ._images import IMAGE_SUFFIXES
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_SKIPPED = 0, 1, 2, 3
+EXIT_INTERRUPTED, EXIT_TERMINATED = 130, 143
+PICKLE_SUFFIXES = frozenset({".joblib", ".pkl", ".pickle"})
 
 
 class CommandError(Exception):
@@ -71,17 +79,35 @@ def _file_batches(paths: list[str], batch_size: int, *, progress: bool):
         yield batch
 
 
-def _load_model(path: str, args):
-    import joblib
-
-    from ._model import move_model, split_model
+def _read_model(path: str, *, allow_pickle: bool):
+    """A model from an .skdfm file, or from a pickle only when allowed."""
+    from ._saving import ModelFileError, is_model_file, load
 
     if not Path(path).is_file():
         raise CommandError(f"no such model file: {path}")
+    if is_model_file(path):
+        try:
+            return load(path)
+        except ModelFileError as error:
+            raise CommandError(str(error)) from error
+    if not allow_pickle:
+        raise CommandError(
+            f"{path} is not an .skdfm model file. If it is a joblib/pickle model you "
+            "trust, pass --allow-pickle: loading a pickle runs any code it holds. "
+            "Better, re-save it with skdfm.save(joblib.load(path), 'model.skdfm')."
+        )
+    import joblib
+
     try:
-        model = joblib.load(path)
+        return joblib.load(path)
     except Exception as error:  # a pickle can fail in many ways
         raise CommandError(f"cannot load model {path}: {error}") from error
+
+
+def _load_model(path: str, args):
+    from ._model import move_model, split_model
+
+    model = _read_model(path, allow_pickle=args.allow_pickle)
     try:
         transformer, _ = split_model(model)
     except ValueError as error:
@@ -246,13 +272,12 @@ def _demo_picture(path: Path, images, truth, masks, result) -> None:
         masks=masks[show],
         vmax=float(np.percentile(result.maps, 99.9)),  # one hot defect sets no scale
     )
-    Image.fromarray(picture).save(path)
+    with atomic_write(path) as handle:
+        Image.fromarray(picture).save(handle, format="PNG")
 
 
 def cmd_demo(args) -> int:
-    import joblib
-
-    from . import anomaly_maps, calibrate_threshold
+    from . import anomaly_maps, calibrate_threshold, save
 
     start = time.perf_counter()
     out = Path(args.out)
@@ -272,8 +297,8 @@ def cmd_demo(args) -> int:
     calibrate_threshold(model, images[val], y[val], method="f1")
     result = anomaly_maps(model, images[test])
     _demo_report(y[test], masks[test], result)
-    model_path = out / "model.joblib"
-    joblib.dump(model, model_path)
+    model_path = out / "model.skdfm"
+    save(model, model_path)
     picture_path = out / "anomaly_maps.png"
     _demo_picture(picture_path, images[test], y[test], masks[test], result)
     print(f"saved {model_path} ({model_path.stat().st_size / 1e6:.1f} MB)")
@@ -286,7 +311,7 @@ def cmd_demo(args) -> int:
 
 
 def cmd_fit(args) -> int:
-    import joblib
+    from . import save
 
     files = _collect_images([args.normal_images])
     model = _build_pipeline(args)
@@ -323,7 +348,7 @@ def cmd_fit(args) -> int:
     else:
         print("threshold: in-sample (--holdout 0); expect more false alarms")
     transformer.set_params(progress=not args.no_progress)  # as saved before
-    joblib.dump(model, args.output)
+    save(model, args.output)
     print(f"saved {args.output}")
     return EXIT_SKIPPED if skipped else EXIT_OK
 
@@ -366,7 +391,7 @@ def cmd_score(args) -> int:
     for path, score, norm, label in rows:
         writer.writerow([path, f"{score:.6g}", f"{norm:.4f}", label])
     if args.csv:
-        with open(args.csv, "w", newline="") as handle:
+        with atomic_write(args.csv, "w") as handle:
             out = csv.writer(handle)
             out.writerow(["path", "anomaly_score", "normalized", "label"])
             out.writerows(rows)
@@ -462,6 +487,15 @@ def _add_model_options(parser, *, backbone: str, layer: str, pooling: int) -> No
     )
 
 
+def _add_allow_pickle(parser) -> None:
+    parser.add_argument(
+        "--allow-pickle",
+        action="store_true",
+        help="also load a joblib/pickle MODEL; only for files you trust: loading a "
+        "pickle runs any code it holds",
+    )
+
+
 def _add_demo(commands) -> None:
     demo = commands.add_parser(
         "demo",
@@ -498,7 +532,11 @@ def _add_fit(commands) -> None:
         "normal_images", metavar="NORMAL_DIR", help="folder of good images"
     )
     fit.add_argument(
-        "-o", "--output", required=True, metavar="MODEL", help="model file to write"
+        "-o",
+        "--output",
+        required=True,
+        metavar="MODEL",
+        help="model file to write (.skdfm: data, safe to load; see 'skdfm.save')",
     )
     fit.add_argument(
         "--holdout",
@@ -526,6 +564,7 @@ def _add_score(commands) -> None:
         "score normalised to [0, 1] with 0.5 at the threshold, and its label.",
     )
     score.add_argument("model", metavar="MODEL", help="model file from 'skdfm fit'")
+    _add_allow_pickle(score)
     score.add_argument("images", nargs="+", metavar="IMAGE_OR_DIR")
     score.add_argument("--csv", metavar="FILE", help="also write the table as CSV")
     score.add_argument("--maps", metavar="DIR", help="write anomaly-map overlays here")
@@ -540,7 +579,8 @@ def _add_evaluate(commands) -> None:
         description="Evaluate a saved model on <category>/test and "
         "<category>/ground_truth (the MVTec AD layout).",
     )
-    evaluate.add_argument("model", metavar="MODEL")
+    evaluate.add_argument("model", metavar="MODEL", help="model file from 'skdfm fit'")
+    _add_allow_pickle(evaluate)
     evaluate.add_argument("category", metavar="CATEGORY_DIR")
     _add_runtime(evaluate)
     evaluate.set_defaults(func=cmd_evaluate)
@@ -554,7 +594,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Deep Feature Modeling (DFM) anomaly detection: fit on images "
         "of good parts, score new ones, localise defects.",
         epilog="Exit codes: 0 done; 1 failed; 2 bad command line; 3 done, some "
-        "images skipped (listed on stderr).",
+        "images skipped (listed on stderr); 130 interrupted; 143 terminated. Model "
+        "files are .skdfm (data, checked when loaded); pickles only with "
+        "--allow-pickle.",
     )
     parser.add_argument("--version", action="version", version=f"skdfm {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
@@ -565,17 +607,29 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     """Run the ``skdfm`` command; returns the exit code."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     if getattr(args, "batch_size", None) is not None and args.batch_size < 1:
-        build_parser().error("--batch-size must be at least 1")
+        parser.error("--batch-size must be at least 1")
+    output = getattr(args, "output", None)
+    if output is not None and Path(output).suffix.lower() in PICKLE_SUFFIXES:
+        parser.error(
+            f"-o {output}: the command writes .skdfm model files (data, safe to "
+            "load), not pickles; name it e.g. model.skdfm"
+        )
     try:
-        return args.func(args)
+        with terminate_as_exception():
+            return args.func(args)
     except CommandError as error:
         _say(f"skdfm: error: {error}")
     except (OSError, ValueError) as error:
         _say(f"skdfm: error: {error}")
     except KeyboardInterrupt:
         _say("skdfm: interrupted")
+        return EXIT_INTERRUPTED
+    except Terminated:
+        _say("skdfm: terminated")
+        return EXIT_TERMINATED
     return EXIT_FAILED
 
 

@@ -2,11 +2,12 @@
 
 import csv
 
-import joblib
+import joblib  # noqa: F401  (pickles made by the tests)
 import numpy as np
 import pytest
 from PIL import Image
 
+import skdfm
 import skdfm._backbone
 from skdfm import make_defect_images
 from skdfm.cli import main
@@ -62,19 +63,19 @@ def test_demo_offline_falls_back_to_random_init(tmp_path, capsys):
     for line in ("image AUROC: ", "pixel AUROC: ", "AUPRO (FPR <= 0.3): "):
         value = float(captured.out.split(line)[1].split()[0])
         assert 0.5 < value <= 1.0
-    assert (tmp_path / "model.joblib").is_file()
+    assert (tmp_path / "model.skdfm").is_file()
     picture = np.asarray(Image.open(tmp_path / "anomaly_maps.png"))
     assert picture.shape == (2 * 64, 8 * 64, 3)
 
 
 def test_fit_skips_unreadable_files_and_saves(good_dir, tmp_path, capsys):
-    model_path = tmp_path / "model.joblib"
+    model_path = tmp_path / "model.skdfm"
     code = main(["fit", str(good_dir), "-o", str(model_path), "--random-init", *TINY])
     captured = capsys.readouterr()
     assert code == 3
     assert "skipped" in captured.err and "broken.png" in captured.err
     assert "fitted on 10 images" in captured.out  # 12 readable, 2 held out
-    model = joblib.load(model_path)
+    model = skdfm.load(model_path)
     detector = model[-1]
     assert detector.threshold_method_ == "contamination"
     assert detector.n_samples_ == 10
@@ -89,18 +90,18 @@ def test_fit_skips_unreadable_files_and_saves(good_dir, tmp_path, capsys):
 
 
 def test_fit_offline_without_random_init_fails_in_one_line(good_dir, tmp_path, capsys):
-    code = main(["fit", str(good_dir), "-o", str(tmp_path / "m.joblib"), *TINY])
+    code = main(["fit", str(good_dir), "-o", str(tmp_path / "m.skdfm"), *TINY])
     err = capsys.readouterr().err
     assert code == 1
     last = err.strip().splitlines()[-1]
     assert last.startswith("skdfm: error: pretrained weights of test_resnet")
     assert "--checkpoint FILE" in last
-    assert not (tmp_path / "m.joblib").exists()
+    assert not (tmp_path / "m.skdfm").exists()
 
 
 @pytest.fixture
 def model_file(good_dir, tmp_path):
-    path = tmp_path / "model.joblib"
+    path = tmp_path / "model.skdfm"
     assert main(["fit", str(good_dir), "-o", str(path), "--random-init", *TINY]) == 3
     return path
 
@@ -121,7 +122,7 @@ def test_score_prints_csv_and_maps(model_file, good_dir, tmp_path, capsys):
     rows = list(csv.DictReader(out_csv.open()))
     assert [r["path"] for r in rows] == files[:3]
     assert all(0 <= float(r["normalized"]) <= 1 for r in rows)
-    model = joblib.load(model_file)
+    model = skdfm.load(model_file)
     expected = -model.score_samples(files[:3])
     np.testing.assert_allclose([float(r["anomaly_score"]) for r in rows], expected)
     assert sorted(p.name for p in maps.iterdir()) == [
@@ -139,7 +140,7 @@ def test_score_reports_skipped_and_bad_paths(model_file, good_dir, capsys):
     assert capsys.readouterr().err.strip() == (
         "skdfm: error: no such file or folder: missing.png"
     )
-    assert main(["score", "nothing.joblib", str(good_dir)]) == 1
+    assert main(["score", "nothing.skdfm", str(good_dir)]) == 1
     assert "no such model file" in capsys.readouterr().err
 
 
@@ -154,7 +155,7 @@ def test_evaluate_an_mvtec_category(model_file, tmp_path, capsys):
 
 
 def test_nll_models_score_and_evaluate_without_maps(good_dir, tmp_path, capsys):
-    model_path = tmp_path / "nll.joblib"
+    model_path = tmp_path / "nll.skdfm"
     args = ["fit", str(good_dir), "-o", str(model_path), "--random-init"]
     assert main([*args, "--score-type", "nll", *TINY]) == 3
     files = sorted(str(p) for p in good_dir.rglob("*.png") if p.name != "broken.png")
@@ -193,7 +194,7 @@ def test_each_file_is_decoded_once(good_dir, tmp_path, monkeypatch, capsys):
         return original(path)
 
     monkeypatch.setattr(images_module, "decode_image_file", counting)
-    model_path = tmp_path / "model.joblib"
+    model_path = tmp_path / "model.skdfm"
     assert (
         main(["fit", str(good_dir), "-o", str(model_path), "--random-init", *TINY]) == 3
     )

@@ -1,0 +1,98 @@
+"""Files the package writes: to a temporary name in the same folder, then renamed.
+
+A model file that is being written must never replace a working one half-way: the
+bytes go to a temporary file next to the target (same file system, so the rename is
+atomic), are flushed and fsynced, and only then ``os.replace`` puts the complete file
+in place. A writer killed at any moment leaves either the old file or the new one,
+never a stub; a write that fails removes its temporary file.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import tempfile
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
+from pathlib import Path
+
+__all__ = ["Terminated", "atomic_write", "terminate_as_exception"]
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+@contextmanager
+def atomic_write(path, mode: str = "wb") -> Iterator:
+    """Open a temporary file beside ``path``; on success it replaces ``path``.
+
+    Parameters
+    ----------
+    path : str or path-like
+        The file to write. Its folder must exist.
+    mode : {"wb", "w"}
+        Binary or text.
+
+    Raises
+    ------
+    FileNotFoundError, PermissionError
+        When the folder does not exist or cannot be written, naming it.
+    """
+    path = Path(path)
+    folder = path.parent if str(path.parent) else Path(".")
+    if not folder.is_dir():
+        raise FileNotFoundError(f"Cannot write {path}: no folder {folder}.")
+    try:
+        fd, temporary = tempfile.mkstemp(
+            prefix=f".{path.name}.", suffix=".tmp", dir=folder
+        )
+    except PermissionError as error:
+        raise PermissionError(f"Cannot write {path}: {error.strerror}.") from error
+    try:
+        # mkstemp creates 0600; give the file the permissions a plain open() would.
+        os.chmod(temporary, 0o666 & ~_umask())
+        with os.fdopen(fd, mode) as handle:
+            yield handle
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        with suppress(OSError):
+            os.unlink(temporary)
+        raise
+    with suppress(OSError):  # make the rename itself durable (POSIX)
+        directory = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(directory)
+        finally:
+            os.close(directory)
+
+
+class Terminated(BaseException):
+    """SIGTERM arrived: unwinds like KeyboardInterrupt, so files are cleaned up."""
+
+
+@contextmanager
+def terminate_as_exception() -> Iterator[None]:
+    """Turn SIGTERM into :class:`Terminated` while the block runs (main thread only).
+
+    Python's default SIGTERM handling ends the process at once, leaving temporary
+    files behind; raising instead runs every ``finally`` and ``except`` on the way
+    out.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        raise Terminated()
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)

@@ -1,0 +1,512 @@
+"""Model files that are data, never code: :func:`save` and :func:`load`.
+
+A ``.skdfm`` file is a `safetensors <https://github.com/huggingface/safetensors>`_
+file: an 8-byte little-endian header length, a JSON header naming each array (dtype,
+shape, byte range), then the arrays' bytes. Its ``__metadata__`` holds
+
+* ``format`` = ``"skdfm-model"``;
+* ``skdfm``: a JSON document with the format version, the creation time (UTC), the
+  versions of skdfm, torch, timm, scikit-learn, numpy and Python that wrote it, the
+  backbone's name, layer and weights digest, and the model: each estimator as its
+  class name (from a fixed allow-list) and its state (parameters and fitted
+  attributes: JSON values, or references to arrays);
+* ``sha256``: a SHA-256 digest of that document and of every array's name, dtype,
+  shape and bytes.
+
+Loading parses; it never unpickles, imports or calls anything named by the file.
+Before any array is read, the header's declared sizes are checked against the file's
+length; then the digest is checked, so a changed byte anywhere is an error rather
+than a different model; then only allow-listed classes are rebuilt, through the
+same ``__setstate__`` contract as a pickle (version warnings, a device that does not
+exist here becomes the CPU).
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import json
+import math
+import os
+import platform
+from pathlib import Path
+
+import numpy as np
+
+from ._files import atomic_write
+
+__all__ = ["SUFFIX", "ModelFileError", "is_model_file", "load", "save"]
+
+#: The suffix the command line gives model files.
+SUFFIX = ".skdfm"
+_FORMAT = "skdfm-model"
+_FORMAT_VERSION = 1
+_MAX_HEADER_BYTES = 100 * 2**20  # safetensors' own limit
+_DTYPES = {
+    "F64": np.float64,
+    "F32": np.float32,
+    "F16": np.float16,
+    "I64": np.int64,
+    "I32": np.int32,
+    "I16": np.int16,
+    "I8": np.int8,
+    "U8": np.uint8,
+    "BOOL": np.bool_,
+}
+
+
+class ModelFileError(ValueError):
+    """A model file is damaged, foreign or holds something skdfm does not load."""
+
+    def __init__(self, path, problem: str):
+        self.path = os.fspath(path)
+        super().__init__(f"Model file {self.path!r} {problem}")
+
+
+def _allowed_classes() -> dict:
+    from sklearn.pipeline import Pipeline
+
+    from ._detector import DFMDetector
+    from ._transformer import DeepFeatureTransformer
+
+    return {
+        "skdfm.DFMDetector": DFMDetector,
+        "skdfm.DeepFeatureTransformer": DeepFeatureTransformer,
+        "sklearn.pipeline.Pipeline": Pipeline,
+    }
+
+
+def _class_name(model) -> str:
+    for name, cls in _allowed_classes().items():
+        if type(model) is cls:
+            return name
+    raise TypeError(
+        f"skdfm.save stores a DFMDetector, a DeepFeatureTransformer or a Pipeline of "
+        f"them, not a {type(model).__module__}.{type(model).__name__}."
+    )
+
+
+# -- writing -------------------------------------------------------------------------
+
+
+class _Encoder:
+    """Estimator state to JSON values; arrays to named tensors."""
+
+    def __init__(self):
+        self.tensors: dict[str, np.ndarray] = {}
+
+    def value(self, value, key: str):
+        import torch
+
+        from ._cache import FeatureCache
+
+        if isinstance(value, np.generic):
+            value = value.item()
+        if value is None or isinstance(value, (bool, int, str)):
+            return value
+        if isinstance(value, float):
+            return value if math.isfinite(value) else {"__float__": repr(value)}
+        if isinstance(value, tuple):
+            return {
+                "__tuple__": [self.value(v, f"{key}/{i}") for i, v in enumerate(value)]
+            }
+        if isinstance(value, list):
+            return [self.value(v, f"{key}/{i}") for i, v in enumerate(value)]
+        if isinstance(value, np.ndarray):
+            if value.dtype.kind in "OUS":
+                if value.ndim != 1 or not all(isinstance(v, str) for v in value):
+                    raise ValueError(f"Cannot save {key}: not a 1-D array of strings.")
+                return {"__strings__": [str(v) for v in value]}
+            if np.dtype(value.dtype).newbyteorder("<") not in {
+                np.dtype(d).newbyteorder("<") for d in _DTYPES.values()
+            }:
+                raise ValueError(f"Cannot save {key}: dtype {value.dtype}.")
+            self.tensors[key] = np.ascontiguousarray(value)
+            return {"__tensor__": key}
+        if isinstance(value, dict):
+            if not all(isinstance(k, str) for k in value):
+                raise ValueError(f"Cannot save {key}: a dict with non-string keys.")
+            return {
+                "__dict__": {k: self.value(v, f"{key}/{k}") for k, v in value.items()}
+            }
+        if isinstance(value, torch.device):
+            return str(value)
+        if isinstance(value, os.PathLike):
+            return os.fspath(value)
+        if isinstance(value, FeatureCache):  # its rows are never saved
+            return {"__feature_cache__": value.max_bytes}
+        raise ValueError(
+            f"Cannot save {key}: a {type(value).__name__} is not data a model file "
+            "holds (set it to an int, a string or None first)."
+        )
+
+    def model(self, model, prefix: str) -> dict:
+        from sklearn.pipeline import Pipeline
+        from sklearn.utils.validation import check_is_fitted
+
+        name = _class_name(model)
+        if isinstance(model, Pipeline):
+            if model.memory is not None or getattr(model, "transform_input", None):
+                raise ValueError(
+                    "skdfm.save stores Pipelines without memory or transform_input."
+                )
+            steps = []
+            for step_name, step in model.steps:
+                if step is None or (isinstance(step, str) and step == "passthrough"):
+                    steps.append([step_name, step])
+                else:
+                    steps.append([step_name, self.model(step, f"{prefix}{step_name}/")])
+            return {"class": name, "steps": steps, "verbose": bool(model.verbose)}
+        check_is_fitted(model)
+        state = model.__getstate__()
+        return {
+            "class": name,
+            "state": {k: self.value(v, f"{prefix}{k}") for k, v in state.items()},
+        }
+
+
+def _digest(document: str, tensors: dict) -> str:
+    digest = hashlib.sha256(b"skdfm-model\0")
+    digest.update(document.encode("utf-8"))
+    for name in sorted(tensors):
+        array = np.ascontiguousarray(tensors[name])
+        digest.update(json.dumps([name, array.dtype.str, list(array.shape)]).encode())
+        digest.update(memoryview(array).cast("B"))
+    return digest.hexdigest()
+
+
+def _versions() -> dict:
+    import sklearn
+    import torch
+
+    from . import __version__
+
+    versions = {
+        "skdfm": __version__,
+        "torch": torch.__version__,
+        "scikit-learn": sklearn.__version__,
+        "numpy": np.__version__,
+        "python": platform.python_version(),
+    }
+    try:
+        import timm
+
+        versions["timm"] = timm.__version__
+    except ImportError:  # pragma: no cover - timm is a dependency
+        pass
+    return versions
+
+
+def _backbone_info(model) -> dict | None:
+    from sklearn.pipeline import Pipeline
+
+    from ._transformer import DeepFeatureTransformer
+
+    steps = model.steps if isinstance(model, Pipeline) else [(None, model)]
+    found = [s for _, s in steps if isinstance(s, DeepFeatureTransformer)]
+    if not found:
+        return None
+    transformer = found[0]
+    return {
+        "name": transformer.backbone,
+        "layer": transformer.layer_,
+        "weights_digest": transformer.weights_digest_,
+    }
+
+
+def save(model, path) -> Path:
+    """Save a fitted model to a file that loading parses and never executes.
+
+    The file holds every array in `safetensors`_ form (the backbone's weights, the
+    components, ...) and, as JSON, the parameters, the fitted scalars, the versions
+    that wrote it, the backbone's name and weights digest, the creation time and a
+    SHA-256 digest of all of it. It is written to a temporary file beside ``path``
+    and renamed into place: a crash leaves the old file or the new one, never a
+    partial file. See :doc:`/persistence` for the format and what loading checks.
+
+    .. _safetensors: https://github.com/huggingface/safetensors
+
+    Parameters
+    ----------
+    model : DFMDetector, DeepFeatureTransformer or Pipeline
+        Fitted; a Pipeline may hold only these two (``"passthrough"`` steps
+        aside). A ``FeatureCache`` is not saved (a loaded model gets an empty one),
+        a pending ``partial_fit`` is finished first, as pickling does.
+    path : str or path-like
+        Where to write; the suffix is up to you (the command uses ``.skdfm``).
+
+    Returns
+    -------
+    path : pathlib.Path
+
+    Examples
+    --------
+    >>> import numpy as np, skdfm, tempfile, os
+    >>> X = np.random.default_rng(0).normal(size=(50, 8))
+    >>> det = skdfm.DFMDetector(pca_level=3, device="cpu").fit(X)
+    >>> path = os.path.join(tempfile.mkdtemp(), "det.skdfm")
+    >>> _ = skdfm.save(det, path)
+    >>> np.array_equal(skdfm.load(path).score_samples(X), det.score_samples(X))
+    True
+    """
+    from safetensors.numpy import save as save_tensors
+
+    encoder = _Encoder()
+    document = {
+        "format_version": _FORMAT_VERSION,
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(),
+        "versions": _versions(),
+        "backbone": _backbone_info(model),
+        "model": encoder.model(model, ""),
+    }
+    text = json.dumps(document, sort_keys=True, allow_nan=False)
+    metadata = {
+        "format": _FORMAT,
+        "skdfm": text,
+        "sha256": _digest(text, encoder.tensors),
+    }
+    data = save_tensors(encoder.tensors, metadata=metadata)
+    path = Path(path)
+    with atomic_write(path) as handle:
+        handle.write(data)
+    return path
+
+
+# -- reading -------------------------------------------------------------------------
+
+
+def _header(handle, size: int, path) -> tuple[dict, int]:
+    """The parsed JSON header and its length, after checking it against the file."""
+    head = handle.read(8)
+    if len(head) < 8:
+        raise ModelFileError(path, f"has {size} bytes: too short for a model file.")
+    length = int.from_bytes(head, "little")
+    if length > min(size - 8, _MAX_HEADER_BYTES):
+        raise ModelFileError(
+            path,
+            f"declares a {length}-byte header but has {size} bytes: it is truncated "
+            "or not an skdfm model file.",
+        )
+    try:
+        header = json.loads(handle.read(length).decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise ModelFileError(
+            path, "has no readable header: not an skdfm model file."
+        ) from None
+    if not isinstance(header, dict):
+        raise ModelFileError(path, "has no readable header: not an skdfm model file.")
+    return header, length
+
+
+def _check_layout(header: dict, data_bytes: int, path) -> None:
+    """Every declared array must fit the file exactly: nothing is allocated before."""
+    spans = []
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            dtype = np.dtype(_DTYPES[info["dtype"]])
+            shape = [int(s) for s in info["shape"]]
+            begin, end = (int(o) for o in info["data_offsets"])
+        except (KeyError, TypeError, ValueError):
+            raise ModelFileError(path, f"declares array {name!r} badly.") from None
+        if (
+            any(s < 0 for s in shape)
+            or math.prod(shape) * dtype.itemsize != end - begin
+        ):
+            raise ModelFileError(
+                path, f"declares array {name!r} with a size that does not add up."
+            )
+        spans.append((begin, end))
+    position = 0
+    for begin, end in sorted(spans):
+        if begin != position:
+            break
+        position = end
+    if position != data_bytes or len(spans) != len(set(spans)):
+        raise ModelFileError(
+            path,
+            f"declares arrays that do not exactly fill its {data_bytes} data bytes: "
+            "it is truncated, padded or damaged.",
+        )
+
+
+def is_model_file(path) -> bool:
+    """Whether ``path`` starts like an skdfm model file (header only; cheap)."""
+    try:
+        size = os.path.getsize(path)
+        with open(path, "rb") as handle:
+            header, _ = _header(handle, size, path)
+    except (OSError, ModelFileError):
+        return False
+    metadata = header.get("__metadata__")
+    return isinstance(metadata, dict) and metadata.get("format") == _FORMAT
+
+
+class _Decoder:
+    """JSON values back to state; only the tags the encoder writes are accepted."""
+
+    def __init__(self, tensors: dict, path):
+        self.tensors = tensors
+        self.used: set[str] = set()
+        self.path = path
+
+    def refuse(self, value):
+        shown = json.dumps(value)[:80]
+        return ModelFileError(self.path, f"holds a value skdfm does not store: {shown}")
+
+    def value(self, value):
+        from ._cache import FeatureCache
+
+        if value is None or isinstance(value, (bool, int, float, str)):
+            return value
+        if isinstance(value, list):
+            return [self.value(v) for v in value]
+        if not isinstance(value, dict) or len(value) != 1:
+            raise self.refuse(value)
+        ((tag, content),) = value.items()
+        if tag == "__tuple__" and isinstance(content, list):
+            return tuple(self.value(v) for v in content)
+        if tag == "__tensor__" and isinstance(content, str):
+            if content not in self.tensors:
+                raise ModelFileError(self.path, f"lacks the array {content!r}.")
+            self.used.add(content)
+            return self.tensors[content]
+        if tag == "__dict__" and isinstance(content, dict):
+            return {str(k): self.value(v) for k, v in content.items()}
+        if tag == "__strings__" and isinstance(content, list):
+            if all(isinstance(v, str) for v in content):
+                return np.asarray(content, dtype=object)
+        if tag == "__float__" and content in ("nan", "inf", "-inf"):
+            return float(content)
+        if tag == "__feature_cache__" and (
+            content is None or (isinstance(content, int) and content >= 0)
+        ):
+            return FeatureCache(max_bytes=content)
+        raise self.refuse(value)
+
+    def model(self, node):
+        from sklearn.pipeline import Pipeline
+
+        if not isinstance(node, dict) or not isinstance(node.get("class"), str):
+            raise self.refuse(node)
+        name = node["class"]
+        allowed = _allowed_classes()
+        if name not in allowed:
+            raise ModelFileError(
+                self.path,
+                f"names the class {name!r}; only {', '.join(sorted(allowed))} are "
+                "loaded.",
+            )
+        cls = allowed[name]
+        if cls is Pipeline:
+            steps = []
+            if not isinstance(node.get("steps"), list):
+                raise self.refuse(node)
+            for item in node["steps"]:
+                if not (isinstance(item, list) and len(item) == 2):
+                    raise self.refuse(item)
+                step_name, step = item
+                if step is not None and step != "passthrough":
+                    step = self.model(step)
+                steps.append((str(step_name), step))
+            return Pipeline(steps, verbose=bool(node.get("verbose", False)))
+        state = node.get("state")
+        if not isinstance(state, dict):
+            raise self.refuse(node)
+        parameters = set(cls().get_params(deep=False))
+        for key in state:
+            fitted = key.endswith("_") and not key.startswith("_")
+            known = key in parameters or key in ("_skdfm_version", "_sklearn_version")
+            if not (fitted or known):
+                raise ModelFileError(
+                    self.path, f"holds an attribute {key!r} that {name} does not have."
+                )
+        state = {key: self.value(value) for key, value in state.items()}
+        estimator = cls.__new__(cls)
+        try:
+            estimator.__setstate__(state)
+        except (KeyError, TypeError, ValueError, RuntimeError, AttributeError) as error:
+            raise ModelFileError(
+                self.path, f"holds a {name} that cannot be rebuilt: {error}"
+            ) from error
+        return estimator
+
+
+def load(path):
+    """Load a model written by :func:`save`, checking it first; nothing is executed.
+
+    Checks, in order: the header's declared array sizes against the file's length
+    (before anything is allocated), the SHA-256 digest of the whole content, the
+    class names against a fixed allow-list (``DFMDetector``,
+    ``DeepFeatureTransformer``, scikit-learn's ``Pipeline``) and every value's
+    kind. The model loads on the CPU when its device does not exist here (with a
+    :class:`~skdfm.DeviceWarning`), without network, and warns
+    (:class:`~skdfm.SkdfmVersionWarning`) when another skdfm version wrote it.
+
+    Parameters
+    ----------
+    path : str or path-like
+
+    Returns
+    -------
+    model : DFMDetector, DeepFeatureTransformer or Pipeline
+
+    Raises
+    ------
+    ModelFileError
+        A ``ValueError`` naming the file: damaged (any changed byte), truncated,
+        foreign (not written by :func:`save`), or naming a class or value skdfm
+        does not load.
+    FileNotFoundError
+        When there is no such file.
+    """
+    from safetensors.numpy import load as load_tensors
+
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+        handle = open(path, "rb")
+    except FileNotFoundError:
+        raise FileNotFoundError(f"No model file {os.fspath(path)!r}.") from None
+    with handle:
+        header, length = _header(handle, size, path)
+        metadata = header.get("__metadata__")
+        if not isinstance(metadata, dict) or metadata.get("format") != _FORMAT:
+            raise ModelFileError(path, "is not an skdfm model file (no skdfm header).")
+        _check_layout(header, size - 8 - length, path)
+        handle.seek(0)
+        raw = handle.read()
+    if len(raw) != size:
+        raise ModelFileError(path, "changed while it was being read.")
+    try:
+        tensors = load_tensors(raw)
+    except Exception as error:  # safetensors' own checks: any failure is damage
+        raise ModelFileError(path, f"has unreadable arrays: {error}") from None
+    del raw
+    text, expected = metadata.get("skdfm"), metadata.get("sha256")
+    if not isinstance(text, str) or not isinstance(expected, str):
+        raise ModelFileError(path, "lacks its document or digest.")
+    if _digest(text, tensors) != expected:
+        raise ModelFileError(
+            path,
+            "does not match its SHA-256 digest: it was changed or damaged after it "
+            "was written. Use an intact copy.",
+        )
+    try:
+        document = json.loads(text)
+    except json.JSONDecodeError:  # pragma: no cover - the digest covers it
+        raise ModelFileError(path, "has an unreadable document.") from None
+    version = document.get("format_version") if isinstance(document, dict) else None
+    if version != _FORMAT_VERSION:
+        raise ModelFileError(
+            path,
+            f"has format version {version!r}; this skdfm reads version "
+            f"{_FORMAT_VERSION}.",
+        )
+    decoder = _Decoder(tensors, path)
+    model = decoder.model(document.get("model"))
+    unused = set(tensors) - decoder.used
+    if unused:
+        raise ModelFileError(path, f"holds arrays no estimator uses: {sorted(unused)}.")
+    return model

@@ -1,0 +1,303 @@
+"""skdfm.save / skdfm.load: model files that are data, checked before use."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import tracemalloc
+
+import numpy as np
+import pytest
+from sklearn.base import clone
+from sklearn.pipeline import Pipeline, make_pipeline
+from sklearn.preprocessing import StandardScaler
+
+import skdfm
+from skdfm import (
+    DeepFeatureTransformer,
+    DFMDetector,
+    FeatureCache,
+    ModelFileError,
+    SkdfmVersionWarning,
+    _saving,
+    stream_fit,
+)
+
+from .conftest import SMALL_BACKBONE, make_features
+
+
+@pytest.fixture(scope="module")
+def detector():
+    X = make_features(60, 40)
+    return DFMDetector(pca_level=0.9, device="cpu").fit(X), X
+
+
+@pytest.fixture(scope="module")
+def saved_detector(detector, tmp_path_factory):
+    path = tmp_path_factory.mktemp("saved") / "det.skdfm"
+    skdfm.save(detector[0], path)
+    return path
+
+
+def scores_in_a_fresh_process(jobs, tmp_path):
+    """Load each ``(model_path, inputs_path)`` in one new interpreter and score the
+    saved inputs there."""
+    outs = [tmp_path / f"scores{i}.npy" for i in range(len(jobs))]
+    code = textwrap.dedent(
+        f"""
+        import numpy as np, skdfm
+        jobs = {[(str(m), str(x), str(o)) for (m, x), o in zip(jobs, outs, strict=True)]!r}
+        for model_path, inputs_path, out in jobs:
+            model = skdfm.load(model_path)
+            np.save(out, model.score_samples(np.load(inputs_path)))
+        """
+    )
+    env = dict(os.environ, HF_HUB_OFFLINE="1", CUDA_VISIBLE_DEVICES="")
+    subprocess.run([sys.executable, "-c", code], check=True, env=env, timeout=300)
+    return [np.load(out) for out in outs]
+
+
+def fitted_models(images, y):
+    """(name, model, inputs): fre and nll detectors, Pipelines, streamed Pipelines."""
+    for score_type in ("fre", "nll"):
+        detector = DFMDetector(pca_level=0.9, score_type=score_type, device="cpu")
+        transformer = DeepFeatureTransformer(**SMALL_BACKBONE, layer="layer2")
+        X = make_features(50, 30)
+        yield f"detector {score_type}", clone(detector).fit(X[:40]), X[40:]
+        pipe = make_pipeline(clone(transformer), clone(detector))
+        yield f"pipeline {score_type}", pipe.fit(images[y == 1][:20]), images[:12]
+        batches = [images[y == 1][i : i + 8] for i in range(0, 24, 8)]
+        streamed = stream_fit(
+            make_pipeline(clone(transformer), clone(detector)),
+            batches,
+            threshold_batches=batches,
+        )
+        yield f"streamed {score_type}", streamed, images[:12]
+
+
+def test_round_trips_in_a_fresh_process_are_bit_identical(defect_images, tmp_path):
+    images, y, _ = defect_images
+    models = list(fitted_models(images, y))
+    jobs = []
+    for i, (_, model, inputs) in enumerate(models):
+        path = skdfm.save(model, tmp_path / f"model{i}.skdfm")
+        np.save(tmp_path / f"inputs{i}.npy", inputs)
+        jobs.append((path, tmp_path / f"inputs{i}.npy"))
+    fresh = scores_in_a_fresh_process(jobs, tmp_path)
+    for (name, model, inputs), scores, (path, _) in zip(
+        models, fresh, jobs, strict=True
+    ):
+        expected = model.score_samples(inputs)
+        np.testing.assert_array_equal(scores, expected, err_msg=name)
+        loaded = skdfm.load(path)
+        np.testing.assert_array_equal(loaded.predict(inputs), model.predict(inputs))
+        assert type(loaded) is type(model)
+        assert (
+            loaded.get_params(deep=False).keys() == model.get_params(deep=False).keys()
+        )
+    assert [name for name, _, _ in models] == [
+        "detector fre", "pipeline fre", "streamed fre",
+        "detector nll", "pipeline nll", "streamed nll",
+    ]  # fmt: skip
+
+
+def test_a_transformer_round_trips(tmp_path):
+    images = np.random.default_rng(0).integers(0, 256, (4, 64, 64, 3), np.uint8)
+    cache = FeatureCache(max_bytes=10_000)
+    tr = DeepFeatureTransformer(**SMALL_BACKBONE, cache=cache).fit(images)
+    tr.transform(images)
+    loaded = skdfm.load(skdfm.save(tr, tmp_path / "tr.skdfm"))
+    # the cache's setting is kept, never its rows
+    assert loaded.cache.max_bytes == 10_000 and len(loaded.cache) == 0
+    np.testing.assert_array_equal(loaded.transform(images), tr.transform(images))
+    assert loaded.weights_digest_ == tr.weights_digest_
+
+
+def test_metadata_says_what_wrote_the_file(fitted_pipeline, tmp_path):
+    path = skdfm.save(fitted_pipeline, tmp_path / "m.skdfm")
+    with open(path, "rb") as handle:
+        length = int.from_bytes(handle.read(8), "little")
+        metadata = json.loads(handle.read(length))["__metadata__"]
+    document = json.loads(metadata["skdfm"])
+    assert metadata["format"] == "skdfm-model" and len(metadata["sha256"]) == 64
+    assert document["versions"]["skdfm"] == skdfm.__version__
+    assert {"torch", "timm", "scikit-learn", "numpy", "python"} <= set(
+        document["versions"]
+    )
+    assert document["backbone"] == {
+        "name": "test_resnet",
+        "layer": "layer2",
+        "weights_digest": fitted_pipeline[0].weights_digest_,
+    }
+    assert document["created"].endswith("+00:00")
+    assert document["model"]["class"] == "sklearn.pipeline.Pipeline"
+
+
+def test_another_skdfm_version_warns(saved_detector, monkeypatch):
+    monkeypatch.setattr(skdfm, "__version__", "99.0")
+    with pytest.warns(SkdfmVersionWarning, match="99.0"):
+        skdfm.load(saved_detector)
+
+
+def test_every_changed_byte_is_a_clear_error(saved_detector, tmp_path):
+    data = saved_detector.read_bytes()
+    rng = np.random.default_rng(0)
+    # the header, the metadata and the arrays: every byte of the first 4 kB and a
+    # sample of the rest
+    positions = sorted(
+        set(range(min(4096, len(data)))) | set(rng.integers(0, len(data), 300).tolist())
+    )
+    target = tmp_path / "flipped.skdfm"
+    for position in positions:
+        damaged = bytearray(data)
+        damaged[position] ^= 0xFF
+        target.write_bytes(bytes(damaged))
+        with pytest.raises(ModelFileError, match="flipped.skdfm"):
+            skdfm.load(target)
+
+
+@pytest.mark.parametrize("keep", [0, 5, 8, 100, -100, -1])
+def test_truncated_files_are_refused(saved_detector, tmp_path, keep):
+    data = saved_detector.read_bytes()
+    target = tmp_path / "short.skdfm"
+    target.write_bytes(data[:keep])
+    with pytest.raises(ModelFileError, match="short.skdfm"):
+        skdfm.load(target)
+
+
+def test_foreign_files_are_refused(detector, tmp_path):
+    import joblib
+    from PIL import Image
+    from safetensors.numpy import save_file
+
+    random = tmp_path / "random.skdfm"
+    random.write_bytes(np.random.default_rng(0).bytes(5000))
+    png = tmp_path / "image.png"
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(png)
+    pickle_file = tmp_path / "model.joblib"
+    joblib.dump(detector[0], pickle_file)
+    plain = tmp_path / "plain.safetensors"
+    save_file({"x": np.zeros(3)}, plain)
+    for path in (random, png, pickle_file, plain):
+        with pytest.raises(ModelFileError, match=path.name):
+            skdfm.load(path)
+        assert not _saving.is_model_file(path)
+    with pytest.raises(FileNotFoundError, match="No model file"):
+        skdfm.load(tmp_path / "missing.skdfm")
+
+
+def header_file(path, header: dict, data: bytes = b""):
+    text = json.dumps(header).encode()
+    path.write_bytes(len(text).to_bytes(8, "little") + text + data)
+    return path
+
+
+def test_declared_sizes_are_checked_before_anything_is_allocated(tmp_path):
+    metadata = {"format": "skdfm-model", "skdfm": "{}", "sha256": "0" * 64}
+    huge = {
+        "__metadata__": metadata,
+        "x": {"dtype": "F64", "shape": [10**10, 10], "data_offsets": [0, 8 * 10**11]},
+    }
+    header_file(tmp_path / "huge.skdfm", huge, b"\0" * 900)
+    oversized = tmp_path / "header.skdfm"
+    oversized.write_bytes((10**12).to_bytes(8, "little") + b"{}" * 100)
+    tracemalloc.start()
+    try:
+        with pytest.raises(ModelFileError, match="do not exactly fill|does not add up"):
+            skdfm.load(tmp_path / "huge.skdfm")
+        with pytest.raises(ModelFileError, match="declares a 1000000000000-byte"):
+            skdfm.load(oversized)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 2**20  # nothing close to the declared 800 GB
+    wrong = dict(huge, x={"dtype": "F64", "shape": [3], "data_offsets": [0, 16]})
+    with pytest.raises(ModelFileError, match="does not add up"):
+        skdfm.load(header_file(tmp_path / "wrong.skdfm", wrong, b"\0" * 16))
+
+
+def write_document(path, document: dict, tensors: dict):
+    """A well-formed file with a valid digest around any document (as an attacker
+    who knows the format could write)."""
+    from safetensors.numpy import save_file
+
+    text = json.dumps(document)
+    metadata = {
+        "format": "skdfm-model",
+        "skdfm": text,
+        "sha256": _saving._digest(text, tensors),
+    }
+    save_file(tensors, path, metadata=metadata)
+    return path
+
+
+def saved_document(path):
+    from safetensors import safe_open
+
+    with safe_open(path, "np") as handle:
+        metadata = handle.metadata()
+        tensors = {name: handle.get_tensor(name) for name in handle.keys()}  # noqa: SIM118
+    return json.loads(metadata["skdfm"]), tensors
+
+
+def test_classes_outside_the_allow_list_are_refused(saved_detector, tmp_path):
+    document, tensors = saved_document(saved_detector)
+    for name in ("os.system", "builtins.eval", "sklearn.svm.OneClassSVM"):
+        document["model"]["class"] = name
+        path = write_document(tmp_path / "evil.skdfm", document, tensors)
+        with pytest.raises(ModelFileError, match=f"names the class '{name}'"):
+            skdfm.load(path)
+
+
+def test_missing_and_extra_arrays_and_unknown_values_are_refused(
+    saved_detector, tmp_path
+):
+    document, tensors = saved_document(saved_detector)
+    path = tmp_path / "edited.skdfm"
+    fewer = {k: v for k, v in tensors.items() if k != "components_"}
+    with pytest.raises(ModelFileError, match="lacks the array 'components_'"):
+        skdfm.load(write_document(path, document, fewer))
+    more = dict(tensors, extra=np.zeros(2))
+    with pytest.raises(ModelFileError, match="arrays no estimator uses"):
+        skdfm.load(write_document(path, document, more))
+    odd = json.loads(json.dumps(document))
+    odd["model"]["state"]["offset_"] = {"__import__": "os"}
+    with pytest.raises(ModelFileError, match="does not store"):
+        skdfm.load(write_document(path, odd, tensors))
+    odd = json.loads(json.dumps(document))
+    odd["model"]["state"]["_scatter"] = 1
+    with pytest.raises(ModelFileError, match="attribute '_scatter'"):
+        skdfm.load(write_document(path, odd, tensors))
+    odd = json.loads(json.dumps(document))
+    odd["format_version"] = 2
+    with pytest.raises(ModelFileError, match="format version 2"):
+        skdfm.load(write_document(path, odd, tensors))
+
+
+def test_backbone_weights_that_do_not_fit_are_a_clear_error(fitted_pipeline, tmp_path):
+    path = skdfm.save(fitted_pipeline, tmp_path / "m.skdfm")
+    document, tensors = saved_document(path)
+    name = next(k for k in tensors if k.endswith("conv1.weight"))
+    tensors[name] = tensors[name][:1]
+    with pytest.raises(ModelFileError, match="cannot be rebuilt"):
+        skdfm.load(write_document(path, document, tensors))
+
+
+def test_what_cannot_be_saved_is_refused_before_writing(detector, tmp_path):
+    path = tmp_path / "m.skdfm"
+    with pytest.raises(TypeError, match="StandardScaler"):
+        skdfm.save(StandardScaler().fit(detector[1]), path)
+    with pytest.raises(TypeError, match="StandardScaler"):
+        skdfm.save(Pipeline([("s", StandardScaler()), ("d", detector[0])]), path)
+    from sklearn.exceptions import NotFittedError
+
+    with pytest.raises(NotFittedError):
+        skdfm.save(clone(detector[0]), path)
+    images = np.zeros((2, 64, 64, 3), np.uint8)
+    tr = DeepFeatureTransformer(
+        **dict(SMALL_BACKBONE, random_state=np.random.RandomState(0))
+    ).fit(images)
+    with pytest.raises(ValueError, match="random_state: a RandomState"):
+        skdfm.save(tr, path)
+    assert not path.exists() and list(tmp_path.iterdir()) == []
