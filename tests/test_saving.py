@@ -44,10 +44,11 @@ def scores_in_a_fresh_process(jobs, tmp_path):
     """Load each ``(model_path, inputs_path)`` in one new interpreter and score the
     saved inputs there."""
     outs = [tmp_path / f"scores{i}.npy" for i in range(len(jobs))]
+    triples = [(str(m), str(x), str(o)) for (m, x), o in zip(jobs, outs, strict=True)]
     code = textwrap.dedent(
         f"""
         import numpy as np, skdfm
-        jobs = {[(str(m), str(x), str(o)) for (m, x), o in zip(jobs, outs, strict=True)]!r}
+        jobs = {triples!r}
         for model_path, inputs_path, out in jobs:
             model = skdfm.load(model_path)
             np.save(out, model.score_samples(np.load(inputs_path)))
