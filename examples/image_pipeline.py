@@ -2,7 +2,7 @@
 
 Writes synthetic inspection images (``make_defect_images``: a woven texture with
 scratches, cracks, stains and holes) to PNG files, fits on normal parts only, scores
-held-out normal and defective parts, and saves the fitted Pipeline with joblib (the
+held-out normal and defective parts, and saves the fitted Pipeline with skdfm.save (the
 truncated backbone's weights travel inside it). Uses timm's pretrained resnet18 when
 it can be had, random weights otherwise::
 
@@ -13,12 +13,12 @@ import tempfile
 import time
 from pathlib import Path
 
-import joblib
 import numpy as np
 from PIL import Image
 from sklearn.metrics import roc_auc_score
 from sklearn.pipeline import make_pipeline
 
+import skdfm
 from skdfm import DeepFeatureTransformer, DFMDetector, make_defect_images
 
 
@@ -67,9 +67,9 @@ def main():
         scores = model.score_samples(test)
         print(f"image ROC AUC (normal vs defect): {roc_auc_score(labels, scores):.3f}")
 
-        path = folder / "model.joblib"
-        joblib.dump(model, path)
-        reloaded = joblib.load(path)
+        path = folder / "model.skdfm"
+        skdfm.save(model, path)  # data, never code: safe to load
+        reloaded = skdfm.load(path)
         same = np.array_equal(reloaded.score_samples(test), scores)
         print(
             f"saved {path.stat().st_size / 1e6:.1f} MB; "

@@ -204,9 +204,9 @@ def _write_maps(folder: str, paths, images, maps) -> None:
     out = Path(folder)
     out.mkdir(parents=True, exist_ok=True)
     for path, image, amap in zip(paths, images, maps, strict=True):
-        Image.fromarray(overlay_anomaly_map(np.asarray(image), amap)).save(
-            out / f"{Path(path).stem}_map.png"
-        )
+        overlay = Image.fromarray(overlay_anomaly_map(np.asarray(image), amap))
+        with atomic_write(out / f"{Path(path).stem}_map.png") as handle:
+            overlay.save(handle, format="PNG")
 
 
 def _scores_and_maps(model, images, *, maps: bool):

@@ -2,7 +2,7 @@
 
 import csv
 
-import joblib  # noqa: F401  (pickles made by the tests)
+import joblib
 import numpy as np
 import pytest
 from PIL import Image
@@ -206,3 +206,52 @@ def test_each_file_is_decoded_once(good_dir, tmp_path, monkeypatch, capsys):
     assert sorted(decoded) == sorted(str(p) for p in good_dir.rglob("*.png"))
     assert len(list((tmp_path / "maps").iterdir())) == 12
     assert "scored 12 images" in capsys.readouterr().err
+
+
+class Evil:
+    """A pickle payload: unpickling it creates a marker file."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_pickles_are_refused_unless_allowed(model_file, good_dir, tmp_path, capsys):
+    marker = tmp_path / "pwned"
+    evil = tmp_path / "evil.joblib"
+    joblib.dump(Evil(marker), evil)
+    files = [str(p) for p in sorted(good_dir.glob("*.png"))[:2]]
+    for command in (["score", str(evil), *files], ["evaluate", str(evil), "x"]):
+        capsys.readouterr()
+        assert main([*command, "--no-progress"]) == 1
+        err = capsys.readouterr().err
+        assert "not an .skdfm model file" in err and "--allow-pickle" in err
+        assert not marker.exists()  # nothing in the file ran
+    # a pickled model the user trusts loads with the flag
+    trusted = tmp_path / "trusted.joblib"
+    joblib.dump(skdfm.load(model_file), trusted)
+    assert main(["score", str(trusted), *files, "--no-progress"]) == 1
+    assert main(["score", str(trusted), *files, "--no-progress", "--allow-pickle"]) == 0
+
+
+def test_damaged_model_files_fail_in_one_line(model_file, good_dir, tmp_path, capsys):
+    damaged = tmp_path / "damaged.skdfm"
+    data = bytearray(model_file.read_bytes())
+    data[len(data) // 2] ^= 1
+    damaged.write_bytes(bytes(data))
+    files = [str(p) for p in sorted(good_dir.glob("*.png"))[:1]]
+    capsys.readouterr()
+    assert main(["score", str(damaged), *files, "--no-progress"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("skdfm: error: Model file") and "SHA-256" in err
+    assert len(err.splitlines()) == 1
+
+
+def test_fit_writes_model_files_not_pickles(good_dir, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", str(good_dir), "-o", str(tmp_path / "m.joblib"), *TINY])
+    assert exit_info.value.code == 2
+    assert "writes .skdfm model files" in capsys.readouterr().err
+    assert not (tmp_path / "m.joblib").exists()

@@ -1,0 +1,155 @@
+"""Atomic writes: a writer killed at any moment leaves the old file or the new one."""
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import skdfm
+from skdfm._files import Terminated, atomic_write, terminate_as_exception
+
+SIZE = 32 * 2**20  # each version: 32 MiB of one repeated byte, written in 1 MiB chunks
+
+# A writer that loads skdfm/_files.py on its own (no torch import: it starts in
+# milliseconds), then rewrites the file with versions 1, 2, 3, ... forever.
+WRITER = textwrap.dedent(
+    """
+    import importlib.util, sys, time
+    spec = importlib.util.spec_from_file_location("files", {module!r})
+    files = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(files)
+    path, handle_term = sys.argv[1], sys.argv[2] == "1"
+    chunk = 2**20
+
+    def write(version):
+        with files.atomic_write(path) as out:
+            for _ in range({size} // chunk):
+                out.write(bytes([version % 256]) * chunk)
+                time.sleep(0.001)
+
+    write(1)
+    print("ready", flush=True)
+    version = 2
+    if handle_term:
+        with files.terminate_as_exception():
+            while True:
+                write(version)
+                version += 1
+    while True:
+        write(version)
+        version += 1
+    """
+)
+
+
+def complete_version(path: Path) -> int:
+    data = path.read_bytes()
+    assert len(data) == SIZE, f"a partial file of {len(data)} bytes"
+    assert data.count(data[:1]) == SIZE, "a mix of two versions"
+    return data[0]
+
+
+def temporary_files(folder: Path) -> list[str]:
+    return [p.name for p in folder.iterdir() if p.name.endswith(".tmp")]
+
+
+@pytest.fixture
+def writer_script(tmp_path):
+    module = Path(skdfm.__file__).parent / "_files.py"
+    script = tmp_path / "writer.py"
+    script.write_text(WRITER.format(module=str(module), size=SIZE))
+    return script
+
+
+@pytest.mark.parametrize(
+    "kill, handle_term",
+    [(signal.SIGKILL, False), (signal.SIGTERM, False), (signal.SIGTERM, True)],
+)
+def test_killed_writers_leave_a_complete_file(
+    writer_script, tmp_path, kill, handle_term
+):
+    folder = tmp_path / "out"
+    folder.mkdir()
+    target = folder / "model.bin"
+    seen = set()
+    for delay in (0.0, 0.05, 0.13, 0.29, 0.41, 0.6):  # several moments of a write
+        process = subprocess.Popen(
+            [sys.executable, str(writer_script), str(target), str(int(handle_term))],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        assert process.stdout.readline().strip() == "ready"
+        time.sleep(delay)
+        process.send_signal(kill)
+        process.wait(timeout=30)
+        seen.add(complete_version(target))
+        if handle_term:  # SIGTERM unwinds: the temporary file is removed
+            assert process.returncode == 1  # the Terminated traceback
+            assert temporary_files(folder) == []
+        for name in temporary_files(folder):  # a hard kill may leave one behind
+            (folder / name).unlink()
+    assert seen  # every kill left a whole version (1 = the one written before)
+
+
+def test_a_normal_write_replaces_the_file_and_leaves_nothing_else(tmp_path):
+    target = tmp_path / "m.bin"
+    target.write_bytes(b"old")
+    with atomic_write(target) as handle:
+        handle.write(b"new")
+        assert target.read_bytes() == b"old"  # not replaced until complete
+    assert target.read_bytes() == b"new"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.bin"]
+    umask = os.umask(0)
+    os.umask(umask)
+    assert target.stat().st_mode & 0o777 == 0o666 & ~umask  # as open() would make it
+    with atomic_write(tmp_path / "t.txt", "w") as handle:
+        handle.write("text")
+    assert (tmp_path / "t.txt").read_text() == "text"
+
+
+def test_a_failed_write_keeps_the_old_file(tmp_path):
+    target = tmp_path / "m.bin"
+    target.write_bytes(b"old")
+    with pytest.raises(RuntimeError, match="boom"):
+        with atomic_write(target) as handle:
+            handle.write(b"half")
+            raise RuntimeError("boom")
+    assert target.read_bytes() == b"old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.bin"]
+    with pytest.raises(FileNotFoundError, match="no folder"):
+        with atomic_write(tmp_path / "missing" / "m.bin"):
+            pass
+
+
+def test_save_is_atomic_too(tmp_path):
+    rng = np.random.default_rng(0)
+    det = skdfm.DFMDetector(pca_level=3, device="cpu").fit(rng.normal(size=(20, 6)))
+    target = tmp_path / "m.skdfm"
+    target.write_bytes(b"old")
+
+    class Unsaveable:
+        pass
+
+    det.offset_note_ = Unsaveable()  # fails while encoding, before any byte
+    with pytest.raises(ValueError, match="offset_note_"):
+        skdfm.save(det, target)
+    assert target.read_bytes() == b"old"
+    del det.offset_note_
+    skdfm.save(det, target)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.skdfm"]
+    assert skdfm.load(target).n_components_ == 3
+
+
+def test_terminate_as_exception_restores_the_handler():
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(Terminated):
+        with terminate_as_exception():
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(1)  # the handler raises before this ends
+    assert signal.getsignal(signal.SIGTERM) is before
