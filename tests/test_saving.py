@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import time
 import tracemalloc
 
 import numpy as np
@@ -302,3 +303,62 @@ def test_what_cannot_be_saved_is_refused_before_writing(detector, tmp_path):
     with pytest.raises(ValueError, match="random_state: a RandomState"):
         skdfm.save(tr, path)
     assert not path.exists() and list(tmp_path.iterdir()) == []
+
+
+def test_one_flipped_exponent_bit_in_a_backbone_weight_is_caught(
+    fitted_pipeline, tmp_path
+):
+    path = skdfm.save(fitted_pipeline, tmp_path / "m.skdfm")
+    with open(path, "rb") as handle:
+        length = int.from_bytes(handle.read(8), "little")
+        header = json.loads(handle.read(length))
+    name = next(k for k in header if k.endswith("conv1.weight"))
+    begin = 8 + length + header[name]["data_offsets"][0]
+    data = bytearray(path.read_bytes())
+    data[begin + 3] ^= 0x40  # an exponent bit of the first float32 weight
+    path.write_bytes(bytes(data))
+    with pytest.raises(ModelFileError, match="SHA-256"):
+        skdfm.load(path)
+
+
+def test_feature_names_round_trip(tmp_path):
+    pd = pytest.importorskip("pandas")
+    X = pd.DataFrame(make_features(30, 6), columns=[f"f{i}" for i in range(6)])
+    det = DFMDetector(pca_level=2, device="cpu").fit(X)
+    loaded = skdfm.load(skdfm.save(det, tmp_path / "m.skdfm"))
+    np.testing.assert_array_equal(loaded.feature_names_in_, det.feature_names_in_)
+    np.testing.assert_array_equal(loaded.score_samples(X), det.score_samples(X))
+
+
+def test_save_killed_mid_write_leaves_the_previous_model(tmp_path):
+    """skdfm.save itself under SIGKILL: the file on disk always loads, and is
+    either the first model or the second, never a mix or a stub."""
+    target = tmp_path / "m.skdfm"
+    code = textwrap.dedent(
+        f"""
+        import numpy as np, skdfm
+        rng = np.random.default_rng(0)
+        X = rng.normal(size=(80, 40000)).astype(np.float32)  # ~25 MB of components
+        models = [skdfm.DFMDetector(pca_level=0.99, device="cpu").fit(X[i::2])
+                  for i in range(2)]
+        skdfm.save(models[0], {str(target)!r})
+        print("ready", flush=True)
+        i = 1
+        while True:
+            skdfm.save(models[i % 2], {str(target)!r})
+            i += 1
+        """
+    )
+    reference = np.random.default_rng(1).normal(size=(3, 40000))
+    seen = set()
+    for delay in (0.1, 0.37):
+        process = subprocess.Popen(
+            [sys.executable, "-c", code], stdout=subprocess.PIPE, text=True
+        )
+        assert process.stdout.readline().strip() == "ready"
+        time.sleep(delay)
+        process.kill()
+        process.wait(timeout=30)
+        loaded = skdfm.load(target)  # never a ModelFileError
+        seen.add(round(float(loaded.score_samples(reference)[0]), 3))
+    assert 1 <= len(seen) <= 2
