@@ -10,7 +10,7 @@ import torch
 from sklearn.base import BaseEstimator, OutlierMixin, _fit_context
 from sklearn.exceptions import NotFittedError
 from sklearn.utils import metadata_routing
-from sklearn.utils._param_validation import Interval, RealNotInt, StrOptions
+from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.validation import check_is_fitted, validate_data
 
 from ._chunks import chunk_rows
@@ -32,6 +32,7 @@ from ._scores import (
     score_projection,
     score_rows,
 )
+from ._validation import reject_bools
 
 __all__ = ["DFMDetector", "check_contamination"]
 
@@ -220,7 +221,9 @@ class DFMDetector(DeviceMixin, PersistenceMixin, OutlierMixin, BaseEstimator):
 
     _parameter_constraints: dict = {
         "pca_level": [
-            Interval(RealNotInt, 0, 1, closed="right"),
+            # Real, not RealNotInt: numpy floats (np.float32(0.9)) are levels too;
+            # an int is a component count whichever interval it satisfies.
+            Interval(Real, 0, 1, closed="right"),
             Interval(Integral, 1, None, closed="left"),
         ],
         "score_type": [StrOptions(set(SCORE_TYPES))],
@@ -245,6 +248,10 @@ class DFMDetector(DeviceMixin, PersistenceMixin, OutlierMixin, BaseEstimator):
         self.device = device
 
     # -- validation ------------------------------------------------------------------
+
+    def _validate_params(self):
+        reject_bools(self, ("pca_level", "contamination"))
+        super()._validate_params()
 
     def _validate_features(self, X, *, reset: bool, min_samples=None):
         """Validated rows: a numpy array, or a float tensor left on its GPU."""

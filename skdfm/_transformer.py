@@ -20,6 +20,7 @@ from ._cache import FeatureCache, weights_digest
 from ._device import DeviceMixin, resolve_device
 from ._images import as_image_collection, model_input
 from ._persistence import PersistenceMixin
+from ._validation import reject_bools
 
 __all__ = ["DeepFeatureTransformer"]
 
@@ -222,11 +223,17 @@ class DeepFeatureTransformer(
         self.random_state = random_state
         self.cache = cache
 
+    def _validate_params(self):
+        reject_bools(self, ("layer", "pooling_kernel_size", "input_size", "batch_size"))
+        super()._validate_params()
+
     def _input_size(self) -> tuple[int, int]:
         size = self.input_size
         if isinstance(size, Integral):
             return (int(size), int(size))
-        if len(size) == 2 and all(isinstance(s, Integral) and s >= 1 for s in size):
+        if len(size) == 2 and all(
+            isinstance(s, Integral) and not isinstance(s, bool) and s >= 1 for s in size
+        ):
             return (int(size[0]), int(size[1]))
         raise ValueError(
             f"input_size={size!r} must be a positive int or a (height, width) "

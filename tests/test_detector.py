@@ -268,11 +268,30 @@ def test_identical_samples_are_rejected():
         ({"contamination": 0.6}, "contamination"),
         ({"solver": "svd"}, "solver"),
         ({"device": 3}, "device"),
+        ({"pca_level": True}, "'pca_level' parameter of DFMDetector must be a number"),
+        ({"contamination": True}, "contamination"),
+        ({"pca_level": np.bool_(True)}, "not a bool"),
     ],
 )
 def test_invalid_parameters_are_rejected(features, params, message):
     with pytest.raises(ValueError, match=re.escape(message)):
         DFMDetector(**params).fit(features[0])
+    with pytest.raises(ValueError, match=re.escape(message)):
+        DFMDetector(**params).partial_fit(features[0])
+
+
+@pytest.mark.parametrize(
+    "level, expected",
+    [(np.float32(0.9), 0.9), (np.float64(0.9), 0.9), (np.int64(3), 3), (3, 3)],
+)
+def test_numpy_scalars_are_levels_and_counts_like_python_ones(
+    features, level, expected
+):
+    got = DFMDetector(pca_level=level, device="cpu").fit(features[0]).n_components_
+    assert (
+        got
+        == DFMDetector(pca_level=expected, device="cpu").fit(features[0]).n_components_
+    )
 
 
 @pytest.mark.parametrize("device", ["gpu", "cuda:x", "tpu"])

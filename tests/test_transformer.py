@@ -631,3 +631,23 @@ def test_to_device_moves_the_backbone_to_cuda(images):
     tr.to_device("cuda")
     assert next(tr.backbone_.parameters()).is_cuda and tr.device_.startswith("cuda")
     np.testing.assert_allclose(tr.transform(images), before, rtol=1e-3, atol=1e-4)
+
+
+@pytest.mark.parametrize(
+    "params",
+    [
+        {"layer": True},
+        {"pooling_kernel_size": True},
+        {"input_size": True},
+        {"input_size": (True, 64)},
+        {"batch_size": False},
+    ],
+)
+def test_bools_are_not_numbers_here(images, params):
+    with pytest.raises(ValueError, match="bool|input_size"):
+        DeepFeatureTransformer(**{**SMALL, **params}).fit(images)
+
+
+def test_numpy_integers_name_layers_like_ints(images):
+    tr = DeepFeatureTransformer(**{**SMALL, "layer": np.int64(2)}).fit(images)
+    assert tr.layer_ == "layer2"
