@@ -64,6 +64,28 @@ def _as_host_array(X):
     return X
 
 
+#: DFM squares feature values in float64 (range ~1e-308 .. 1e308): beyond these
+#: magnitudes squares and their sums overflow to inf, or variances underflow to 0.
+_LARGEST_FEATURE, _SMALLEST_FEATURE = 1e150, 1e-150
+
+
+def _check_magnitude(largest: float, *, fitting: bool) -> None:
+    """Refuse finite features whose squares float64 cannot hold (never NaN scores)."""
+    if largest > _LARGEST_FEATURE:
+        raise ValueError(
+            f"X has values of magnitude up to {largest:.3g}: DFM squares feature "
+            f"values in float64, which overflows above {_LARGEST_FEATURE:g}. Divide "
+            "the features by a constant (the same for fit and scoring) first."
+        )
+    if fitting and 0 < largest < _SMALLEST_FEATURE:
+        raise ValueError(
+            f"X has values no larger than {largest:.3g}: their squares underflow "
+            f"float64 below {_SMALLEST_FEATURE:g}, so no variance could be "
+            "measured. Multiply the features by a constant (the same for fit and "
+            "scoring) first."
+        )
+
+
 def check_contamination(contamination) -> float:
     """``contamination`` as a float in (0, 0.5], or a ValueError naming it."""
     if (
@@ -257,14 +279,19 @@ class DFMDetector(DeviceMixin, PersistenceMixin, OutlierMixin, BaseEstimator):
         """Validated rows: a numpy array, or a float tensor left on its GPU."""
         min_samples = min_samples or (2 if reset else 1)
         if isinstance(X, torch.Tensor) and X.device.type != "cpu":
-            return self._validate_device_tensor(X, reset, min_samples)
-        return validate_data(
-            self,
-            _as_host_array(X),
-            reset=reset,
-            dtype=[np.float64, np.float32],
-            ensure_min_samples=min_samples,
-        )
+            X = self._validate_device_tensor(X, reset, min_samples)
+            largest = float(X.abs().max())
+        else:
+            X = validate_data(
+                self,
+                _as_host_array(X),
+                reset=reset,
+                dtype=[np.float64, np.float32],
+                ensure_min_samples=min_samples,
+            )
+            largest = float(np.abs(X).max())
+        _check_magnitude(largest, fitting=reset)
+        return X
 
     def _validate_device_tensor(self, X, reset: bool, min_samples: int):
         """``validate_data``'s checks, done on the device: no copy to the host."""

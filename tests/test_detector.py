@@ -531,3 +531,26 @@ def test_to_device_moves_state_and_statistics_to_cuda(features):
     assert streaming._scatter.matrix.is_cuda
     streaming.partial_fit(X_train[60:])
     np.testing.assert_allclose(streaming.score_samples(X_test), reference, rtol=1e-6)
+
+
+@pytest.mark.parametrize("score_type", ["fre", "nll"])
+def test_finite_extreme_magnitudes_are_refused_not_nan(features, score_type):
+    X_train, X_test = features
+    det = DFMDetector(score_type=score_type, device="cpu")
+    with pytest.raises(ValueError, match="overflows above 1e.150"):
+        det.fit(X_train.astype(np.float64) * 1e154)
+    with pytest.raises(ValueError, match="underflow"):
+        det.fit(X_train.astype(np.float64) * 1e-300)
+    det.fit(X_train)
+    with pytest.raises(ValueError, match=r"magnitude up to .*e\+153"):
+        det.score_samples(X_test.astype(np.float64) * 1e154)
+    # large but representable: finite scores, the same ranking as unscaled
+    big = DFMDetector(score_type=score_type, device="cpu")
+    big.fit(X_train.astype(np.float64) * 1e100)
+    scores = big.score_samples(X_test.astype(np.float64) * 1e100)
+    assert np.isfinite(scores).all()
+    np.testing.assert_array_equal(
+        np.argsort(scores), np.argsort(det.score_samples(X_test))
+    )
+    # tiny rows to score are fine (the model was fitted on representable ones)
+    assert np.isfinite(det.score_samples(X_test.astype(np.float64) * 1e-300)).all()
