@@ -38,25 +38,31 @@ def _say(message: str) -> None:
     print(message, file=sys.stderr)
 
 
-def _collect_images(targets: list[str]) -> list[str]:
-    """Image files named, or found (recursively, sorted) in named folders."""
-    files = []
+def _collect_images(targets: list[str]) -> tuple[list[str], list[tuple[str, str]]]:
+    """Image files named, or found (recursively, sorted) in named folders, and
+    ``(target, reason)`` for folders without any (listed on stderr).
+
+    Everything with an image suffix is kept, also dangling or looping symlinks and
+    named files that do not exist: decoding skips them with the reason, so they are
+    listed instead of silently dropped, and the other images are still processed.
+    """
+    files, problems = [], []
     for target in targets:
         path = Path(target)
         if path.is_dir():
             found = sorted(
                 os.fspath(p)
                 for p in path.rglob("*")
-                if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
+                if p.suffix.lower() in IMAGE_SUFFIXES and not p.is_dir()
             )
             if not found:
-                raise CommandError(f"no image files in folder {target}")
+                problems.append((target, "no image files in this folder"))
             files.extend(found)
-        elif path.is_file():
-            files.append(os.fspath(path))
         else:
-            raise CommandError(f"no such file or folder: {target}")
-    return files
+            files.append(os.fspath(path))
+    for target, reason in problems:
+        _say(f"skdfm: skipped {target}: {reason}")
+    return files, problems
 
 
 def _file_batches(paths: list[str], batch_size: int, *, progress: bool):
@@ -313,13 +319,14 @@ def cmd_demo(args) -> int:
 def cmd_fit(args) -> int:
     from . import save
 
-    files = _collect_images([args.normal_images])
+    files, problems = _collect_images([args.normal_images])
     model = _build_pipeline(args)
     transformer, detector = model[0], model[1]
     t = time.perf_counter()
     features, files, skipped = _features_of_files(
         transformer, files, progress=not args.no_progress
     )
+    skipped += problems
     if len(files) < 3:
         raise CommandError(
             f"{len(files)} readable images in {args.normal_images}; at least 3 needed"
@@ -357,13 +364,13 @@ def cmd_score(args) -> int:
     from ._thresholds import normalize
 
     model = _load_model(args.model, args)
-    files = _collect_images(args.images)
+    files, problems = _collect_images(args.images)
     detector = model[-1]
     if args.maps and detector.score_type != "fre":
         raise CommandError(
             "--maps needs a model with score_type 'fre' (nll has no maps)"
         )
-    rows, skipped, flagged = [], [], 0
+    rows, skipped, flagged = [], list(problems), 0
     batch_size = model[0].batch_size
     for batch in _file_batches(files, batch_size, progress=not args.no_progress):
         skipped.extend(batch.failed)

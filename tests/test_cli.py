@@ -137,9 +137,9 @@ def test_score_reports_skipped_and_bad_paths(model_file, good_dir, capsys):
     assert code == 3
     assert "broken.png" in captured.err and "12 images" in captured.err
     assert main(["score", str(model_file), "missing.png"]) == 1
-    assert capsys.readouterr().err.strip() == (
-        "skdfm: error: no such file or folder: missing.png"
-    )
+    err = capsys.readouterr().err
+    assert "skipped missing.png: Image file not found" in err
+    assert err.strip().endswith("skdfm: error: no readable images to score")
     assert main(["score", "nothing.skdfm", str(good_dir)]) == 1
     assert "no such model file" in capsys.readouterr().err
 
@@ -255,3 +255,25 @@ def test_fit_writes_model_files_not_pickles(good_dir, tmp_path, capsys):
     assert exit_info.value.code == 2
     assert "writes .skdfm model files" in capsys.readouterr().err
     assert not (tmp_path / "m.joblib").exists()
+
+
+def test_broken_links_and_missing_files_are_listed_not_lost(
+    model_file, good_dir, tmp_path, capsys
+):
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    good = sorted(good_dir.glob("*.png"))[:3]
+    for path in good:
+        (folder / path.name).symlink_to(path)
+    (folder / "dangling.png").symlink_to(tmp_path / "gone.png")
+    (folder / "loop.png").symlink_to(folder / "loop.png")
+    (tmp_path / "empty").mkdir()
+    capsys.readouterr()
+    args = ["score", str(model_file), str(folder), str(tmp_path / "empty")]
+    code = main([*args, str(tmp_path / "missing.png"), "--no-progress"])
+    captured = capsys.readouterr()
+    assert code == 3
+    for name in ("dangling.png", "loop.png", "missing.png", "empty"):
+        assert f"{name}: " in captured.err
+    assert "scored 3 images, " in captured.err and "4 skipped" in captured.err
+    assert len(captured.out.strip().splitlines()) == 1 + 3
