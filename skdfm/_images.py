@@ -131,16 +131,27 @@ def open_image(path):
         ) from exc
 
 
+#: Pillow's modes of 16-bit single-channel images (16-bit PNG and TIFF from
+#: industrial cameras): read as 0..65535, like a numpy uint16 array.
+_SIXTEEN_BIT_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N"})
+
+
 def decode_image_file(path) -> Image.Image:
     """Decode an image file as anomalib does (Pillow, ``convert("RGB")``): a loaded
-    RGB PIL image. Errors name the file (see :func:`open_image`)."""
+    RGB PIL image; 16-bit grayscale files stay 16-bit (mode ``"I;16"``), since
+    ``convert("RGB")`` would saturate them to white. Errors name the file (see
+    :func:`open_image`)."""
     with open_image(path) as image:
+        if image.mode in _SIXTEEN_BIT_MODES:
+            image.load()
+            return image.copy()
         return image.convert("RGB")
 
 
 def read_image_file(path) -> torch.Tensor:
-    """:func:`decode_image_file` as a (3, H, W) uint8 tensor."""
-    return torch.from_numpy(np.array(decode_image_file(path))).permute(2, 0, 1)
+    """:func:`decode_image_file` as a (C, H, W) tensor: uint8 RGB, or one channel
+    of floats in [0, 1] for 16-bit grayscale."""
+    return _from_pil(decode_image_file(path))
 
 
 def read_image_size(path) -> tuple[int, int]:
@@ -151,6 +162,11 @@ def read_image_size(path) -> tuple[int, int]:
 
 
 def _from_pil(image: Image.Image) -> torch.Tensor:
+    """(C, H, W): uint8 RGB, or for 16-bit grayscale one channel of floats scaled
+    by 65535, the same values as a numpy uint16 array of the pixels gives."""
+    if image.mode in _SIXTEEN_BIT_MODES:
+        pixels = np.array(image).astype(np.uint16)  # native byte order
+        return _from_numpy(pixels)[None]
     return torch.from_numpy(np.array(image.convert("RGB"))).permute(2, 0, 1)
 
 

@@ -23,6 +23,8 @@ def _as_rgb(image) -> np.ndarray:
         image = image[..., None]
     if image.dtype == np.uint8:
         image = image / 255.0
+    elif image.dtype == np.uint16:  # 16-bit camera images
+        image = image / 65535.0
     image = np.clip(np.asarray(image, dtype=np.float64), 0, 1)
     return np.broadcast_to(image, (*image.shape[:2], 3))
 
@@ -33,7 +35,7 @@ def overlay_anomaly_map(image, anomaly_map, *, vmin=None, vmax=None, alpha=0.5):
     Parameters
     ----------
     image : array of shape (H, W), (H, W, 3) or (3, H, W)
-        uint8, or floats in [0, 1].
+        uint8, uint16, or floats in [0, 1].
     anomaly_map : array of shape (H, W)
         Higher = more anomalous, at the image's size (see
         :func:`~skdfm.anomaly_maps`).

@@ -232,3 +232,39 @@ def test_files_are_decoded_at_most_one_batch_ahead(rgb, tmp_path, monkeypatch):
     assert [start for start, _ in batches] == [8]
     assert decoded == paths
     assert all(name.startswith("skdfm-decode") for name in threads)
+
+
+@pytest.mark.parametrize("suffix", [".png", ".tif"])
+def test_16_bit_grayscale_files_read_like_uint16_arrays(tmp_path, suffix):
+    from skdfm import DeepFeatureTransformer, make_defect_images
+    from skdfm._images import decode_image_file, read_image_file
+
+    from .conftest import SMALL_BACKBONE
+
+    rng = np.random.default_rng(0)
+    pixels = rng.integers(0, 65536, (3, 40, 48), dtype=np.uint16)
+    pixels[0, :, :] //= 64  # a dark image (a 10-bit sensor): far from white
+    paths = []
+    for i, image in enumerate(pixels):
+        paths.append(tmp_path / f"{i}{suffix}")
+        Image.fromarray(image).save(paths[-1])
+    assert Image.open(paths[0]).mode.startswith("I;16")
+    expected = torch.from_numpy(pixels[0].astype(np.float32) / 65535.0)
+    torch.testing.assert_close(read_image_file(paths[0])[0], expected, rtol=0, atol=0)
+    train, _, _ = make_defect_images(4, 0, image_size=64, random_state=0)
+    tr = DeepFeatureTransformer(**SMALL_BACKBONE).fit(train)
+    from_arrays = tr.transform(list(pixels))
+    np.testing.assert_array_equal(tr.transform(paths), from_arrays)  # file path
+    decoded = [decode_image_file(p) for p in paths]  # what the command scores
+    np.testing.assert_array_equal(tr.transform(decoded), from_arrays)
+    # not the saturated white image convert("RGB") gave
+    white = tr.transform([np.full((40, 48), 65535, np.uint16)])
+    assert not np.allclose(from_arrays[0], white[0])
+
+
+def test_overlays_show_16_bit_images_at_their_brightness():
+    from skdfm import overlay_anomaly_map
+
+    dark = np.full((4, 4), 1000, np.uint16)
+    overlay = overlay_anomaly_map(dark, np.zeros((4, 4)), alpha=0.0)
+    assert overlay.max() <= 4  # 1000 / 65535 of white, not saturated
