@@ -345,6 +345,11 @@ def cmd_fit(args) -> int:
         f"{transformer.backbone} {transformer.layer_}, {detector.n_features_in_} "
         f"features, {detector.n_components_} components"
     )
+    if not transformer.pretrained:
+        print(
+            "weights: random init (--random-init): scores are illustrative only; "
+            "pass --checkpoint FILE to use pretrained weights offline"
+        )
     if len(held):
         held_scores = detector.score_samples(features[held])
         detector.set_threshold(held_scores, contamination=args.contamination)
@@ -453,13 +458,93 @@ def cmd_evaluate(args) -> int:
 # -- argument parsing --------------------------------------------------------------
 
 
+# -- argument types: a bad value is a usage error (exit 2) naming the flag ------------
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} must be at least 1")
+    return value
+
+
+def _share(low: float, high: float, *, low_closed: bool, high_closed: bool):
+    """A float in an interval, e.g. [0, 1) for --holdout."""
+    shown = (
+        f"{'[' if low_closed else '('}{low:g}, {high:g}{']' if high_closed else ')'}"
+    )
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        above = value >= low if low_closed else value > low
+        below = value <= high if high_closed else value < high
+        if not (above and below):
+            raise argparse.ArgumentTypeError(f"{value:g} must be in {shown}")
+        return value
+
+    return parse
+
+
+def _pca_level(text: str):
+    """An integer is a number of components (as anomalib's rule ends with), a
+    float in (0, 1] a share of the variance."""
+    try:
+        return _positive_int(text)
+    except argparse.ArgumentTypeError:
+        if text.strip().lstrip("+-").isdigit():
+            raise
+    return _share(0.0, 1.0, low_closed=False, high_closed=True)(text)
+
+
+def _layer(text: str):
+    """A layer name, or its index in the backbone's feature_info."""
+    return int(text) if text.isdigit() else text
+
+
+def _check_output(parser, output) -> None:
+    path = Path(output)
+    if path.suffix.lower() in PICKLE_SUFFIXES:
+        parser.error(
+            f"argument -o/--output: {output}: the command writes .skdfm model files "
+            "(data, safe to load), not pickles; name it e.g. model.skdfm"
+        )
+    folder = path.parent if str(path.parent) else Path(".")
+    if path.is_dir():
+        parser.error(f"argument -o/--output: {output} is a folder")
+    if not folder.is_dir():
+        parser.error(
+            f"argument -o/--output: no folder {folder} to write {path.name} in"
+        )
+    if not os.access(folder, os.W_OK | os.X_OK):
+        parser.error(f"argument -o/--output: folder {folder} is not writable")
+
+
+def _check_device(parser, device) -> None:
+    from ._device import resolve_device
+
+    if device is not None:
+        try:
+            resolve_device(device)
+        except ValueError as error:
+            parser.error(f"argument --device: {error}")
+
+
 def _add_runtime(parser) -> None:
     group = parser.add_argument_group("runtime")
     group.add_argument(
         "--device", help="'cpu', 'cuda', 'cuda:N' (default: CUDA when available)"
     )
     group.add_argument(
-        "--batch-size", type=int, metavar="N", help="images per backbone batch"
+        "--batch-size",
+        type=_positive_int,
+        metavar="N",
+        help="images per backbone batch (default: the model's, 16 for a new one)",
     )
     group.add_argument("--no-progress", action="store_true", help="no progress bars")
 
@@ -470,20 +555,32 @@ def _add_model_options(parser, *, backbone: str, layer: str, pooling: int) -> No
         "--backbone", default=backbone, help=f"timm model (default {backbone})"
     )
     group.add_argument(
-        "--layer", default=layer, help=f"feature layer (default {layer})"
+        "--layer",
+        type=_layer,
+        default=layer,
+        help=f"feature layer, by name or index (default {layer})",
     )
     group.add_argument(
-        "--pca-level", type=float, default=0.97, help="variance kept (default 0.97)"
+        "--pca-level",
+        type=_pca_level,
+        default=0.97,
+        metavar="LEVEL",
+        help="share of the variance kept, in (0, 1], or a number of components "
+        "(an integer, e.g. the one anomalib ends with; default 0.97)",
     )
     group.add_argument(
         "--pooling-kernel-size",
-        type=int,
+        type=_positive_int,
         default=pooling,
         metavar="K",
         help=f"average-pooling kernel (default {pooling})",
     )
     group.add_argument(
-        "--input-size", type=int, default=256, metavar="PX", help="default 256"
+        "--input-size",
+        type=_positive_int,
+        default=256,
+        metavar="PX",
+        help="images are resized to PX x PX (default 256)",
     )
     group.add_argument("--score-type", choices=["fre", "nll"], default="fre")
     group.add_argument(
@@ -516,8 +613,15 @@ def _add_demo(commands) -> None:
     demo.add_argument(
         "--out", default="skdfm-demo", help="output folder (default skdfm-demo)"
     )
-    demo.add_argument("--n-train", type=int, default=100, help="good parts to fit on")
-    demo.add_argument("--image-size", type=int, default=256, help="default 256")
+    demo.add_argument(
+        "--n-train",
+        type=_positive_int,
+        default=100,
+        help="good parts to fit on (default 100)",
+    )
+    demo.add_argument(
+        "--image-size", type=_positive_int, default=256, help="default 256"
+    )
     demo.add_argument(
         "--texture", choices=["woven", "brushed", "grain"], default="woven"
     )
@@ -547,14 +651,14 @@ def _add_fit(commands) -> None:
     )
     fit.add_argument(
         "--holdout",
-        type=float,
+        type=_share(0.0, 1.0, low_closed=True, high_closed=False),
         default=0.2,
         help="share of images held out to set the threshold (default 0.2; 0 = "
         "in-sample threshold)",
     )
     fit.add_argument(
         "--contamination",
-        type=float,
+        type=_share(0.0, 0.5, low_closed=False, high_closed=True),
         default=0.01,
         help="share of held-out good images allowed above the threshold (default 0.01)",
     )
@@ -616,14 +720,10 @@ def main(argv=None) -> int:
     """Run the ``skdfm`` command; returns the exit code."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    if getattr(args, "batch_size", None) is not None and args.batch_size < 1:
-        parser.error("--batch-size must be at least 1")
-    output = getattr(args, "output", None)
-    if output is not None and Path(output).suffix.lower() in PICKLE_SUFFIXES:
-        parser.error(
-            f"-o {output}: the command writes .skdfm model files (data, safe to "
-            "load), not pickles; name it e.g. model.skdfm"
-        )
+    # Everything the command line decides is checked before any image is read.
+    if getattr(args, "output", None) is not None:
+        _check_output(parser, args.output)
+    _check_device(parser, getattr(args, "device", None))
     try:
         with terminate_as_exception():
             return args.func(args)

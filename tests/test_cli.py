@@ -277,3 +277,50 @@ def test_broken_links_and_missing_files_are_listed_not_lost(
         assert f"{name}: " in captured.err
     assert "scored 3 images, " in captured.err and "4 skipped" in captured.err
     assert len(captured.out.strip().splitlines()) == 1 + 3
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--holdout", "-0.2"], "argument --holdout: -0.2 must be in [0, 1)"),
+        (["--holdout", "1"], "argument --holdout: 1 must be in [0, 1)"),
+        (
+            ["--contamination", "0.9"],
+            "argument --contamination: 0.9 must be in (0, 0.5]",
+        ),
+        (["--contamination", "x"], "argument --contamination: 'x' is not a number"),
+        (["--input-size", "0"], "argument --input-size: 0 must be at least 1"),
+        (["--batch-size", "0"], "argument --batch-size: 0 must be at least 1"),
+        (["--pooling-kernel-size", "2.5"], "'2.5' is not a whole number"),
+        (["--pca-level", "1.5"], "argument --pca-level: 1.5 must be in (0, 1]"),
+        (["--pca-level", "0"], "argument --pca-level: 0 must be at least 1"),
+        (["--device", "gpu"], "argument --device: device='gpu' is not a valid"),
+        (["-o", "/nonexistent-folder/m.skdfm"], "no folder /nonexistent-folder"),
+        (["-o", "/tmp"], "argument -o/--output: /tmp is a folder"),
+    ],
+)
+def test_bad_command_lines_fail_before_any_image_is_read(
+    good_dir, tmp_path, monkeypatch, capsys, extra, message
+):
+    import skdfm._images as images_module
+
+    def refuse(path):
+        raise AssertionError("an image was read")
+
+    monkeypatch.setattr(images_module, "decode_image_file", refuse)
+    args = ["fit", str(good_dir), "-o", str(tmp_path / "m.skdfm"), "--random-init"]
+    with pytest.raises(SystemExit) as exit_info:
+        main([*args, *TINY, *extra])  # later flags win over TINY's
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_integer_pca_level_and_layer_index(good_dir, tmp_path, capsys):
+    path = tmp_path / "m.skdfm"
+    args = ["fit", str(good_dir), "-o", str(path), "--random-init", *TINY]
+    assert main([*args, "--pca-level", "4", "--layer", "2"]) == 3
+    out = capsys.readouterr().out
+    assert "4 components" in out and "layer2" in out
+    assert "random init (--random-init)" in out  # said, as the demo does
+    model = skdfm.load(path)
+    assert model[-1].pca_level == 4 and isinstance(model[-1].pca_level, int)
