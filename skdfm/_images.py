@@ -428,6 +428,13 @@ def _array_collection(X) -> ImageCollection:
                 f"grayscale images (N, H, W), but a width of {shape[-1]} looks like "
                 "the channels of one image; for one image pass X[None]."
             )
+        if shape[0] == 3:
+            raise ValueError(
+                f"Ambiguous array of shape {shape}: three grayscale images (N, H, "
+                "W) or one colour image (C, H, W), as torchvision lays it out? Pass "
+                "one colour image as X[None] (1, 3, H, W), three grayscale images "
+                "as X[:, None] (3, 1, H, W)."
+            )
         channel_axis = None
     else:
         channel_axis = _channel_axis(shape, (1, 3), "array")

@@ -130,13 +130,14 @@ class DeepFeatureTransformer(
     - a numpy array or torch tensor of shape ``(N, H, W)`` (grayscale),
       ``(N, H, W, C)`` or ``(N, C, H, W)`` with ``C`` 1 or 3: the channel axis is
       the one of axes 1 and 3 whose size is 1 or 3; if both are, the array is
-      ambiguous and rejected. A 3-D array whose last axis has 4 or fewer entries
-      is rejected as ambiguous too (one ``(H, W, 3)`` image must be passed as
-      ``X[None]``);
+      ambiguous and rejected. A 3-D array whose last axis has 4 or fewer entries,
+      or whose first axis is 3, is rejected as ambiguous too: one colour image,
+      ``(H, W, 3)`` or ``(3, H, W)``, is never read as three grayscale ones (pass
+      it as ``X[None]``; three grayscale images as ``X[:, None]``);
     - a list (or other sequence) of file paths, decoded with Pillow's
       ``convert("RGB")`` as anomalib does (palettes expanded, grayscale
-      replicated, alpha dropped, EXIF orientation not applied), one batch at a
-      time;
+      replicated, alpha dropped, EXIF orientation not applied; 16-bit grayscale
+      files are read as 0..65535, like uint16 arrays), one batch at a time;
     - a list of PIL images (converted the same way), or of single-image arrays
       or tensors ``(H, W)``, ``(H, W, C)`` or ``(C, H, W)``; sizes may differ.
 

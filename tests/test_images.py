@@ -76,7 +76,7 @@ def test_layouts_and_kinds_give_the_same_input(rgb, tmp_path):
 
 
 def test_grayscale_is_replicated_to_rgb():
-    gray = np.random.default_rng(1).integers(0, 256, (3, 20, 20), dtype=np.uint8)
+    gray = np.random.default_rng(1).integers(0, 256, (4, 20, 20), dtype=np.uint8)
     rgb = np.repeat(gray[..., None], 3, axis=-1)
     expected = prepare(rgb)
     for X in (gray, gray[..., None], gray[:, None], list(gray), list(gray[:, None])):
@@ -268,3 +268,31 @@ def test_overlays_show_16_bit_images_at_their_brightness():
     dark = np.full((4, 4), 1000, np.uint16)
     overlay = overlay_anomaly_map(dark, np.zeros((4, 4)), alpha=0.0)
     assert overlay.max() <= 4  # 1000 / 65535 of white, not saturated
+
+
+@pytest.mark.parametrize("to", [np.asarray, torch.as_tensor])
+def test_one_colour_image_is_never_three_grayscale_ones(to):
+    image = to(np.zeros((3, 40, 48), np.uint8))  # torchvision's (C, H, W)
+    with pytest.raises(ValueError, match=r"X\[None\].*X\[:, None\]"):
+        as_image_collection(image)
+    assert len(as_image_collection(image[None])) == 1  # one colour image
+    assert len(as_image_collection(image[:, None])) == 3  # three grayscale ones
+    assert len(as_image_collection(to(np.zeros((2, 40, 48), np.uint8)))) == 2
+
+
+def test_stream_fit_counts_colour_images_once():
+    from sklearn.pipeline import make_pipeline
+
+    from skdfm import DeepFeatureTransformer, DFMDetector, stream_fit
+
+    from .conftest import SMALL_BACKBONE
+
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (8, 3, 64, 64), np.uint8)
+    model = make_pipeline(
+        DeepFeatureTransformer(**SMALL_BACKBONE), DFMDetector(pca_level=3, device="cpu")
+    )
+    with pytest.raises(ValueError, match="Ambiguous"):
+        stream_fit(model, iter(images))  # single (3, H, W) images: refused
+    stream_fit(model, (images[i : i + 4] for i in (0, 4)))
+    assert model[-1].n_samples_seen_ == 8
