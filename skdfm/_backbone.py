@@ -257,7 +257,29 @@ def backbone_state(model: torch.nn.Module) -> dict[str, np.ndarray]:
 def rebuild_backbone(
     name: str, layer: str, state: dict[str, np.ndarray]
 ) -> torch.nn.Module:
-    """Rebuild a truncated backbone from :func:`backbone_state`, with no network."""
+    """Rebuild a truncated backbone from :func:`backbone_state`, with no network.
+
+    The architecture is first built on the meta device (no memory) and its
+    parameter names and shapes compared with ``state``: weights that do not fit are
+    refused before a real (and possibly large) model is allocated.
+    """
+    import timm
+
+    _check_model_name(name)
+    features, _ = _feature_kwargs(name, layer)
+    with torch.device("meta"):
+        skeleton = timm.create_model(name, pretrained=False, **features)
+    expected = {k: tuple(v.shape) for k, v in skeleton.state_dict().items()}
+    given = {k: tuple(np.shape(v)) for k, v in state.items()}
+    if given != expected:
+        wrong = sorted(set(expected) ^ set(given)) or sorted(
+            k for k in expected if expected[k] != given[k]
+        )
+        raise ValueError(
+            f"the saved weights do not fit {name!r} cut after {layer!r} "
+            f"({len(given)} arrays for {len(expected)} expected; first mismatches: "
+            f"{wrong[:3]})."
+        )
     model = build_backbone(name, layer, pretrained=False, seed=0).model
     model.load_state_dict({key: torch.tensor(value) for key, value in state.items()})
     return model

@@ -573,6 +573,40 @@ class DFMDetector(DeviceMixin, PersistenceMixin, OutlierMixin, BaseEstimator):
         if "components_" in vars(self):
             self._build_state(self._fitted_device)
 
+    def _check_state(self) -> None:
+        super()._check_state()
+        if "components_" not in vars(self):
+            return
+        d, k = self.n_features_in_, self.n_components_
+        if not (
+            isinstance(d, Integral) and isinstance(k, Integral) and 0 <= k <= d >= 1
+        ):
+            raise ValueError(f"n_features_in_={d!r} and n_components_={k!r} clash.")
+        shapes = {
+            "mean_": (d,),
+            "components_": (k, d),
+            "singular_values_": (k,),
+            "explained_variance_": (k,),
+            "explained_variance_ratio_": (k,),
+        }
+        for name, shape in shapes.items():
+            value = getattr(self, name)
+            if not (
+                isinstance(value, np.ndarray)
+                and value.shape == shape
+                and value.dtype.kind == "f"
+                and np.isfinite(value).all()
+            ):
+                raise ValueError(
+                    f"{name} is not a finite float array of shape {shape}."
+                )
+        if not (isinstance(self.n_samples_, Integral) and self.n_samples_ >= 2):
+            raise ValueError(f"n_samples_={self.n_samples_!r} is not a count >= 2.")
+        if "offset_" in vars(self) and not (
+            isinstance(self.offset_, Real) and np.isfinite(self.offset_)
+        ):
+            raise ValueError(f"offset_={self.offset_!r} is not a finite number.")
+
     def _move_fitted_state(self, device: torch.device) -> None:
         if "components_" in vars(self):
             self._build_state(device)

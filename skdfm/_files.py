@@ -53,8 +53,13 @@ def atomic_write(path, mode: str = "wb") -> Iterator:
     except PermissionError as error:
         raise PermissionError(f"Cannot write {path}: {error.strerror}.") from error
     try:
-        # mkstemp creates 0600; give the file the permissions a plain open() would.
-        os.chmod(temporary, 0o666 & ~_umask())
+        # mkstemp creates 0600: keep the permissions of the file being replaced, or
+        # give a new one those a plain open() would.
+        try:
+            permissions = path.stat().st_mode & 0o7777
+        except OSError:
+            permissions = 0o666 & ~_umask()
+        os.chmod(temporary, permissions)
         with os.fdopen(fd, mode) as handle:
             yield handle
             handle.flush()

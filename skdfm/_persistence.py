@@ -48,3 +48,9 @@ class PersistenceMixin:
         if "device_" in state:
             state["device_"] = loadable_device(state["device_"])
         super().__setstate__(state)
+        self._check_state()
+
+    def _check_state(self) -> None:
+        """Raise a ValueError when the loaded parameters or fitted state are not
+        ones this class could have made (a damaged or forged file)."""
+        self._validate_params()

@@ -41,7 +41,28 @@ __all__ = ["SUFFIX", "ModelFileError", "is_model_file", "load", "save"]
 SUFFIX = ".skdfm"
 _FORMAT = "skdfm-model"
 _FORMAT_VERSION = 1
-_MAX_HEADER_BYTES = 100 * 2**20  # safetensors' own limit
+# Far above any model's header (resnet50's is ~40 kB, 16384 feature names ~0.5 MB),
+# far below safetensors' own 100 MB: parsing a header costs a small multiple of it.
+_MAX_HEADER_BYTES = 8 * 2**20
+_MAX_DIMENSIONS, _MAX_EXTENT = 8, 2**48
+_MAX_DEPTH = 16  # JSON nesting of a saved value (a dict of tuples is 3)
+#: The fitted attributes each class may have in a model file (and parameters).
+_FITTED = {
+    "skdfm.DFMDetector": frozenset(
+        {
+            "mean_", "components_", "n_components_", "explained_variance_",
+            "explained_variance_ratio_", "singular_values_", "n_samples_",
+            "solver_", "device_", "offset_", "threshold_method_", "score_range_",
+            "n_features_in_", "feature_names_in_", "n_samples_seen_",
+        }
+    ),
+    "skdfm.DeepFeatureTransformer": frozenset(
+        {
+            "backbone_", "layer_", "feature_shape_", "input_size_", "image_mean_",
+            "image_std_", "device_", "weights_digest_",
+        }
+    ),
+}  # fmt: skip
 _DTYPES = {
     "F64": np.float64,
     "F32": np.float32,
@@ -60,7 +81,11 @@ class ModelFileError(ValueError):
 
     def __init__(self, path, problem: str):
         self.path = os.fspath(path)
+        self.problem = problem
         super().__init__(f"Model file {self.path!r} {problem}")
+
+    def __reduce__(self):  # picklable across processes (joblib workers)
+        return (type(self), (self.path, self.problem))
 
 
 def _allowed_classes() -> dict:
@@ -121,7 +146,9 @@ class _Encoder:
                 np.dtype(d).newbyteorder("<") for d in _DTYPES.values()
             }:
                 raise ValueError(f"Cannot save {key}: dtype {value.dtype}.")
-            self.tensors[key] = np.ascontiguousarray(value)
+            if key in self.tensors:
+                raise ValueError(f"Cannot save {key}: two arrays would share a name.")
+            self.tensors[key] = np.asarray(value, order="C")  # keeps 0-d arrays 0-d
             return {"__tensor__": key}
         if isinstance(value, dict):
             if not all(isinstance(k, str) for k in value):
@@ -146,6 +173,9 @@ class _Encoder:
 
         name = _class_name(model)
         if isinstance(model, Pipeline):
+            if prefix:
+                raise TypeError("skdfm.save stores no Pipeline inside a Pipeline.")
+            _check_pipeline(model)
             if model.memory is not None or getattr(model, "transform_input", None):
                 raise ValueError(
                     "skdfm.save stores Pipelines without memory or transform_input."
@@ -169,10 +199,22 @@ def _digest(document: str, tensors: dict) -> str:
     digest = hashlib.sha256(b"skdfm-model\0")
     digest.update(document.encode("utf-8"))
     for name in sorted(tensors):
-        array = np.ascontiguousarray(tensors[name])
+        array = np.asarray(tensors[name], order="C")
         digest.update(json.dumps([name, array.dtype.str, list(array.shape)]).encode())
-        digest.update(memoryview(array).cast("B"))
+        digest.update(array.reshape(-1).view(np.uint8))  # no copy; empty arrays too
     return digest.hexdigest()
+
+
+def _check_pipeline(pipeline) -> None:
+    """A saved Pipeline is a DFM model: a transformer and a detector, fitted, with
+    plain unique step names (ValueError otherwise)."""
+    from ._model import split_model
+
+    names = [name for name, _ in pipeline.steps]
+    plain = all(isinstance(n, str) and n and "__" not in n for n in names)
+    if not plain or len(set(names)) != len(names):
+        raise ValueError(f"Pipeline step names must be unique plain strings: {names}.")
+    split_model(pipeline)
 
 
 def _versions() -> dict:
@@ -289,7 +331,7 @@ def _header(handle, size: int, path) -> tuple[dict, int]:
         )
     try:
         header = json.loads(handle.read(length).decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError):
+    except (ValueError, RecursionError, OverflowError):  # incl. JSON and UTF-8 errors
         raise ModelFileError(
             path, "has no readable header: not an skdfm model file."
         ) from None
@@ -306,24 +348,31 @@ def _check_layout(header: dict, data_bytes: int, path) -> None:
             continue
         try:
             dtype = np.dtype(_DTYPES[info["dtype"]])
-            shape = [int(s) for s in info["shape"]]
-            begin, end = (int(o) for o in info["data_offsets"])
-        except (KeyError, TypeError, ValueError):
+            shape, offsets = info["shape"], info["data_offsets"]
+            if not (isinstance(shape, list) and isinstance(offsets, list)):
+                raise TypeError
+            if len(shape) > _MAX_DIMENSIONS or len(offsets) != 2:
+                raise ValueError
+            shape = [int(s) for s in shape]
+            begin, end = (int(o) for o in offsets)
+        except (KeyError, TypeError, ValueError, OverflowError):
             raise ModelFileError(path, f"declares array {name!r} badly.") from None
         if (
-            any(s < 0 for s in shape)
+            any(not 0 <= s <= _MAX_EXTENT for s in shape)
             or math.prod(shape) * dtype.itemsize != end - begin
         ):
             raise ModelFileError(
                 path, f"declares array {name!r} with a size that does not add up."
             )
         spans.append((begin, end))
+    filled = [span for span in spans if span[0] != span[1]]  # empty arrays share
     position = 0
-    for begin, end in sorted(spans):
+    for begin, end in sorted(filled):
         if begin != position:
             break
         position = end
-    if position != data_bytes or len(spans) != len(set(spans)):
+    empty_outside = any(not 0 <= b <= data_bytes for b, e in spans if b == e)
+    if position != data_bytes or len(filled) != len(set(filled)) or empty_outside:
         raise ModelFileError(
             path,
             f"declares arrays that do not exactly fill its {data_bytes} data bytes: "
@@ -352,85 +401,143 @@ class _Decoder:
         self.path = path
 
     def refuse(self, value):
-        shown = json.dumps(value)[:80]
+        try:
+            shown = json.dumps(value)[:80]
+        except (ValueError, RecursionError):
+            shown = type(value).__name__
         return ModelFileError(self.path, f"holds a value skdfm does not store: {shown}")
 
-    def value(self, value):
+    def value(self, value, depth: int = 0):
         from ._cache import FeatureCache
 
+        if depth > _MAX_DEPTH:
+            raise ModelFileError(self.path, "holds values nested too deeply.")
         if value is None or isinstance(value, (bool, int, float, str)):
             return value
         if isinstance(value, list):
-            return [self.value(v) for v in value]
+            return [self.value(v, depth + 1) for v in value]
         if not isinstance(value, dict) or len(value) != 1:
             raise self.refuse(value)
         ((tag, content),) = value.items()
         if tag == "__tuple__" and isinstance(content, list):
-            return tuple(self.value(v) for v in content)
+            return tuple(self.value(v, depth + 1) for v in content)
         if tag == "__tensor__" and isinstance(content, str):
             if content not in self.tensors:
                 raise ModelFileError(self.path, f"lacks the array {content!r}.")
+            if content in self.used:
+                raise ModelFileError(self.path, f"uses the array {content!r} twice.")
             self.used.add(content)
             return self.tensors[content]
         if tag == "__dict__" and isinstance(content, dict):
-            return {str(k): self.value(v) for k, v in content.items()}
+            return {str(k): self.value(v, depth + 1) for k, v in content.items()}
         if tag == "__strings__" and isinstance(content, list):
             if all(isinstance(v, str) for v in content):
                 return np.asarray(content, dtype=object)
         if tag == "__float__" and content in ("nan", "inf", "-inf"):
             return float(content)
         if tag == "__feature_cache__" and (
-            content is None or (isinstance(content, int) and content >= 0)
+            content is None or (type(content) is int and content >= 0)
         ):
             return FeatureCache(max_bytes=content)
         raise self.refuse(value)
 
-    def model(self, node):
+    def model(self, node, *, inside_pipeline: bool = False):
         from sklearn.pipeline import Pipeline
+        from sklearn.utils.validation import check_is_fitted
 
         if not isinstance(node, dict) or not isinstance(node.get("class"), str):
             raise self.refuse(node)
         name = node["class"]
         allowed = _allowed_classes()
-        if name not in allowed:
+        if name not in allowed or (inside_pipeline and allowed[name] is Pipeline):
             raise ModelFileError(
                 self.path,
                 f"names the class {name!r}; only {', '.join(sorted(allowed))} are "
-                "loaded.",
+                "loaded (a Pipeline only at the top).",
             )
         cls = allowed[name]
         if cls is Pipeline:
-            steps = []
-            if not isinstance(node.get("steps"), list):
-                raise self.refuse(node)
-            for item in node["steps"]:
-                if not (isinstance(item, list) and len(item) == 2):
-                    raise self.refuse(item)
-                step_name, step = item
-                if step is not None and step != "passthrough":
-                    step = self.model(step)
-                steps.append((str(step_name), step))
-            return Pipeline(steps, verbose=bool(node.get("verbose", False)))
+            return self.pipeline(node)
         state = node.get("state")
         if not isinstance(state, dict):
             raise self.refuse(node)
         parameters = set(cls().get_params(deep=False))
         for key in state:
-            fitted = key.endswith("_") and not key.startswith("_")
-            known = key in parameters or key in ("_skdfm_version", "_sklearn_version")
-            if not (fitted or known):
+            if key not in parameters | _FITTED[name] | {"_skdfm_version"}:
                 raise ModelFileError(
                     self.path, f"holds an attribute {key!r} that {name} does not have."
                 )
         state = {key: self.value(value) for key, value in state.items()}
         estimator = cls.__new__(cls)
         try:
+            # Validates the parameters and the fitted state, and rebuilds the
+            # backbone (its architecture checked against the arrays first).
             estimator.__setstate__(state)
-        except (KeyError, TypeError, ValueError, RuntimeError, AttributeError) as error:
+            check_is_fitted(estimator)
+        except Exception as error:  # whatever the state makes fail: not loadable
             raise ModelFileError(
                 self.path, f"holds a {name} that cannot be rebuilt: {error}"
             ) from error
         return estimator
+
+    def pipeline(self, node):
+        from sklearn.pipeline import Pipeline
+
+        steps = node.get("steps")
+        if not isinstance(steps, list):
+            raise self.refuse(node)
+        built = []
+        for item in steps:
+            if not (isinstance(item, list) and len(item) == 2):
+                raise self.refuse(item)
+            step_name, step = item
+            if step is not None and step != "passthrough":
+                step = self.model(step, inside_pipeline=True)
+            built.append((step_name, step))
+        pipeline = Pipeline(built, verbose=node.get("verbose") is True)
+        try:
+            _check_pipeline(pipeline)
+        except (TypeError, ValueError) as error:
+            raise ModelFileError(self.path, f"holds no DFM model: {error}") from None
+        return pipeline
+
+
+def _compare_versions(saved: dict) -> None:
+    """Warn when another torch, timm, scikit-learn or numpy wrote the file (skdfm's
+    own version is compared by the estimators, as for pickles)."""
+    import warnings
+
+    from ._persistence import SkdfmVersionWarning
+
+    if not isinstance(saved, dict):
+        return
+    here = _versions()
+    for package in ("torch", "timm", "scikit-learn", "numpy"):
+        then, now = saved.get(package), here.get(package)
+        if isinstance(then, str) and now and then.split(".")[:2] != now.split(".")[:2]:
+            warnings.warn(
+                f"This model was written with {package} {then} and is loaded with "
+                f"{now}; scores may differ slightly. Refit it, or load it with the "
+                "versions that wrote it.",
+                SkdfmVersionWarning,
+                stacklevel=3,
+            )
+
+
+def _check_weights(model, path) -> None:
+    """The rebuilt backbones have the weights their recorded digest says."""
+    from sklearn.pipeline import Pipeline
+
+    from ._cache import weights_digest
+    from ._transformer import DeepFeatureTransformer
+
+    steps = model.steps if isinstance(model, Pipeline) else [(None, model)]
+    for _, step in steps:
+        if isinstance(step, DeepFeatureTransformer):
+            if weights_digest(step.backbone_) != step.weights_digest_:
+                raise ModelFileError(
+                    path, "holds backbone weights whose digest is not the recorded one."
+                )
 
 
 def load(path):
@@ -495,18 +602,23 @@ def load(path):
         )
     try:
         document = json.loads(text)
-    except json.JSONDecodeError:  # pragma: no cover - the digest covers it
+    except (ValueError, RecursionError, OverflowError):
         raise ModelFileError(path, "has an unreadable document.") from None
     version = document.get("format_version") if isinstance(document, dict) else None
-    if version != _FORMAT_VERSION:
+    if type(version) is not int or version != _FORMAT_VERSION:
         raise ModelFileError(
             path,
             f"has format version {version!r}; this skdfm reads version "
             f"{_FORMAT_VERSION}.",
         )
+    _compare_versions(document.get("versions"))
     decoder = _Decoder(tensors, path)
-    model = decoder.model(document.get("model"))
+    try:
+        model = decoder.model(document.get("model"))
+    except RecursionError:
+        raise ModelFileError(path, "holds values nested too deeply.") from None
     unused = set(tensors) - decoder.used
     if unused:
         raise ModelFileError(path, f"holds arrays no estimator uses: {sorted(unused)}.")
+    _check_weights(model, path)
     return model

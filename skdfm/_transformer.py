@@ -465,6 +465,35 @@ class DeepFeatureTransformer(
             state["backbone_"] = backbone_state(state["backbone_"])
         return state
 
+    def _check_state(self) -> None:
+        super()._check_state()
+        if "feature_shape_" not in vars(self):
+            return
+
+        def positive_ints(value, n):
+            return (
+                isinstance(value, tuple)
+                and len(value) == n
+                and all(isinstance(v, Integral) and v >= 1 for v in value)
+            )
+
+        def floats(value):
+            return (
+                isinstance(value, tuple)
+                and len(value) == 3
+                and all(isinstance(v, float) and np.isfinite(v) for v in value)
+            )
+
+        if not (
+            positive_ints(self.feature_shape_, 3)
+            and positive_ints(self.input_size_, 2)
+            and floats(self.image_mean_)
+            and floats(self.image_std_)
+            and isinstance(self.layer_, str)
+            and isinstance(vars(self).get("weights_digest_", ""), str)
+        ):
+            raise ValueError("its fitted shapes, layer or normalisation are not valid.")
+
     def __setstate__(self, state):
         weights = state.pop("backbone_", None)
         super().__setstate__(state)

@@ -85,14 +85,26 @@ def _file_batches(paths: list[str], batch_size: int, *, progress: bool):
         yield batch
 
 
+def _looks_like_pickle(path: str) -> bool:
+    """A pickle suffix, or the first byte of a pickle (protocol 2+) or of the
+    compressed files joblib writes (zlib, gzip, bz2, xz, lz4)."""
+    if Path(path).suffix.lower() in PICKLE_SUFFIXES:
+        return True
+    with open(path, "rb") as handle:
+        head = handle.read(6)
+    return head[:1] in (b"\x80", b"x") or head.startswith(
+        (b"\x1f\x8b", b"BZh", b"\xfd7zXZ", b"\x04\x22\x4d\x18")
+    )
+
+
 def _read_model(path: str, *, allow_pickle: bool):
     """A model from an .skdfm file, or from a pickle only when allowed."""
     from ._saving import ModelFileError, is_model_file, load
 
     if not Path(path).is_file():
         raise CommandError(f"no such model file: {path}")
-    if is_model_file(path):
-        try:
+    if is_model_file(path) or not _looks_like_pickle(path):
+        try:  # a damaged .skdfm file gets load's reason, not advice on pickles
             return load(path)
         except ModelFileError as error:
             raise CommandError(str(error)) from error

@@ -324,3 +324,12 @@ def test_integer_pca_level_and_layer_index(good_dir, tmp_path, capsys):
     assert "random init (--random-init)" in out  # said, as the demo does
     model = skdfm.load(path)
     assert model[-1].pca_level == 4 and isinstance(model[-1].pca_level, int)
+
+
+def test_a_truncated_model_file_is_reported_as_damaged(model_file, tmp_path, capsys):
+    short = tmp_path / "short.skdfm"
+    short.write_bytes(model_file.read_bytes()[:100])
+    capsys.readouterr()
+    assert main(["score", str(short), "x.png", "--allow-pickle"]) == 1
+    err = capsys.readouterr().err
+    assert "Model file" in err and "truncated" in err and "--allow-pickle" not in err

@@ -290,7 +290,7 @@ def test_what_cannot_be_saved_is_refused_before_writing(detector, tmp_path):
     path = tmp_path / "m.skdfm"
     with pytest.raises(TypeError, match="StandardScaler"):
         skdfm.save(StandardScaler().fit(detector[1]), path)
-    with pytest.raises(TypeError, match="StandardScaler"):
+    with pytest.raises(ValueError, match="StandardScaler"):
         skdfm.save(Pipeline([("s", StandardScaler()), ("d", detector[0])]), path)
     from sklearn.exceptions import NotFittedError
 
@@ -362,3 +362,188 @@ def test_save_killed_mid_write_leaves_the_previous_model(tmp_path):
         loaded = skdfm.load(target)  # never a ModelFileError
         seen.add(round(float(loaded.score_samples(reference)[0]), 3))
     assert 1 <= len(seen) <= 2
+
+
+# -- crafted files (found by a review trying to break the loader) ------------------
+
+
+def edited(saved_path, tmp_path, change, name="edited.skdfm"):
+    """``saved_path`` with its document changed by ``change(document, tensors)``
+    and a valid digest recomputed, as someone who knows the format could."""
+    document, tensors = saved_document(saved_path)
+    change(document, tensors)
+    return write_document(tmp_path / name, document, tensors)
+
+
+def state_of(document, step=None):
+    model = document["model"]
+    if step is not None:
+        model = dict(model["steps"])[step]
+    return model["state"]
+
+
+def test_architectures_are_checked_on_the_meta_device_first(
+    fitted_pipeline, tmp_path, monkeypatch
+):
+    import skdfm._backbone as backbone_module
+
+    path = skdfm.save(fitted_pipeline, tmp_path / "m.skdfm")
+
+    def bigger(document, tensors):  # a huge network named, small weights given
+        state_of(document, "deepfeaturetransformer")["backbone"] = "resnet152"
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a real network was built")
+
+    monkeypatch.setattr(backbone_module, "build_backbone", refuse)
+    with pytest.raises(ModelFileError, match="saved weights do not fit 'resnet152'"):
+        skdfm.load(edited(path, tmp_path, bigger))
+
+
+@pytest.mark.parametrize(
+    "header_value, message",
+    [
+        ([2**62] * 50_000, "badly"),  # many dimensions: refused before multiplying
+        ([2**60, 2**60], "does not add up"),
+        ([1e400], "badly"),
+    ],
+)
+def test_absurd_shapes_are_refused_at_once(tmp_path, header_value, message):
+    import time
+
+    metadata = {"format": "skdfm-model", "skdfm": "{}", "sha256": "0" * 64}
+    header = {
+        "__metadata__": metadata,
+        "x": {"dtype": "F64", "shape": header_value, "data_offsets": [0, 8]},
+    }
+    text = (
+        json.dumps(header).replace('"Infinity"', "1e400").replace("Infinity", "1e400")
+    )
+    path = tmp_path / "absurd.skdfm"
+    path.write_bytes(len(text).to_bytes(8, "little") + text.encode() + bytes(8))
+    start = time.perf_counter()
+    with pytest.raises(ModelFileError, match=message):
+        skdfm.load(path)
+    assert time.perf_counter() - start < 2
+
+
+def test_malformed_json_never_escapes_as_another_error(saved_detector, tmp_path):
+    deep = "[" * 200_000 + "]" * 200_000
+    for body in (deep, '{"a": ' + "9" * 5000 + "}"):
+        path = tmp_path / "odd.skdfm"
+        path.write_bytes(len(body).to_bytes(8, "little") + body.encode())
+        with pytest.raises(ModelFileError):
+            skdfm.load(path)
+        assert not _saving.is_model_file(path)
+
+    def nest(document, tensors):
+        value = 1
+        for _ in range(200):
+            value = {"__tuple__": [value]}
+        document["model"]["state"]["offset_"] = value
+
+    with pytest.raises(ModelFileError, match="nested too deeply"):
+        skdfm.load(edited(saved_detector, tmp_path, nest))
+
+    def huge_int(document, tensors):
+        document["model"]["state"]["n_samples_"] = 10**400
+
+    with pytest.raises(ModelFileError, match="cannot be rebuilt"):
+        skdfm.load(edited(saved_detector, tmp_path, huge_int))
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (lambda s: s.update(whatever_=1), "attribute 'whatever_'"),
+        (lambda s: s.update(n_features_in_="abc"), "cannot be rebuilt"),
+        (lambda s: s.update(solver="svd"), "cannot be rebuilt"),
+        (lambda s: s.update(offset_={"__float__": "nan"}), "offset_"),
+        (lambda s: s.update(n_components_=2), "clash|shape"),
+        (lambda s: [s.pop(k) for k in list(s) if k.endswith("_")], "cannot be rebuilt"),
+    ],
+)
+def test_forged_detector_states_are_refused(saved_detector, tmp_path, change, message):
+    path = edited(saved_detector, tmp_path, lambda d, t: change(d["model"]["state"]))
+    with pytest.raises(ModelFileError, match=message):
+        skdfm.load(path)
+
+
+def test_forged_transformers_and_pipelines_are_refused(fitted_pipeline, tmp_path):
+    path = skdfm.save(fitted_pipeline, tmp_path / "m.skdfm")
+
+    def bad_batch(document, tensors):
+        state_of(document, "deepfeaturetransformer")["batch_size"] = 0
+
+    def wrong_digest(document, tensors):
+        state_of(document, "deepfeaturetransformer")["weights_digest_"] = "0" * 32
+
+    def swapped(document, tensors):
+        document["model"]["steps"].reverse()
+
+    def duplicate_names(document, tensors):
+        steps = document["model"]["steps"]
+        steps[1][0] = steps[0][0]
+
+    def nested(document, tensors):
+        inner = dict(document["model"])
+        document["model"] = {
+            "class": "sklearn.pipeline.Pipeline",
+            "steps": [["inner", inner]],
+            "verbose": False,
+        }
+
+    cases = [
+        (bad_batch, "cannot be rebuilt"),
+        (wrong_digest, "digest is not the recorded one"),
+        (swapped, "holds no DFM model"),
+        (duplicate_names, "holds no DFM model"),
+        (nested, "only at the top"),
+    ]
+    for change, message in cases:
+        with pytest.raises(ModelFileError, match=message):
+            skdfm.load(edited(path, tmp_path, change))
+    for version in (True, 1.0, "1"):
+
+        def forge(document, tensors, version=version):
+            document["format_version"] = version
+
+        with pytest.raises(ModelFileError, match="format version"):
+            skdfm.load(edited(path, tmp_path, forge))
+
+
+def test_other_library_versions_warn(saved_detector, tmp_path):
+    def older(document, tensors):
+        document["versions"]["torch"] = "1.0.0"
+
+    with pytest.warns(SkdfmVersionWarning, match="torch 1.0.0"):
+        skdfm.load(edited(saved_detector, tmp_path, older))
+
+
+def test_empty_arrays_and_colliding_names(detector, tmp_path):
+    det = clone(detector[0]).fit(detector[1])
+    path = tmp_path / "m.skdfm"
+    det.empty_a_ = np.zeros((0, 3))
+    det.empty_b_ = np.zeros(0)
+    skdfm.save(det, path)  # saves (loading refuses the unknown attributes)
+    with pytest.raises(ModelFileError, match="attribute 'empty_"):
+        skdfm.load(path)
+    inner = Pipeline([("b", detector[0])])
+    with pytest.raises(ValueError, match="got \\['Pipeline', 'DFMDetector'\\]"):
+        skdfm.save(Pipeline([("a", inner), ("c", detector[0])]), path)
+
+
+def test_an_overwritten_file_keeps_its_permissions(detector, tmp_path):
+    path = tmp_path / "m.skdfm"
+    skdfm.save(detector[0], path)
+    path.chmod(0o600)
+    skdfm.save(detector[0], path)
+    assert path.stat().st_mode & 0o777 == 0o600
+
+
+def test_model_file_errors_pickle():
+    import pickle
+
+    error = ModelFileError("m.skdfm", "is damaged.")
+    again = pickle.loads(pickle.dumps(error))
+    assert str(again) == str(error) and again.path == "m.skdfm"
