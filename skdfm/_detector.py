@@ -22,7 +22,7 @@ from ._pca import (
     n_components_for_level,
     pca_from_scatter,
 )
-from ._persistence import PersistenceMixin
+from ._persistence import PersistenceMixin, keep_state_on_error
 from ._scatter import Scatter
 from ._scores import (
     SCORE_TYPES,
@@ -345,21 +345,22 @@ class DFMDetector(DeviceMixin, PersistenceMixin, OutlierMixin, BaseEstimator):
         self : object
             Fitted estimator.
         """
-        self._forget_fit()
-        device = resolve_device(self.device)
-        X = self._validate_features(X, reset=True)
-        Xt = as_tensor(X, device)
-        pca = fit_pca(Xt, self._component_rule(*X.shape), solver=self.solver)
-        self.device_ = str(device)
-        self._set_components(pca, X.shape[0])
-        if pca.training_projection is None:
-            train_scores, _ = self._scores(Xt)
-        else:
-            z, sq_norm = pca.training_projection
-            train_scores = -self._to_host(
-                score_projection(z, sq_norm, self._state, self.score_type)
-            )
-        self.set_threshold(train_scores, contamination=self.contamination)
+        with keep_state_on_error(self):  # a failed fit keeps the previous one
+            self._forget_fit()
+            device = resolve_device(self.device)
+            X = self._validate_features(X, reset=True)
+            Xt = as_tensor(X, device)
+            pca = fit_pca(Xt, self._component_rule(*X.shape), solver=self.solver)
+            self.device_ = str(device)
+            self._set_components(pca, X.shape[0])
+            if pca.training_projection is None:
+                train_scores, _ = self._scores(Xt)
+            else:
+                z, sq_norm = pca.training_projection
+                train_scores = -self._to_host(
+                    score_projection(z, sq_norm, self._state, self.score_type)
+                )
+            self.set_threshold(train_scores, contamination=self.contamination)
         return self
 
     def _component_rule(self, n_samples: int, n_features: int) -> ComponentRule:

@@ -8,10 +8,31 @@ GPU loads and computes on a machine without one.
 from __future__ import annotations
 
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 from ._device import loadable_device
 
-__all__ = ["PersistenceMixin", "SkdfmVersionWarning"]
+__all__ = ["PersistenceMixin", "SkdfmVersionWarning", "keep_state_on_error"]
+
+
+@contextmanager
+def keep_state_on_error(*estimators) -> Iterator[None]:
+    """Undo everything the block did to the estimators' state if it raises.
+
+    A fit that fails (bad data in batch 4 of a streaming fit, a decode error) leaves
+    each estimator exactly as it was, previous fit included, instead of half-fitted.
+    The state is kept by reference: fits replace fitted attributes, never change them
+    in place.
+    """
+    saved = [(estimator, dict(vars(estimator))) for estimator in estimators]
+    try:
+        yield
+    except BaseException:
+        for estimator, state in saved:
+            vars(estimator).clear()
+            vars(estimator).update(state)
+        raise
 
 
 class SkdfmVersionWarning(UserWarning):

@@ -10,6 +10,7 @@ import numpy as np
 
 from ._detector import check_contamination
 from ._model import split_model
+from ._persistence import keep_state_on_error
 
 __all__ = ["stream_fit"]
 
@@ -107,20 +108,21 @@ def stream_fit(
         )
     if batch_size is None:
         batch_size = transformer.batch_size if transformer is not None else 256
-    seen_any = False
-    for batch in _batches(batches, batch_size):
-        if transformer is not None:
-            if not seen_any:
-                transformer.fit(batch)
-            batch = transformer.transform(batch)
-        detector.partial_fit(batch, restart=not seen_any)
-        seen_any = True
-    if not seen_any:
-        raise ValueError("stream_fit got no batches.")
-    detector.finish_partial_fit(release=True)
-    if threshold_batches is not None:
-        scores = np.concatenate(
-            [model.score_samples(b) for b in _batches(threshold_batches, batch_size)]
-        )
-        detector.set_threshold(scores, contamination=contamination)
+    parts = [part for part in (transformer, detector) if part is not None]
+    with keep_state_on_error(*parts):  # a failure keeps the model as it was
+        seen_any = False
+        for batch in _batches(batches, batch_size):
+            if transformer is not None:
+                if not seen_any:
+                    transformer.fit(batch)
+                batch = transformer.transform(batch)
+            detector.partial_fit(batch, restart=not seen_any)
+            seen_any = True
+        if not seen_any:
+            raise ValueError("stream_fit got no batches.")
+        detector.finish_partial_fit(release=True)
+        if threshold_batches is not None:
+            threshold = _batches(threshold_batches, batch_size)
+            scores = np.concatenate([model.score_samples(b) for b in threshold])
+            detector.set_threshold(scores, contamination=contamination)
     return model

@@ -299,3 +299,36 @@ def test_stream_fit_pipeline_on_cuda_keeps_features_on_the_gpu(host_copies):
     np.testing.assert_allclose(
         model.score_samples(images), reference.score_samples(images), rtol=1e-3
     )
+
+
+def test_a_failed_stream_fit_keeps_the_previous_model(tmp_path):
+    images, _, _ = make_defect_images(n_normal=24, n_anomalous=0, image_size=64)
+    model = stream_fit(_pipeline(), [images[:12], images[12:]])
+    before = model.score_samples(images)
+    state = {name: dict(vars(part)) for name, part in model.steps}
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"not an image")
+    good = []
+    for i, image in enumerate(images[:8]):
+        good.append(tmp_path / f"{i}.png")
+        Image.fromarray(image).save(good[-1])
+    for batches in (
+        [images[:8], images[8:16], np.full((4, 64, 64), 2.0)],  # bad pixels in batch 3
+        [good[:4], good[4:], [broken]],  # a decode error in batch 3
+    ):
+        with pytest.raises(ValueError):
+            stream_fit(model, batches, threshold_batches=[images])
+        for name, part in model.steps:
+            assert vars(part).keys() == state[name].keys()
+        np.testing.assert_array_equal(model.score_samples(images), before)
+    assert "n_samples_seen_" in vars(model[-1])  # still the earlier streaming fit
+
+
+def test_a_failed_fit_keeps_the_previous_fit(features):
+    X_train, X_test = features
+    det = DFMDetector(device="cpu").fit(X_train)
+    before = det.score_samples(X_test)
+    for bad in (np.full_like(X_train, np.nan), X_train[:1], np.ones_like(X_train)):
+        with pytest.raises(ValueError):
+            det.fit(bad)
+        np.testing.assert_array_equal(det.score_samples(X_test), before)
