@@ -13,7 +13,7 @@ from sklearn.utils._param_validation import Interval, StrOptions, validate_param
 
 from ._images import IMAGE_SUFFIXES, open_image, read_image_size
 
-__all__ = ["load_mvtec", "make_defect_images"]
+__all__ = ["load_mvtec", "make_defect_images", "read_mask"]
 
 TEXTURES = ("woven", "brushed", "grain")
 DEFECTS = ("scratch", "crack", "stain", "hole")
@@ -221,12 +221,14 @@ def _mask_of(image: Path, mask_folder: Path) -> Path:
     )
 
 
-def _read_mask(path: Path) -> np.ndarray:
+def read_mask(path) -> np.ndarray:
+    """A ground-truth mask file as a boolean array (True where the pixel is not 0);
+    errors name the file."""
     with open_image(path) as mask:
         return np.asarray(mask.convert("L")) > 0
 
 
-def load_mvtec(category_dir, *, split="test", load_masks=True):
+def load_mvtec(category_dir, *, split="test", load_masks=True, missing_masks="raise"):
     """Paths, labels and masks of one category in the MVTec AD folder layout.
 
     The layout is ``<category>/train/good/*.png``, ``<category>/test/<defect>/*.png``
@@ -244,6 +246,10 @@ def load_mvtec(category_dir, *, split="test", load_masks=True):
     load_masks : bool, default=True
         Read the masks (``split="test"`` only): boolean arrays of each image's size,
         all False for normal images. Otherwise ``masks`` is None.
+    missing_masks : {"raise", "none"}, default="raise"
+        A defective image without a mask file raises ``FileNotFoundError``, or gets
+        ``None`` as its mask path (``"none"``, with ``load_masks=False``: for
+        callers that skip such images and say so).
 
     Returns
     -------
@@ -261,6 +267,13 @@ def load_mvtec(category_dir, *, split="test", load_masks=True):
     root = Path(category_dir)
     if split not in ("train", "test"):
         raise ValueError(f"split={split!r} must be 'train' or 'test'.")
+    if missing_masks not in ("raise", "none") or (
+        missing_masks == "none" and load_masks
+    ):
+        raise ValueError(
+            f"missing_masks={missing_masks!r} must be 'raise', or 'none' with "
+            "load_masks=False."
+        )
     folder = root / split
     if not folder.is_dir():
         raise FileNotFoundError(
@@ -276,16 +289,20 @@ def load_mvtec(category_dir, *, split="test", load_masks=True):
             y.append(1 if kind == "good" else -1)
             if kind == "good" or split == "train":
                 mask_paths.append(None)
-            else:
-                mask_paths.append(
-                    os.fspath(_mask_of(image, root / "ground_truth" / kind))
-                )
+                continue
+            try:
+                mask = os.fspath(_mask_of(image, root / "ground_truth" / kind))
+            except FileNotFoundError:
+                if missing_masks == "raise":
+                    raise
+                mask = None
+            mask_paths.append(mask)
     if not paths:
         raise FileNotFoundError(f"No images found under {folder}/<defect>/.")
     masks = None
     if load_masks and split == "test":
         masks = [
-            _read_mask(Path(m)) if m else np.zeros(read_image_size(p), bool)
+            read_mask(m) if m else np.zeros(read_image_size(p), bool)
             for p, m in zip(paths, mask_paths, strict=True)
         ]
     return Bunch(

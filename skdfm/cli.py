@@ -425,6 +425,28 @@ def cmd_score(args) -> int:
     return EXIT_SKIPPED if skipped else EXIT_OK
 
 
+def _mask_for(data, i: int, image):
+    """The ground-truth mask of image ``i`` (all False for good images), or the
+    reason it cannot be had (a missing, unreadable or wrong-sized mask file)."""
+    from ._datasets import read_mask
+
+    size = (image.height, image.width)
+    if data.y[i] == 1:
+        return np.zeros(size, bool)
+    if data.mask_paths[i] is None:
+        return "no ground-truth mask (expected ground_truth/<defect>/<name>_mask.png)"
+    try:
+        mask = read_mask(data.mask_paths[i])
+    except (OSError, ValueError) as error:
+        return f"unreadable mask: {error}"
+    if mask.shape != size:
+        return (
+            f"its mask {data.mask_paths[i]} is {mask.shape[0]}x{mask.shape[1]}, the "
+            f"image {size[0]}x{size[1]}"
+        )
+    return mask
+
+
 def cmd_evaluate(args) -> int:
     from sklearn.metrics import f1_score
 
@@ -432,19 +454,28 @@ def cmd_evaluate(args) -> int:
 
     model = _load_model(args.model, args)
     try:
-        data = load_mvtec(args.category)
+        data = load_mvtec(args.category, load_masks=False, missing_masks="none")
     except (FileNotFoundError, ValueError) as error:
         raise CommandError(str(error)) from error
     has_maps = model[-1].score_type == "fre"
     index = {path: i for i, path in enumerate(data.paths)}
-    keep, scores, labels, maps, skipped = [], [], [], [], []
+    keep, masks, scores, labels, maps, skipped = [], [], [], [], [], []
     batch_size = model[0].batch_size
     for batch in _file_batches(data.paths, batch_size, progress=not args.no_progress):
         skipped.extend(batch.failed)
-        if not batch.images:
+        images = []
+        for path, image in zip(batch.paths, batch.images, strict=True):
+            mask = _mask_for(data, index[path], image)
+            if isinstance(mask, str):  # an image without a usable mask: skipped
+                _say(f"skdfm: skipped {path}: {mask}")
+                skipped.append((path, mask))
+                continue
+            keep.append(index[path])
+            masks.append(mask)
+            images.append(image)
+        if not images:
             continue
-        result = _scores_and_maps(model, batch.images, maps=has_maps)
-        keep.extend(index[path] for path in batch.paths)
+        result = _scores_and_maps(model, images, maps=has_maps)
         scores.append(result.score_samples)
         labels.append(result.labels)
         if has_maps:
@@ -452,7 +483,6 @@ def cmd_evaluate(args) -> int:
     if not keep:
         raise CommandError(f"no readable images in {args.category}")
     y, scores, labels = data.y[keep], np.concatenate(scores), np.concatenate(labels)
-    masks = [data.masks[i] for i in keep]
     f1 = f1_score(y == -1, labels == -1)
     print(f"images: {len(keep)} ({int((y == -1).sum())} defective)")
     print(f"image AUROC: {image_auroc(y, scores):.4f}")

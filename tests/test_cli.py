@@ -333,3 +333,36 @@ def test_a_truncated_model_file_is_reported_as_damaged(model_file, tmp_path, cap
     assert main(["score", str(short), "x.png", "--allow-pickle"]) == 1
     err = capsys.readouterr().err
     assert "Model file" in err and "truncated" in err and "--allow-pickle" not in err
+
+
+def test_evaluate_skips_every_unreadable_file_and_keeps_the_rest(
+    model_file, tmp_path, capsys
+):
+    root = write_mvtec_tree(tmp_path / "bottle", size=(64, 64))
+    (root / "test" / "good" / "001.png").write_bytes(b"broken good image")
+    (root / "ground_truth" / "scratch" / "000_mask.png").write_bytes(b"broken mask")
+    Image.fromarray(np.zeros((10, 10), np.uint8)).save(
+        root / "ground_truth" / "scratch" / "001_mask.png"
+    )  # the wrong size
+    (root / "ground_truth" / "hole" / "000_mask.png").unlink()  # missing
+    Image.fromarray(np.zeros((64, 64, 3), np.uint8)).save(
+        root / "test" / "hole" / "001.png"
+    )
+    mask = np.zeros((64, 64), np.uint8)
+    mask[5:20, 5:20] = 255
+    Image.fromarray(mask).save(root / "ground_truth" / "hole" / "001_mask.png")
+    capsys.readouterr()
+    code = main(["evaluate", str(model_file), str(root), "--no-progress"])
+    captured = capsys.readouterr()
+    assert code == 3
+    for reason in (
+        "good/001.png: Cannot decode",
+        "scratch/000.png: unreadable mask",
+        "scratch/001.png: its mask",
+        "hole/000.png: no ground-truth mask",
+    ):
+        assert reason in captured.err
+    # what is left (test/good/000 and test/hole/001) is still evaluated in full
+    assert "images: 2 (1 defective)" in captured.out
+    for line in ("image AUROC: ", "pixel AUROC: ", "AUPRO (FPR <= 0.3): "):
+        assert line in captured.out

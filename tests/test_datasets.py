@@ -87,3 +87,19 @@ def test_load_mvtec_errors_name_what_is_missing(tmp_path):
         load_mvtec(root)
     with pytest.raises(ValueError, match="split"):
         load_mvtec(root, split="validation")
+
+
+def test_missing_masks_can_be_left_to_the_caller(tmp_path):
+    root = write_mvtec_tree(tmp_path / "bottle")
+    (root / "ground_truth" / "hole" / "000_mask.png").unlink()
+    with pytest.raises(FileNotFoundError, match="No ground-truth mask"):
+        load_mvtec(root)
+    data = load_mvtec(root, load_masks=False, missing_masks="none")
+    missing = [
+        p
+        for p, m, y in zip(data.paths, data.mask_paths, data.y)
+        if y == -1 and m is None
+    ]
+    assert [p.split("/")[-2:] for p in missing] == [["hole", "000.png"]]
+    with pytest.raises(ValueError, match="missing_masks"):
+        load_mvtec(root, missing_masks="none")  # masks cannot be loaded then
