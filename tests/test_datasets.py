@@ -97,7 +97,7 @@ def test_missing_masks_can_be_left_to_the_caller(tmp_path):
     data = load_mvtec(root, load_masks=False, missing_masks="none")
     missing = [
         p
-        for p, m, y in zip(data.paths, data.mask_paths, data.y)
+        for p, m, y in zip(data.paths, data.mask_paths, data.y, strict=True)
         if y == -1 and m is None
     ]
     assert [p.split("/")[-2:] for p in missing] == [["hole", "000.png"]]
