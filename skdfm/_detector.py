@@ -47,6 +47,7 @@ _STREAM_DERIVED = (
     "explained_variance_ratio_",
     "n_samples_",
     "solver_",
+    "score_type_",
     *_THRESHOLD_ATTRIBUTES,
 )
 #: Private state that is not pickled: the streaming statistics (D x D) and the
@@ -156,6 +157,10 @@ class DFMDetector(DeviceMixin, PersistenceMixin, OutlierMixin, BaseEstimator):
         Number of training rows.
     solver_ : str
         The eigenproblem used, ``"gram"`` or ``"covariance"``.
+    score_type_ : str
+        The ``score_type`` the detector was fitted with, and scores with; setting
+        another ``score_type`` afterwards makes scoring raise ``NotFittedError``
+        until the next fit (``offset_`` was taken from the fitted score).
     device_ : str
         The device the maths runs on. A model loaded on a machine without that
         device moves to ``"cpu"`` with a :class:`~skdfm.DeviceWarning`.
@@ -392,6 +397,7 @@ class DFMDetector(DeviceMixin, PersistenceMixin, OutlierMixin, BaseEstimator):
         not pickled) from one PCA fit; they share memory on CPU."""
         singular_values = pca.singular_values.cpu().numpy()
         self.solver_ = pca.solver
+        self.score_type_ = self.score_type
         self.mean_ = pca.mean.cpu().numpy()
         self.components_ = np.ascontiguousarray(pca.components.T.cpu().numpy())
         self.n_components_ = self.components_.shape[0]
@@ -570,6 +576,8 @@ class DFMDetector(DeviceMixin, PersistenceMixin, OutlierMixin, BaseEstimator):
         return state
 
     def __setstate__(self, state):
+        if "components_" in state and "score_type_" not in state:  # skdfm 0.1.0
+            state["score_type_"] = state.get("score_type", "fre")
         super().__setstate__(state)
         if "components_" in vars(self):
             self._build_state(self._fitted_device)
@@ -630,11 +638,21 @@ class DFMDetector(DeviceMixin, PersistenceMixin, OutlierMixin, BaseEstimator):
             state = self._state
         return state
 
+    def _check_score_type(self) -> None:
+        """What was fitted is what scores: a changed score_type says so."""
+        if self.score_type != self.score_type_:
+            raise NotFittedError(
+                f"score_type={self.score_type!r} was set after this DFMDetector was "
+                f"fitted with score_type={self.score_type_!r} (its threshold "
+                "offset_ is in those units): fit it again, or set "
+                f"score_type={self.score_type_!r} back."
+            )
+
     def _scores(self, X, grid_shape=None):
         """``(score_samples, grid)`` of validated rows; no validation."""
         state = self._scoring_state()
         scores, grid = score_rows(
-            as_tensor(X, state.device), state, self.score_type, grid_shape=grid_shape
+            as_tensor(X, state.device), state, self.score_type_, grid_shape=grid_shape
         )
         return -self._to_host(scores), grid
 
@@ -652,6 +670,7 @@ class DFMDetector(DeviceMixin, PersistenceMixin, OutlierMixin, BaseEstimator):
         """
         check_is_fitted(self)
         self._finish_pending_stream()
+        self._check_score_type()
         X = self._validate_features(X, reset=False)
         return self._scores(X)[0]
 
@@ -678,8 +697,9 @@ class DFMDetector(DeviceMixin, PersistenceMixin, OutlierMixin, BaseEstimator):
             sums to the row's FRE (``-score_samples``).
         """
         check_is_fitted(self)
-        check_has_grid(self.score_type)
         self._finish_pending_stream()
+        self._check_score_type()
+        check_has_grid(self.score_type_)
         X = self._validate_features(X, reset=False)
         feature_shape = tuple(int(s) for s in feature_shape)
         if len(feature_shape) != 3 or int(np.prod(feature_shape)) != X.shape[1]:

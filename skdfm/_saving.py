@@ -54,12 +54,13 @@ _FITTED = {
             "explained_variance_ratio_", "singular_values_", "n_samples_",
             "solver_", "device_", "offset_", "threshold_method_", "score_range_",
             "n_features_in_", "feature_names_in_", "n_samples_seen_",
+            "score_type_",
         }
     ),
     "skdfm.DeepFeatureTransformer": frozenset(
         {
             "backbone_", "layer_", "feature_shape_", "input_size_", "image_mean_",
-            "image_std_", "device_", "weights_digest_",
+            "image_std_", "device_", "weights_digest_", "feature_params_",
         }
     ),
 }  # fmt: skip

@@ -9,6 +9,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from sklearn.base import BaseEstimator, TransformerMixin, _fit_context
+from sklearn.exceptions import NotFittedError
 from sklearn.utils import check_random_state
 from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.validation import check_is_fitted
@@ -25,6 +26,15 @@ from ._validation import reject_bools
 __all__ = ["DeepFeatureTransformer"]
 
 _AUTOCAST_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
+#: Parameters that decide what the features are: after fit, the fitted values are
+#: used, and a changed one is an error until the next fit.
+_FEATURE_PARAMS = (
+    "backbone",
+    "layer",
+    "input_size",
+    "pooling_kernel_size",
+    "precision",
+)
 
 
 class DeepFeatureTransformer(
@@ -118,6 +128,11 @@ class DeepFeatureTransformer(
         A digest of the truncated backbone's weights (every parameter and
         buffer), computed once at fit: equal digests, equal weights. Part of the
         key of :class:`~skdfm.FeatureCache`.
+    feature_params_ : dict
+        The values of ``backbone``, ``layer``, ``input_size``,
+        ``pooling_kernel_size`` and ``precision`` at fit: what the features are
+        made with. Changing one of these parameters afterwards makes
+        ``transform`` raise ``NotFittedError`` until the next ``fit``.
 
     See Also
     --------
@@ -288,7 +303,19 @@ class DeepFeatureTransformer(
         self.image_std_ = built.std
         self.feature_shape_ = feature_shape
         self.weights_digest_ = digest
+        self.feature_params_ = {name: getattr(self, name) for name in _FEATURE_PARAMS}
         return self
+
+    def _check_feature_params(self) -> None:
+        """What was fitted is what transforms: a changed parameter says so."""
+        for name, fitted in self.feature_params_.items():
+            now = getattr(self, name)
+            if now != fitted:
+                raise NotFittedError(
+                    f"{name}={now!r} was set after this DeepFeatureTransformer was "
+                    f"fitted with {name}={fitted!r}: fit it again to use the new "
+                    f"value, or set {name}={fitted!r} back."
+                )
 
     def _place(self, model: torch.nn.Module, device: torch.device):
         model = model.to(device)
@@ -313,12 +340,13 @@ class DeepFeatureTransformer(
 
     def _features(self, x: torch.Tensor) -> torch.Tensor:
         """Pooled, flattened float32 features of a prepared batch."""
-        dtype = _AUTOCAST_DTYPES.get(self.precision)
+        dtype = _AUTOCAST_DTYPES.get(self.feature_params_["precision"])
         with torch.autocast(x.device.type, dtype=dtype, enabled=dtype is not None):
             feature_map = self.backbone_(x)[0]
         feature_map = feature_map.float()
-        if self.pooling_kernel_size > 1:
-            feature_map = F.avg_pool2d(feature_map, self.pooling_kernel_size)
+        kernel = self.feature_params_["pooling_kernel_size"]
+        if kernel > 1:
+            feature_map = F.avg_pool2d(feature_map, kernel)
         return feature_map.flatten(1)
 
     def transform(self, X):
@@ -362,6 +390,7 @@ class DeepFeatureTransformer(
         return self._features_of(images), images.sizes()
 
     def _features_of(self, images):
+        self._check_feature_params()
         on_device = self.output == "torch"
         if self.cache is None:
             return self._run_backbone(images, on_device=on_device)
@@ -498,7 +527,10 @@ class DeepFeatureTransformer(
         weights = state.pop("backbone_", None)
         super().__setstate__(state)
         if weights is not None:
-            model = rebuild_backbone(self.backbone, self.layer_, weights)
+            if "feature_params_" not in state:  # saved by skdfm 0.1.0
+                self.feature_params_ = {n: getattr(self, n) for n in _FEATURE_PARAMS}
+            name = self.feature_params_["backbone"]
+            model = rebuild_backbone(name, self.layer_, weights)
             if "weights_digest_" not in state:  # saved by skdfm 0.1.0
                 self.weights_digest_ = weights_digest(model)
             self.backbone_ = self._place(model, self._fitted_device)

@@ -554,3 +554,20 @@ def test_finite_extreme_magnitudes_are_refused_not_nan(features, score_type):
     )
     # tiny rows to score are fine (the model was fitted on representable ones)
     assert np.isfinite(det.score_samples(X_test.astype(np.float64) * 1e-300)).all()
+
+
+def test_what_was_fitted_is_what_scores(features):
+    X_train, X_test = features
+    det = DFMDetector(device="cpu").fit(X_train)
+    before = det.predict(X_test)
+    assert det.score_type_ == "fre"
+    det.set_params(score_type="nll")  # offset_ is an FRE quantile
+    for method in (det.score_samples, det.predict, det.decision_function):
+        with pytest.raises(NotFittedError, match="score_type='nll' was set after"):
+            method(X_test)
+    det.set_params(score_type="fre")
+    np.testing.assert_array_equal(det.predict(X_test), before)
+    det.set_params(score_type="nll").fit(X_train)
+    assert det.score_type_ == "nll" and np.isfinite(det.score_samples(X_test)).all()
+    det.set_params(pca_level=0.5, contamination=0.2, solver="gram")  # fit-only
+    det.score_samples(X_test)

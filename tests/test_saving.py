@@ -390,7 +390,9 @@ def test_architectures_are_checked_on_the_meta_device_first(
     path = skdfm.save(fitted_pipeline, tmp_path / "m.skdfm")
 
     def bigger(document, tensors):  # a huge network named, small weights given
-        state_of(document, "deepfeaturetransformer")["backbone"] = "resnet152"
+        state = state_of(document, "deepfeaturetransformer")
+        state["backbone"] = "resnet152"
+        state["feature_params_"]["__dict__"]["backbone"] = "resnet152"
 
     def refuse(*args, **kwargs):
         raise AssertionError("a real network was built")

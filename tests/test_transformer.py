@@ -651,3 +651,29 @@ def test_bools_are_not_numbers_here(images, params):
 def test_numpy_integers_name_layers_like_ints(images):
     tr = DeepFeatureTransformer(**{**SMALL, "layer": np.int64(2)}).fit(images)
     assert tr.layer_ == "layer2"
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"pooling_kernel_size": 1},
+        {"precision": "bfloat16"},
+        {"backbone": "resnet18"},
+        {"layer": "layer1"},
+        {"input_size": 48},
+    ],
+)
+def test_feature_params_changed_after_fit_say_so(images, change):
+    tr = DeepFeatureTransformer(**SMALL).fit(images)
+    before = tr.transform(images)
+    tr.set_params(**change)
+    ((name, value),) = change.items()
+    with pytest.raises(NotFittedError, match=f"{name}={value!r} was set after"):
+        tr.transform(images)
+    # a pickle holds the fitted model and loads (it used to fail on `backbone`)
+    loaded = pickle.loads(pickle.dumps(tr))
+    loaded.set_params(**{name: tr.feature_params_[name]})
+    np.testing.assert_array_equal(loaded.transform(images), before)
+    tr.fit(images)  # a new fit takes the new value
+    assert tr.feature_params_[name] == value
+    assert tr.transform(images).shape[0] == len(images)
