@@ -34,13 +34,14 @@ WRITER = textwrap.dedent(
                 time.sleep(0.001)
 
     write(1)
-    print("ready", flush=True)
     version = 2
     if handle_term:
         with files.terminate_as_exception():
+            print("ready", flush=True)  # only once SIGTERM is handled
             while True:
                 write(version)
                 version += 1
+    print("ready", flush=True)
     while True:
         write(version)
         version += 1
