@@ -14,16 +14,16 @@ from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.validation import check_is_fitted, validate_data
 
 from ._chunks import chunk_rows
-from ._device import DeviceMixin, as_tensor, resolve_device
+from ._device import DeviceMixin, as_tensor, check_has_data, resolve_device
 from ._pca import (
     ComponentRule,
     PCAFit,
     fit_pca,
     n_components_for_level,
+    new_scatter,
     pca_from_scatter,
 )
 from ._persistence import PersistenceMixin, keep_state_on_error
-from ._scatter import Scatter
 from ._scores import (
     SCORE_TYPES,
     ScoringState,
@@ -283,6 +283,7 @@ class DFMDetector(DeviceMixin, PersistenceMixin, OutlierMixin, BaseEstimator):
     def _validate_features(self, X, *, reset: bool, min_samples=None):
         """Validated rows: a numpy array, or a float tensor left on its GPU."""
         min_samples = min_samples or (2 if reset else 1)
+        check_has_data(X)
         if isinstance(X, torch.Tensor) and X.device.type != "cpu":
             X = self._validate_device_tensor(X, reset, min_samples)
             largest = float(X.abs().max())
@@ -490,7 +491,7 @@ class DFMDetector(DeviceMixin, PersistenceMixin, OutlierMixin, BaseEstimator):
         if first:
             device = resolve_device(self.device)
             self.device_ = str(device)
-            self._scatter = Scatter(X.shape[1], device)
+            self._scatter = new_scatter(X.shape[1], device)
         scatter = self._scatter
         Xt = as_tensor(X, scatter.mean.device)
         scatter.update(Xt, chunk_rows=chunk_rows(X.shape[0], X.shape[1] * 8))

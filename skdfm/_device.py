@@ -11,6 +11,7 @@ __all__ = [
     "DeviceMixin",
     "DeviceWarning",
     "as_tensor",
+    "check_has_data",
     "loadable_device",
     "resolve_device",
 ]
@@ -98,6 +99,15 @@ def loadable_device(device: str) -> str:
             stacklevel=3,
         )
         return "cpu"
+
+
+def check_has_data(X, what: str = "X") -> None:
+    """Refuse tensors that hold no values (the ``meta`` device) with a clear error."""
+    if isinstance(X, torch.Tensor) and X.device.type == "meta":
+        raise ValueError(
+            f"{what} is a tensor on the 'meta' device, which has a shape but no "
+            "values; pass the tensor with its data (e.g. on 'cpu' or 'cuda')."
+        )
 
 
 def as_tensor(X, device: torch.device, dtype: torch.dtype | None = None):

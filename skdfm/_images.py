@@ -23,6 +23,8 @@ import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 from scipy.sparse import issparse
 
+from ._device import check_has_data
+
 __all__ = [
     "IMAGE_SUFFIXES",
     "FileBatch",
@@ -365,6 +367,7 @@ def as_image_collection(X) -> ImageCollection:
     if isinstance(X, np.ndarray) and X.dtype.kind in "UO":
         X = list(X)
     if isinstance(X, (np.ndarray, torch.Tensor)):
+        check_has_data(X)
         return _array_collection(X)
     if not hasattr(X, "__len__") or not hasattr(X, "__iter__"):
         raise ValueError(
@@ -394,6 +397,7 @@ def as_image_collection(X) -> ImageCollection:
     (kind,) = kinds
     if kind == "element":
         for index, item in enumerate(items):
+            check_has_data(item, f"X[{index}]")
             _scale_of(item.dtype, f"X[{index}]")
             if item.ndim not in (2, 3) or min(item.shape) == 0:
                 raise ValueError(

@@ -34,6 +34,7 @@ import torch
 
 from ._chunks import chunk_rows
 from ._eigen import top_eigh
+from ._memory import check_fits_in_memory
 from ._scatter import Scatter, lower_syrk_
 
 __all__ = [
@@ -43,6 +44,7 @@ __all__ = [
     "column_mean",
     "fit_pca",
     "n_components_for_level",
+    "new_scatter",
     "pca_from_scatter",
 ]
 
@@ -144,8 +146,15 @@ def _spectrum(matrix: torch.Tensor, n_components: ComponentRule):
 
 
 def _gram_route(X, n_components: ComponentRule):
-    mean = column_mean(X)
     n = X.shape[0]
+    check_fits_in_memory(
+        8 * n * n,
+        X.device,
+        f"The N x N float64 Gram matrix of {n} samples",
+        "fit on fewer samples, or stream them with partial_fit when the features "
+        "are fewer than the samples.",
+    )
+    mean = column_mean(X)
     gram = torch.zeros((n, n), dtype=torch.float64, device=X.device)
     for _, block in _centred_columns(X, mean):
         lower_syrk_(gram, block.T)
@@ -177,9 +186,21 @@ def _scatter_route(scatter: Scatter, n_components: ComponentRule):
 
 
 def _covariance_route(X, n_components: ComponentRule):
-    scatter = Scatter(X.shape[1], X.device)
+    scatter = new_scatter(X.shape[1], X.device)
     scatter.update(X, chunk_rows=chunk_rows(X.shape[0], X.shape[1] * 8))
     return _scatter_route(scatter, n_components)
+
+
+def new_scatter(n_features: int, device: torch.device) -> Scatter:
+    """An empty :class:`Scatter`, after checking its D x D matrix fits."""
+    check_fits_in_memory(
+        8 * n_features * n_features,
+        device,
+        f"The D x D float64 scatter matrix of {n_features} features",
+        "use fewer features (a larger pooling_kernel_size, an earlier layer), or "
+        "fit() on fewer samples than features (the N x N Gram route).",
+    )
+    return Scatter(n_features, device)
 
 
 def _sign_normalised(components, training):

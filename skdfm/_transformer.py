@@ -20,6 +20,7 @@ from ._backbone import backbone_state, build_backbone, rebuild_backbone
 from ._cache import FeatureCache, weights_digest
 from ._device import DeviceMixin, resolve_device
 from ._images import as_image_collection, model_input
+from ._memory import check_fits_in_memory
 from ._persistence import PersistenceMixin
 from ._validation import reject_bools
 
@@ -325,6 +326,15 @@ class DeepFeatureTransformer(
 
     def _pooled_shape(self, model, device, size, layer) -> tuple[int, int, int]:
         """(C, h, w) of the pooled map, from one forward pass of a blank image."""
+        height, width = size
+        # A CNN's first stage holds ~64 float32 channels at half the resolution,
+        # twice (convolution and normalisation): ~140 bytes per input pixel, a floor.
+        check_fits_in_memory(
+            140 * height * width,
+            device,
+            f"A forward pass of one {height}x{width} image",
+            "use a smaller input_size (images are resized to it).",
+        )
         with torch.inference_mode():
             probe = torch.zeros((1, 3, *size), device=device)
             channels, rows, cols = model(probe)[0].shape[1:]

@@ -771,7 +771,7 @@ def main(argv=None) -> int:
             return args.func(args)
     except CommandError as error:
         _say(f"skdfm: error: {error}")
-    except (OSError, ValueError) as error:
+    except (OSError, ValueError, MemoryError) as error:
         _say(f"skdfm: error: {error}")
     except KeyboardInterrupt:
         _say("skdfm: interrupted")

@@ -571,3 +571,23 @@ def test_what_was_fitted_is_what_scores(features):
     assert det.score_type_ == "nll" and np.isfinite(det.score_samples(X_test)).all()
     det.set_params(pca_level=0.5, contamination=0.2, solver="gram")  # fit-only
     det.score_samples(X_test)
+
+
+def test_meta_tensors_and_oversized_statistics_are_clear_errors(features, monkeypatch):
+    import skdfm._memory as memory
+
+    X_train, _ = features
+    meta = torch.empty(X_train.shape, device="meta")
+    for call in (DFMDetector().fit, DFMDetector().partial_fit):
+        with pytest.raises(ValueError, match="'meta' device, which has a shape"):
+            call(meta)
+    # D = 262 144 would need a 512 GiB scatter matrix: said before allocating
+    monkeypatch.setattr(memory, "available_bytes", lambda device: 24 * 2**30)
+    wide = np.zeros((2, 262_144), np.float32)
+    wide[0, 0] = 1.0
+    with pytest.raises(MemoryError, match=r"D x D float64 scatter .* 512.0 GiB"):
+        DFMDetector(device="cpu").partial_fit(wide)
+    with pytest.raises(MemoryError, match="N x N float64 Gram matrix of 60000"):
+        DFMDetector(device="cpu", solver="gram").fit(
+            np.broadcast_to(np.eye(1, 300, dtype=np.float32), (60_000, 300))
+        )

@@ -677,3 +677,15 @@ def test_feature_params_changed_after_fit_say_so(images, change):
     tr.fit(images)  # a new fit takes the new value
     assert tr.feature_params_[name] == value
     assert tr.transform(images).shape[0] == len(images)
+
+
+def test_huge_input_sizes_and_meta_tensors_are_clear_errors(images):
+    tr = DeepFeatureTransformer(**{**SMALL, "input_size": 100_000})
+    with pytest.raises(MemoryError, match=r"forward pass of one 100000x100000 image"):
+        tr.fit(images)
+    fitted = DeepFeatureTransformer(**SMALL).fit(images)
+    meta = torch.empty((2, 3, 64, 64), device="meta")
+    with pytest.raises(ValueError, match="'meta' device"):
+        fitted.transform(meta)
+    with pytest.raises(ValueError, match=r"X\[0\] is a tensor on the 'meta'"):
+        fitted.transform([meta[0]])
