@@ -11,7 +11,9 @@ cheaply up front; pixels are decoded and checked one batch at a time, so a list 
 from __future__ import annotations
 
 import hashlib
+import math
 import os
+import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -119,18 +121,49 @@ def _from_numpy(array: np.ndarray) -> torch.Tensor:
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"})
 
 
+#: Default of ``max_image_pixels``: 16384 x 16384. Larger files are refused: a few
+#: kB of PNG can declare gigapixels (a decompression bomb).
+MAX_IMAGE_PIXELS = 2**28
+#: Files above Pillow's own bomb threshold (~89 MP), which anomalib cannot read,
+#: are decoded at a reduced scale (JPEG: in the DCT, others: box reduction) so a
+#: line-scan image never sits decoded at full size as floats.
+REDUCE_ABOVE_PIXELS = 89_478_485
+_PILLOW_LIMIT = threading.Lock()
+
+
 @contextmanager
-def open_image(path):
-    """``Image.open`` with errors that name the file: FileNotFoundError, ValueError."""
+def open_image(path, max_pixels: int | None = MAX_IMAGE_PIXELS):
+    """``Image.open`` with errors that name the file: FileNotFoundError, ValueError.
+
+    Pillow's own decompression-bomb limit is replaced by ``max_pixels`` (None: no
+    limit), checked from the header before any pixel is decoded.
+    """
+    name = os.fspath(path)
     try:
-        with Image.open(path) as image:
+        with _PILLOW_LIMIT:  # Pillow reads its limit from a global, at open()
+            previous, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
+            try:
+                image = Image.open(path)
+            finally:
+                Image.MAX_IMAGE_PIXELS = previous
+        with image:
+            pixels = image.width * image.height
+            if max_pixels is not None and pixels > max_pixels:
+                raise ValueError(
+                    f"Image file {name!r} is {image.width}x{image.height} = {pixels:,} "
+                    f"pixels, more than max_image_pixels={max_pixels:,} (a guard "
+                    "against decompression bombs); raise max_image_pixels if the "
+                    "file is trusted."
+                )
             yield image
     except FileNotFoundError:
-        raise FileNotFoundError(f"Image file not found: {os.fspath(path)!r}") from None
-    except (UnidentifiedImageError, OSError, ValueError) as exc:
-        raise ValueError(
-            f"Cannot decode image file {os.fspath(path)!r}: {exc}"
-        ) from exc
+        raise FileNotFoundError(f"Image file not found: {name!r}") from None
+    except ValueError as exc:
+        if str(exc).startswith(f"Image file {name!r}"):
+            raise
+        raise ValueError(f"Cannot decode image file {name!r}: {exc}") from exc
+    except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as exc:
+        raise ValueError(f"Cannot decode image file {name!r}: {exc}") from exc
 
 
 #: Pillow's modes of 16-bit single-channel images (16-bit PNG and TIFF from
@@ -138,28 +171,39 @@ def open_image(path):
 _SIXTEEN_BIT_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N"})
 
 
-def decode_image_file(path) -> Image.Image:
+def decode_image_file(path, max_pixels: int | None = MAX_IMAGE_PIXELS) -> Image.Image:
     """Decode an image file as anomalib does (Pillow, ``convert("RGB")``): a loaded
     RGB PIL image; 16-bit grayscale files stay 16-bit (mode ``"I;16"``), since
-    ``convert("RGB")`` would saturate them to white. Errors name the file (see
-    :func:`open_image`)."""
-    with open_image(path) as image:
+    ``convert("RGB")`` would saturate them to white. Files above
+    :data:`REDUCE_ABOVE_PIXELS` are decoded at a reduced scale. Errors name the
+    file (see :func:`open_image`)."""
+    with open_image(path, max_pixels) as image:
+        pixels = image.width * image.height
+        factor = math.ceil(math.sqrt(pixels / REDUCE_ABOVE_PIXELS))
+        if factor > 1 and image.format == "JPEG":
+            # JPEG decodes at 1/2, 1/4 or 1/8 scale in the DCT, never below this.
+            image.draft("RGB", (image.width // factor, image.height // factor))
         if image.mode in _SIXTEEN_BIT_MODES:
             image.load()
-            return image.copy()
-        return image.convert("RGB")
+            decoded = image.copy()
+        else:
+            decoded = image.convert("RGB")
+    factor = math.ceil(math.sqrt(decoded.width * decoded.height / REDUCE_ABOVE_PIXELS))
+    if factor > 1 and decoded.mode == "RGB":
+        decoded = decoded.reduce(factor)
+    return decoded
 
 
-def read_image_file(path) -> torch.Tensor:
+def read_image_file(path, max_pixels: int | None = MAX_IMAGE_PIXELS) -> torch.Tensor:
     """:func:`decode_image_file` as a (C, H, W) tensor: uint8 RGB, or one channel
     of floats in [0, 1] for 16-bit grayscale."""
-    return _from_pil(decode_image_file(path))
+    return _from_pil(decode_image_file(path, max_pixels))
 
 
-def read_image_size(path) -> tuple[int, int]:
+def read_image_size(path, max_pixels: int | None = MAX_IMAGE_PIXELS) -> tuple[int, int]:
     """``(height, width)`` of an image file, from its header only, with the errors
     of :func:`read_image_file`."""
-    with open_image(path) as image:
+    with open_image(path, max_pixels) as image:
         return (image.height, image.width)
 
 
@@ -201,6 +245,7 @@ class ImageCollection:
     kind: str
     data: object
     channel_axis: int | None = None
+    max_pixels: int | None = MAX_IMAGE_PIXELS  #: files with more are refused
 
     def __len__(self) -> int:
         return len(self.data)
@@ -209,7 +254,8 @@ class ImageCollection:
         """The images at ``indices``, same kind and layout, still undecoded."""
         if self.kind == "array":
             return ImageCollection(self.kind, self.data[indices], self.channel_axis)
-        return ImageCollection(self.kind, [self.data[i] for i in indices])
+        data = [self.data[i] for i in indices]
+        return ImageCollection(self.kind, data, max_pixels=self.max_pixels)
 
     def identity_keys(self) -> list[tuple | None]:
         """One hashable key per image that changes when the image does.
@@ -245,7 +291,7 @@ class ImageCollection:
         if self.kind == "pil":
             return [(image.height, image.width) for image in self.data]
         if self.kind == "path":
-            return [read_image_size(item) for item in self.data]
+            return [read_image_size(item, self.max_pixels) for item in self.data]
         return [size for _, batch in self.batches(64) for size in image_sizes(batch)]
 
     def batches(self, batch_size: int) -> Iterator[tuple[int, object]]:
@@ -274,7 +320,7 @@ class ImageCollection:
             return chunk if self.channel_axis == 1 else chunk.permute(0, 3, 1, 2)
         items = self.data[start:stop]
         if self.kind == "path":
-            return [read_image_file(item) for item in items]
+            return [read_image_file(item, self.max_pixels) for item in items]
         if self.kind == "pil":
             return [_from_pil(item) for item in items]
         return [_to_chw_tensor(item) for item in items]
@@ -306,7 +352,9 @@ class FileBatch:
     failed: list  #: ``(path, reason)`` of the files that did not
 
 
-def read_image_files(paths: Sequence, batch_size: int) -> Iterator[FileBatch]:
+def read_image_files(
+    paths: Sequence, batch_size: int, max_pixels: int | None = MAX_IMAGE_PIXELS
+) -> Iterator[FileBatch]:
     """Decode files ``batch_size`` at a time, one batch ahead, skipping bad ones.
 
     For callers that must keep going past an unreadable file (the command line):
@@ -319,7 +367,7 @@ def read_image_files(paths: Sequence, batch_size: int) -> Iterator[FileBatch]:
         batch = FileBatch([], [], [])
         for path in paths[start : start + batch_size]:
             try:
-                image = decode_image_file(path)
+                image = decode_image_file(path, max_pixels)
             except (OSError, ValueError) as error:
                 batch.failed.append((path, str(error)))
             else:
@@ -340,8 +388,11 @@ def _element_kind(item) -> str | None:
     return None
 
 
-def as_image_collection(X) -> ImageCollection:
-    """Validate the structure of ``X`` (no pixel is read) and wrap it.
+def as_image_collection(
+    X, max_pixels: int | None = MAX_IMAGE_PIXELS
+) -> ImageCollection:
+    """Validate the structure of ``X`` (no pixel is read) and wrap it; image files
+    with more than ``max_pixels`` pixels are refused when read.
 
     Raises
     ------
@@ -406,7 +457,7 @@ def as_image_collection(X) -> ImageCollection:
                 )
             if item.ndim == 3:  # layout errors up front, not mid-transform
                 _channel_axis(tuple(item.shape), (0, 2), "image")
-    return ImageCollection(kind, items)
+    return ImageCollection(kind, items, max_pixels=max_pixels)
 
 
 def _array_collection(X) -> ImageCollection:

@@ -19,7 +19,7 @@ from ._allocator import keep_freed_memory
 from ._backbone import backbone_state, build_backbone, rebuild_backbone
 from ._cache import FeatureCache, weights_digest
 from ._device import DeviceMixin, resolve_device
-from ._images import as_image_collection, model_input
+from ._images import MAX_IMAGE_PIXELS, as_image_collection, model_input
 from ._memory import check_fits_in_memory
 from ._persistence import PersistenceMixin
 from ._validation import reject_bools
@@ -101,6 +101,13 @@ class DeepFeatureTransformer(
         Show a tqdm progress bar over batches in ``transform``.
     random_state : int, RandomState instance or None, default=None
         Seeds the random weights when ``pretrained=False``; ignored otherwise.
+    max_image_pixels : int or None, default=2**28
+        Image files with more pixels (width x height, from the header) are
+        refused with an error naming the file, before any pixel is decoded: a
+        guard against decompression bombs that replaces Pillow's lower one, so
+        line-scan images up to 16384 x 16384 are read. Files above Pillow's own
+        threshold (~89 MP), which anomalib cannot read, are decoded at a reduced
+        scale before the usual resize. None: no limit.
     cache : FeatureCache or None, default=None
         Reuse the features of images already seen with the same backbone,
         weights, layer and preprocessing (see :class:`~skdfm.FeatureCache`): with
@@ -204,6 +211,7 @@ class DeepFeatureTransformer(
         "output": [StrOptions({"numpy", "torch"})],
         "progress": ["boolean"],
         "random_state": ["random_state"],
+        "max_image_pixels": [Interval(Integral, 1, None, closed="left"), None],
         "cache": [FeatureCache, None],
     }
 
@@ -223,6 +231,7 @@ class DeepFeatureTransformer(
         output="numpy",
         progress=False,
         random_state=None,
+        max_image_pixels=MAX_IMAGE_PIXELS,
         cache=None,
     ):
         self.backbone = backbone
@@ -238,6 +247,7 @@ class DeepFeatureTransformer(
         self.output = output
         self.progress = progress
         self.random_state = random_state
+        self.max_image_pixels = max_image_pixels
         self.cache = cache
 
     def _validate_params(self):
@@ -282,7 +292,7 @@ class DeepFeatureTransformer(
                 "checkpoint_path is set but pretrained=False; a checkpoint holds "
                 "pretrained weights: set pretrained=True, or drop checkpoint_path."
             )
-        as_image_collection(X)
+        as_image_collection(X, self.max_image_pixels)
         seed = None
         if not self.pretrained:
             seed = int(check_random_state(self.random_state).randint(2**31 - 1))
@@ -375,7 +385,7 @@ class DeepFeatureTransformer(
             when ``output="torch"``.
         """
         check_is_fitted(self)
-        return self._features_of(as_image_collection(X))
+        return self._features_of(as_image_collection(X, self.max_image_pixels))
 
     def transform_with_sizes(self, X):
         """``transform(X)`` and each image's original ``(height, width)``.
@@ -396,7 +406,7 @@ class DeepFeatureTransformer(
             ``(height, width)`` of each image before resizing.
         """
         check_is_fitted(self)
-        images = as_image_collection(X)
+        images = as_image_collection(X, self.max_image_pixels)
         return self._features_of(images), images.sizes()
 
     def _features_of(self, images):
@@ -534,6 +544,7 @@ class DeepFeatureTransformer(
             raise ValueError("its fitted shapes, layer or normalisation are not valid.")
 
     def __setstate__(self, state):
+        state.setdefault("max_image_pixels", MAX_IMAGE_PIXELS)  # skdfm 0.1.0
         weights = state.pop("backbone_", None)
         super().__setstate__(state)
         if weights is not None:

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from ._files import Terminated, atomic_write, terminate_as_exception
-from ._images import IMAGE_SUFFIXES
+from ._images import IMAGE_SUFFIXES, MAX_IMAGE_PIXELS
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_SKIPPED = 0, 1, 2, 3
 EXIT_INTERRUPTED, EXIT_TERMINATED = 130, 143
@@ -65,7 +65,9 @@ def _collect_images(targets: list[str]) -> tuple[list[str], list[tuple[str, str]
     return files, problems
 
 
-def _file_batches(paths: list[str], batch_size: int, *, progress: bool):
+def _file_batches(
+    paths: list[str], batch_size: int, *, progress: bool, max_pixels=MAX_IMAGE_PIXELS
+):
     """Each file decoded once, a batch at a time (one batch ahead); the files that
     cannot be read are listed on stderr as they come and left out."""
     from tqdm.auto import tqdm
@@ -73,7 +75,7 @@ def _file_batches(paths: list[str], batch_size: int, *, progress: bool):
     from ._images import read_image_files
 
     batches = tqdm(
-        read_image_files(paths, batch_size),
+        read_image_files(paths, batch_size, max_pixels),
         total=-(-len(paths) // batch_size),
         desc="images",
         unit="batch",
@@ -139,6 +141,8 @@ def _load_model(path: str, args):
         move_model(model, args.device)
     if args.batch_size is not None:
         transformer.set_params(batch_size=args.batch_size)
+    if args.max_image_pixels is not None:
+        transformer.set_params(max_image_pixels=args.max_image_pixels)
     transformer.set_params(progress=False)  # the command shows one bar of its own
     return model
 
@@ -159,6 +163,7 @@ def _build_pipeline(args, *, progress: bool = False):
         device=args.device or "auto",
         progress=progress,
         random_state=0,
+        max_image_pixels=args.max_image_pixels or MAX_IMAGE_PIXELS,
         output="torch",  # on a GPU, features go to the detector without a host copy
     )
     detector = DFMDetector(
@@ -199,7 +204,12 @@ def _features_of_files(transformer, files, *, progress: bool):
     import torch
 
     parts, used, skipped = [], [], []
-    for batch in _file_batches(files, transformer.batch_size, progress=progress):
+    for batch in _file_batches(
+        files,
+        transformer.batch_size,
+        progress=progress,
+        max_pixels=transformer.max_image_pixels,
+    ):
         skipped.extend(batch.failed)
         if not batch.images:
             continue
@@ -389,7 +399,11 @@ def cmd_score(args) -> int:
         )
     rows, skipped, flagged = [], list(problems), 0
     batch_size = model[0].batch_size
-    for batch in _file_batches(files, batch_size, progress=not args.no_progress):
+    pixels = model[0].max_image_pixels
+    batches = _file_batches(
+        files, batch_size, progress=not args.no_progress, max_pixels=pixels
+    )
+    for batch in batches:
         skipped.extend(batch.failed)
         if not batch.images:
             continue
@@ -461,7 +475,11 @@ def cmd_evaluate(args) -> int:
     index = {path: i for i, path in enumerate(data.paths)}
     keep, masks, scores, labels, maps, skipped = [], [], [], [], [], []
     batch_size = model[0].batch_size
-    for batch in _file_batches(data.paths, batch_size, progress=not args.no_progress):
+    pixels = model[0].max_image_pixels
+    batches = _file_batches(
+        data.paths, batch_size, progress=not args.no_progress, max_pixels=pixels
+    )
+    for batch in batches:
         skipped.extend(batch.failed)
         images = []
         for path, image in zip(batch.paths, batch.images, strict=True):
@@ -589,6 +607,13 @@ def _add_runtime(parser) -> None:
         help="images per backbone batch (default: the model's, 16 for a new one)",
     )
     group.add_argument("--no-progress", action="store_true", help="no progress bars")
+    group.add_argument(
+        "--max-image-pixels",
+        type=_positive_int,
+        metavar="N",
+        help="image files with more pixels are skipped, a guard against "
+        f"decompression bombs (default {MAX_IMAGE_PIXELS:,} = 16384 x 16384)",
+    )
 
 
 def _add_model_options(parser, *, backbone: str, layer: str, pooling: int) -> None:

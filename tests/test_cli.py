@@ -189,9 +189,9 @@ def test_each_file_is_decoded_once(good_dir, tmp_path, monkeypatch, capsys):
     decoded = []
     original = images_module.decode_image_file
 
-    def counting(path):
+    def counting(path, *args):
         decoded.append(str(path))
-        return original(path)
+        return original(path, *args)
 
     monkeypatch.setattr(images_module, "decode_image_file", counting)
     model_path = tmp_path / "model.skdfm"
@@ -304,7 +304,7 @@ def test_bad_command_lines_fail_before_any_image_is_read(
 ):
     import skdfm._images as images_module
 
-    def refuse(path):
+    def refuse(path, *args):
         raise AssertionError("an image was read")
 
     monkeypatch.setattr(images_module, "decode_image_file", refuse)
@@ -366,3 +366,17 @@ def test_evaluate_skips_every_unreadable_file_and_keeps_the_rest(
     assert "images: 2 (1 defective)" in captured.out
     for line in ("image AUROC: ", "pixel AUROC: ", "AUPRO (FPR <= 0.3): "):
         assert line in captured.out
+
+
+def test_files_over_the_pixel_limit_are_skipped_and_named(
+    model_file, good_dir, tmp_path, capsys
+):
+    big = tmp_path / "big.png"
+    Image.fromarray(np.zeros((200, 200, 3), np.uint8)).save(big)
+    files = [str(p) for p in sorted(good_dir.glob("*.png"))[:2]]
+    capsys.readouterr()
+    args = ["score", str(model_file), *files, str(big), "--max-image-pixels", "10000"]
+    assert main([*args, "--no-progress"]) == 3
+    captured = capsys.readouterr()
+    assert "big.png' is 200x200 = 40,000 pixels, more than" in captured.err
+    assert len(captured.out.strip().splitlines()) == 1 + 2

@@ -215,10 +215,10 @@ def test_files_are_decoded_at_most_one_batch_ahead(rgb, tmp_path, monkeypatch):
     decoded, threads = [], set()
     read = images_module.read_image_file
 
-    def spy(path):
+    def spy(path, *args):
         threads.add(threading.current_thread().name)
         decoded.append(path)
-        return read(path)
+        return read(path, *args)
 
     monkeypatch.setattr(images_module, "read_image_file", spy)
     collection = as_image_collection(paths)
@@ -296,3 +296,46 @@ def test_stream_fit_counts_colour_images_once():
         stream_fit(model, iter(images))  # single (3, H, W) images: refused
     stream_fit(model, (images[i : i + 4] for i in (0, 4)))
     assert model[-1].n_samples_seen_ == 8
+
+
+def test_large_files_are_read_and_bombs_refused_with_the_file_named(
+    tmp_path, monkeypatch
+):
+    from skdfm._images import decode_image_file, read_image_size
+
+    big = tmp_path / "line_scan.png"
+    Image.fromarray(np.full((600, 2000), 128, np.uint8)).save(big)
+    # Pillow's own guard, lowered here to stand for a 15 000 x 15 000 file, would
+    # raise DecompressionBombError (neither OSError nor ValueError): skdfm's own
+    # limit replaces it
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100_000)
+    assert decode_image_file(big).size == (2000, 600)
+    assert Image.MAX_IMAGE_PIXELS == 100_000  # restored
+    with pytest.raises(ValueError, match=r"line_scan.png' is 2000x600 = 1,200,000"):
+        decode_image_file(big, max_pixels=1_000_000)
+    with pytest.raises(ValueError, match="max_image_pixels=1,000,000"):
+        read_image_size(big, max_pixels=1_000_000)
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG"])
+def test_files_above_pillows_threshold_are_decoded_at_a_reduced_scale(
+    tmp_path, monkeypatch, fmt
+):
+    from skdfm import DeepFeatureTransformer
+    from skdfm import _images as images
+
+    from .conftest import SMALL_BACKBONE
+
+    rng = np.random.default_rng(0)
+    small = rng.integers(0, 256, (150, 200, 3), np.uint8)
+    pixels = np.kron(small, np.ones((8, 8, 1), np.uint8))  # smooth, 1200 x 1600
+    path = tmp_path / f"huge.{fmt.lower()}"
+    Image.fromarray(pixels).save(path, fmt, quality=95)
+    tr = DeepFeatureTransformer(**SMALL_BACKBONE).fit(pixels[None])
+    full = tr.transform([path])
+    monkeypatch.setattr(images, "REDUCE_ABOVE_PIXELS", 200_000)  # ~1/4 the area
+    reduced = images.decode_image_file(path)
+    assert reduced.width * reduced.height <= 4 * 200_000 < 1200 * 1600
+    approx = tr.transform([path])
+    np.testing.assert_allclose(approx, full, rtol=0.05, atol=0.05)
+    assert tr.transform_with_sizes([path])[1] == [(1200, 1600)]  # maps: full size
