@@ -14,6 +14,7 @@ import hashlib
 import math
 import os
 import threading
+import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -171,13 +172,67 @@ def open_image(path, max_pixels: int | None = MAX_IMAGE_PIXELS):
 _SIXTEEN_BIT_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N"})
 
 
+#: Where a decoded 16-bit colour file keeps its full-precision pixels (Pillow has
+#: no 16-bit RGB mode; the image itself holds their top 8 bits, for display).
+_UINT16_PIXELS = "skdfm.uint16_pixels"
+_warned_sixteen_bit = False
+
+
+def _is_sixteen_bit_colour(image: Image.Image) -> bool:
+    """A 16-bit-per-channel RGB(A) PNG or TIFF, which Pillow reads as 8-bit."""
+    if image.mode not in ("RGB", "RGBA"):
+        return False
+    for tile in image.tile:
+        rawmode = tile.args[0] if isinstance(tile.args, tuple) else tile.args
+        if isinstance(rawmode, str) and ";16" in rawmode:
+            return True
+    return False
+
+
+def _sixteen_bit_colour_pixels(path) -> np.ndarray | None:
+    """(H, W, 3) uint16 pixels, with imagecodecs (the ``16bit`` extra); None and a
+    warning, once, without it."""
+    global _warned_sixteen_bit
+    try:
+        import imagecodecs
+    except ImportError:
+        if not _warned_sixteen_bit:
+            _warned_sixteen_bit = True
+            warnings.warn(
+                f"{os.fspath(path)!r} is a 16-bit colour image, which Pillow reads "
+                "with 8 bits per channel (up to 1/255 from the 16-bit values a uint16 "
+                "array gives). pip install 'skdfm[16bit]' (imagecodecs) to read such "
+                "files at full precision.",
+                UserWarning,
+                stacklevel=4,
+            )
+        return None
+    try:
+        pixels = imagecodecs.imread(os.fspath(path))
+    except Exception as exc:  # imagecodecs raises its own error classes
+        raise ValueError(
+            f"Cannot decode image file {os.fspath(path)!r}: {exc}"
+        ) from exc
+    if pixels.dtype != np.uint16 or pixels.ndim != 3 or pixels.shape[-1] not in (3, 4):
+        return None
+    return np.ascontiguousarray(pixels[..., :3])
+
+
 def decode_image_file(path, max_pixels: int | None = MAX_IMAGE_PIXELS) -> Image.Image:
     """Decode an image file as anomalib does (Pillow, ``convert("RGB")``): a loaded
     RGB PIL image; 16-bit grayscale files stay 16-bit (mode ``"I;16"``), since
-    ``convert("RGB")`` would saturate them to white. Files above
+    ``convert("RGB")`` would saturate them to white; 16-bit colour PNG/TIFF files
+    keep their 16-bit pixels in the image's ``info`` (read with imagecodecs, the
+    ``16bit`` extra), which the transformer uses. Files above
     :data:`REDUCE_ABOVE_PIXELS` are decoded at a reduced scale. Errors name the
     file (see :func:`open_image`)."""
     with open_image(path, max_pixels) as image:
+        if _is_sixteen_bit_colour(image):
+            full = _sixteen_bit_colour_pixels(path)
+            if full is not None and full.shape[:2] == (image.height, image.width):
+                decoded = image.convert("RGB")  # 8 bits: for display and sizes
+                decoded.info[_UINT16_PIXELS] = full
+                return decoded
         pixels = image.width * image.height
         factor = math.ceil(math.sqrt(pixels / REDUCE_ABOVE_PIXELS))
         if factor > 1 and image.format == "JPEG":
@@ -213,6 +268,9 @@ def _from_pil(image: Image.Image) -> torch.Tensor:
     if image.mode in _SIXTEEN_BIT_MODES:
         pixels = np.array(image).astype(np.uint16)  # native byte order
         return _from_numpy(pixels)[None]
+    full = image.info.get(_UINT16_PIXELS)
+    if isinstance(full, np.ndarray) and full.shape[:2] == (image.height, image.width):
+        return _from_numpy(full).permute(2, 0, 1)  # a 16-bit colour file's pixels
     return torch.from_numpy(np.array(image.convert("RGB"))).permute(2, 0, 1)
 
 

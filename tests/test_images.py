@@ -339,3 +339,49 @@ def test_files_above_pillows_threshold_are_decoded_at_a_reduced_scale(
     approx = tr.transform([path])
     np.testing.assert_allclose(approx, full, rtol=0.05, atol=0.05)
     assert tr.transform_with_sizes([path])[1] == [(1200, 1600)]  # maps: full size
+
+
+@pytest.mark.parametrize("suffix", [".png", ".tif"])
+def test_16_bit_colour_files_read_like_uint16_arrays(tmp_path, suffix):
+    imagecodecs = pytest.importorskip("imagecodecs")
+    from skdfm import DeepFeatureTransformer, make_defect_images
+    from skdfm._images import decode_image_file, read_image_file
+
+    from .conftest import SMALL_BACKBONE
+
+    rng = np.random.default_rng(0)
+    pixels = rng.integers(0, 65536, (2, 40, 48, 3), dtype=np.uint16)
+    pixels[0] //= 64  # a dark 10-bit image: its low bits matter
+    paths = []
+    for i, image in enumerate(pixels):
+        paths.append(tmp_path / f"{i}{suffix}")
+        imagecodecs.imwrite(paths[-1], image)
+    assert Image.open(paths[0]).mode == "RGB"  # what Pillow alone sees: 8 bits
+    expected = torch.from_numpy(pixels[0].astype(np.float32) / 65535).permute(2, 0, 1)
+    torch.testing.assert_close(read_image_file(paths[0]), expected, rtol=0, atol=0)
+    train, _, _ = make_defect_images(4, 0, image_size=64, random_state=0)
+    tr = DeepFeatureTransformer(**SMALL_BACKBONE).fit(train)
+    from_arrays = tr.transform(list(pixels))
+    np.testing.assert_array_equal(tr.transform(paths), from_arrays)
+    decoded = [decode_image_file(p) for p in paths]  # what the command scores
+    np.testing.assert_array_equal(tr.transform(decoded), from_arrays)
+    # a resized copy is no longer those pixels: it is read as what it shows
+    assert tr.transform([decoded[0].resize((24, 20))]).shape == (
+        1,
+        from_arrays.shape[1],
+    )
+
+
+def test_16_bit_colour_without_imagecodecs_warns(tmp_path, monkeypatch):
+    imagecodecs = pytest.importorskip("imagecodecs")
+    import sys
+
+    from skdfm import _images as images
+
+    path = tmp_path / "rgb16.png"
+    imagecodecs.imwrite(path, np.full((8, 8, 3), 4000, np.uint16))
+    monkeypatch.setitem(sys.modules, "imagecodecs", None)  # not installed
+    monkeypatch.setattr(images, "_warned_sixteen_bit", False)
+    with pytest.warns(UserWarning, match=r"skdfm\[16bit\]"):
+        tensor = images.read_image_file(path)
+    assert tensor.dtype == torch.uint8  # Pillow's 8 bits, said so
