@@ -380,3 +380,39 @@ def test_files_over_the_pixel_limit_are_skipped_and_named(
     captured = capsys.readouterr()
     assert "big.png' is 200x200 = 40,000 pixels, more than" in captured.err
     assert len(captured.out.strip().splitlines()) == 1 + 2
+
+
+def test_score_maps_memory_does_not_grow_with_the_number_of_images(tmp_path):
+    import subprocess
+    import sys
+
+    from sklearn.pipeline import make_pipeline
+
+    from skdfm import DeepFeatureTransformer, DFMDetector
+
+    from .conftest import SMALL_BACKBONE
+
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (16, 768, 768, 3), np.uint8)
+    for i, image in enumerate(images):
+        Image.fromarray(image).save(tmp_path / f"{i:02d}.png")
+    model = make_pipeline(
+        DeepFeatureTransformer(**SMALL_BACKBONE), DFMDetector(pca_level=0.9)
+    ).fit(images[:6])
+    path = skdfm.save(model, tmp_path / "m.skdfm")
+    peaks = {}
+    for n in (2, 16):  # each full-size float64 map is 4.5 MiB: 16 held, 72 MiB
+        files = [str(tmp_path / f"{i:02d}.png") for i in range(n)]
+        args = ["score", str(path), *files, "--maps", str(tmp_path / f"maps{n}"),
+                "--batch-size", "2", "--no-progress"]  # fmt: skip
+        code = (
+            "import resource, sys\n"
+            "from skdfm.cli import main\n"
+            f"assert main({args!r}) == 0\n"
+            "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)\n"
+        )
+        out = subprocess.run(
+            [sys.executable, "-c", code], capture_output=True, text=True, check=True
+        )
+        peaks[n] = int(out.stdout.split()[-1]) * 1024  # kB on Linux
+    assert peaks[16] < peaks[2] + 24 * 2**20, peaks
