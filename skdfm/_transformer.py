@@ -160,7 +160,8 @@ class DeepFeatureTransformer(
     - a list (or other sequence) of file paths, decoded with Pillow's
       ``convert("RGB")`` as anomalib does (palettes expanded, grayscale
       replicated, alpha dropped, EXIF orientation not applied; 16-bit grayscale
-      files are read as 0..65535, like uint16 arrays), one batch at a time;
+      files are read as 0..65535, like uint16 arrays, and 16-bit colour files
+      too with the ``16bit`` extra), one batch at a time;
     - a list of PIL images (converted the same way), or of single-image arrays
       or tensors ``(H, W)``, ``(H, W, C)`` or ``(C, H, W)``; sizes may differ.
 
