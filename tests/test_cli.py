@@ -416,3 +416,13 @@ def test_score_maps_memory_does_not_grow_with_the_number_of_images(tmp_path):
         )
         peaks[n] = int(out.stdout.split()[-1]) * 1024  # kB on Linux
     assert peaks[16] < peaks[2] + 24 * 2**20, peaks
+
+
+def test_a_random_bytes_model_file_is_a_one_line_error(good_dir, tmp_path, capsys):
+    junk = tmp_path / "junk.skdfm"
+    junk.write_bytes(b"\x01" + np.random.default_rng(0).bytes(4095))
+    files = [str(p) for p in sorted(good_dir.glob("*.png"))[:1]]
+    capsys.readouterr()
+    assert main(["score", str(junk), *files, "--no-progress"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"skdfm: error: Model file '{junk}'") and "\n" not in err
