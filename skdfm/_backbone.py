@@ -21,7 +21,13 @@ import torch
 # timm (and torchvision with it, ~190 MB resident) is imported where a backbone is
 # built, so processes that only score features never load it.
 
-__all__ = ["Backbone", "build_backbone", "backbone_state", "rebuild_backbone"]
+__all__ = [
+    "Backbone",
+    "backbone_state",
+    "build_backbone",
+    "layer_name",
+    "rebuild_backbone",
+]
 
 _PROXY_VARIABLES = ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")
 
@@ -186,6 +192,11 @@ def _weights_kwargs(name: str, pretrained: bool, checkpoint_path) -> dict:
     if blocker is not None:
         raise OSError(_offline_message(name, blocker))
     return dict(pretrained=True)
+
+
+def layer_name(name: str, layer: str | int) -> str:
+    """The ``feature_info`` name of ``layer`` (a name or an index) in ``name``."""
+    return _feature_kwargs(name, layer)[1]
 
 
 def build_backbone(

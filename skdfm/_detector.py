@@ -286,7 +286,8 @@ class DFMDetector(DeviceMixin, PersistenceMixin, OutlierMixin, BaseEstimator):
         check_has_data(X)
         if isinstance(X, torch.Tensor) and X.device.type != "cpu":
             X = self._validate_device_tensor(X, reset, min_samples)
-            largest = float(X.abs().max())
+            low, high = torch.aminmax(X)  # no copy of X
+            largest = max(float(high), -float(low))
         else:
             X = validate_data(
                 self,
@@ -295,7 +296,7 @@ class DFMDetector(DeviceMixin, PersistenceMixin, OutlierMixin, BaseEstimator):
                 dtype=[np.float64, np.float32],
                 ensure_min_samples=min_samples,
             )
-            largest = float(np.abs(X).max())
+            largest = max(float(X.max()), -float(X.min()))  # no copy of X
         _check_magnitude(largest, fitting=reset)
         return X
 

@@ -17,8 +17,9 @@ import threading
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -36,6 +37,7 @@ __all__ = [
     "decode_image_file",
     "model_input",
     "open_image",
+    "original_size",
     "read_image_file",
     "read_image_files",
     "read_image_size",
@@ -133,6 +135,25 @@ _PILLOW_LIMIT = threading.Lock()
 
 
 @contextmanager
+def _pillow_limit_lifted() -> Iterator[None]:
+    """Pillow's bomb limit off (skdfm checks its own), under a lock: Pillow reads
+    it from a module global when it opens and again when it loads some formats."""
+    with _PILLOW_LIMIT:
+        previous, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
+        try:
+            yield
+        finally:
+            Image.MAX_IMAGE_PIXELS = previous
+
+
+def _decode_error(name: str, exc: BaseException) -> ValueError:
+    reason = str(exc).strip().splitlines()[0] if str(exc).strip() else repr(exc)
+    if reason.startswith("Cannot decode image file"):
+        return ValueError(reason)
+    return ValueError(f"Cannot decode image file {name!r}: {reason}")
+
+
+@contextmanager
 def open_image(path, max_pixels: int | None = MAX_IMAGE_PIXELS):
     """``Image.open`` with errors that name the file: FileNotFoundError, ValueError.
 
@@ -141,12 +162,8 @@ def open_image(path, max_pixels: int | None = MAX_IMAGE_PIXELS):
     """
     name = os.fspath(path)
     try:
-        with _PILLOW_LIMIT:  # Pillow reads its limit from a global, at open()
-            previous, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
-            try:
-                image = Image.open(path)
-            finally:
-                Image.MAX_IMAGE_PIXELS = previous
+        with _pillow_limit_lifted():
+            image = Image.open(path)
         with image:
             pixels = image.width * image.height
             if max_pixels is not None and pixels > max_pixels:
@@ -162,9 +179,9 @@ def open_image(path, max_pixels: int | None = MAX_IMAGE_PIXELS):
     except ValueError as exc:
         if str(exc).startswith(f"Image file {name!r}"):
             raise
-        raise ValueError(f"Cannot decode image file {name!r}: {exc}") from exc
+        raise _decode_error(name, exc) from exc
     except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as exc:
-        raise ValueError(f"Cannot decode image file {name!r}: {exc}") from exc
+        raise _decode_error(name, exc) from exc
 
 
 #: Pillow's modes of 16-bit single-channel images (16-bit PNG and TIFF from
@@ -172,9 +189,14 @@ def open_image(path, max_pixels: int | None = MAX_IMAGE_PIXELS):
 _SIXTEEN_BIT_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N"})
 
 
-#: Where a decoded 16-bit colour file keeps its full-precision pixels (Pillow has
-#: no 16-bit RGB mode; the image itself holds their top 8 bits, for display).
-_UINT16_PIXELS = "skdfm.uint16_pixels"
+#: The attribute where a decoded 16-bit colour file keeps its full-precision pixels
+#: (Pillow has no 16-bit RGB mode; the image holds their top 8 bits, for display).
+#: An attribute, not ``info``: Pillow copies ``info`` into every derived image
+#: (flipped, converted), whose pixels are then other ones.
+UINT16_PIXELS = "skdfm_uint16_pixels"
+#: The attribute where an image decoded at a reduced scale keeps the file's own
+#: ``(height, width)``: maps and masks are at that size.
+ORIGINAL_SIZE = "skdfm_original_size"
 _warned_sixteen_bit = False
 
 
@@ -207,12 +229,11 @@ def _sixteen_bit_colour_pixels(path) -> np.ndarray | None:
                 stacklevel=4,
             )
         return None
+    codec = "png" if Path(path).suffix.lower() == ".png" else "tiff"
     try:
-        pixels = imagecodecs.imread(os.fspath(path))
+        pixels = imagecodecs.imread(os.fspath(path), codec=codec)
     except Exception as exc:  # imagecodecs raises its own error classes
-        raise ValueError(
-            f"Cannot decode image file {os.fspath(path)!r}: {exc}"
-        ) from exc
+        raise _decode_error(os.fspath(path), exc) from exc
     if pixels.dtype != np.uint16 or pixels.ndim != 3 or pixels.shape[-1] not in (3, 4):
         return None
     return np.ascontiguousarray(pixels[..., :3])
@@ -226,27 +247,43 @@ def decode_image_file(path, max_pixels: int | None = MAX_IMAGE_PIXELS) -> Image.
     ``16bit`` extra), which the transformer uses. Files above
     :data:`REDUCE_ABOVE_PIXELS` are decoded at a reduced scale. Errors name the
     file (see :func:`open_image`)."""
+    name = os.fspath(path)
     with open_image(path, max_pixels) as image:
+        size = (image.height, image.width)
         if _is_sixteen_bit_colour(image):
             full = _sixteen_bit_colour_pixels(path)
-            if full is not None and full.shape[:2] == (image.height, image.width):
+            if full is not None and full.shape[:2] == size:
                 decoded = image.convert("RGB")  # 8 bits: for display and sizes
-                decoded.info[_UINT16_PIXELS] = full
+                setattr(decoded, UINT16_PIXELS, full)
                 return decoded
-        pixels = image.width * image.height
-        factor = math.ceil(math.sqrt(pixels / REDUCE_ABOVE_PIXELS))
+        factor = math.ceil(math.sqrt(size[0] * size[1] / REDUCE_ABOVE_PIXELS))
         if factor > 1 and image.format == "JPEG":
             # JPEG decodes at 1/2, 1/4 or 1/8 scale in the DCT, never below this.
             image.draft("RGB", (image.width // factor, image.height // factor))
-        if image.mode in _SIXTEEN_BIT_MODES:
-            image.load()
-            decoded = image.copy()
-        else:
-            decoded = image.convert("RGB")
+        # Some formats (TIFF) check Pillow's limit again when they load.
+        limit = Image.MAX_IMAGE_PIXELS
+        lift = limit is not None and size[0] * size[1] > limit
+        try:
+            with _pillow_limit_lifted() if lift else nullcontext():
+                if image.mode in _SIXTEEN_BIT_MODES:
+                    image.load()
+                    decoded = image.copy()
+                else:
+                    decoded = image.convert("RGB")
+        except (OSError, ValueError, Image.DecompressionBombError) as exc:
+            raise _decode_error(name, exc) from exc
     factor = math.ceil(math.sqrt(decoded.width * decoded.height / REDUCE_ABOVE_PIXELS))
     if factor > 1 and decoded.mode == "RGB":
         decoded = decoded.reduce(factor)
+    if (decoded.height, decoded.width) != size:
+        setattr(decoded, ORIGINAL_SIZE, size)
     return decoded
+
+
+def original_size(image: Image.Image) -> tuple[int, int]:
+    """``(height, width)`` of the file a PIL image was decoded from (also when
+    :func:`decode_image_file` reduced it), else of the image itself."""
+    return getattr(image, ORIGINAL_SIZE, (image.height, image.width))
 
 
 def read_image_file(path, max_pixels: int | None = MAX_IMAGE_PIXELS) -> torch.Tensor:
@@ -268,7 +305,7 @@ def _from_pil(image: Image.Image) -> torch.Tensor:
     if image.mode in _SIXTEEN_BIT_MODES:
         pixels = np.array(image).astype(np.uint16)  # native byte order
         return _from_numpy(pixels)[None]
-    full = image.info.get(_UINT16_PIXELS)
+    full = getattr(image, UINT16_PIXELS, None)
     if isinstance(full, np.ndarray) and full.shape[:2] == (image.height, image.width):
         return _from_numpy(full).permute(2, 0, 1)  # a 16-bit colour file's pixels
     return torch.from_numpy(np.array(image.convert("RGB"))).permute(2, 0, 1)
@@ -347,7 +384,7 @@ class ImageCollection:
             size = shape[-2:] if self.channel_axis in (None, 1) else shape[1:3]
             return [tuple(int(s) for s in size)] * len(self)
         if self.kind == "pil":
-            return [(image.height, image.width) for image in self.data]
+            return [original_size(image) for image in self.data]
         if self.kind == "path":
             return [read_image_size(item, self.max_pixels) for item in self.data]
         return [size for _, batch in self.batches(64) for size in image_sizes(batch)]

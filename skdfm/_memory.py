@@ -15,21 +15,17 @@ __all__ = ["available_bytes", "check_fits_in_memory"]
 
 
 def available_bytes(device: torch.device) -> int | None:
-    """Bytes that can still be allocated on ``device``, or None when unknown."""
+    """All the memory ``device`` has (a GPU's, or the machine's RAM), or None when
+    unknown. The whole, not what is free now: caches, PyTorch's cached blocks and a
+    heap kept by ``keep_freed_memory`` can be reused, so only what cannot fit at
+    all is refused."""
     if device.type == "cuda":
         try:
-            return int(torch.cuda.mem_get_info(device)[0])
+            return int(torch.cuda.mem_get_info(device)[1])
         except (RuntimeError, AssertionError):  # pragma: no cover - no driver
             return None
     try:
-        with open("/proc/meminfo") as handle:
-            for line in handle:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    try:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (ValueError, OSError, AttributeError):  # pragma: no cover - not POSIX
         return None
 
@@ -44,5 +40,5 @@ def check_fits_in_memory(nbytes: int, device: torch.device, what: str, fix: str)
     if available is not None and nbytes > available:
         raise MemoryError(
             f"{what} needs {_gigabytes(nbytes)} on {device}, which has "
-            f"{_gigabytes(available)} available: {fix}"
+            f"{_gigabytes(available)} in all: {fix}"
         )

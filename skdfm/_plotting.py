@@ -23,7 +23,7 @@ def _as_rgb(image) -> np.ndarray:
         image = image[..., None]
     if image.dtype == np.uint8:
         image = image / 255.0
-    elif image.dtype == np.uint16:  # 16-bit camera images
+    elif image.dtype.kind == "u" and image.dtype.itemsize == 2:  # 16-bit, any order
         image = image / 65535.0
     image = np.clip(np.asarray(image, dtype=np.float64), 0, 1)
     return np.broadcast_to(image, (*image.shape[:2], 3))

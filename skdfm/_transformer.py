@@ -16,7 +16,7 @@ from sklearn.utils.validation import check_is_fitted
 from tqdm.auto import tqdm
 
 from ._allocator import keep_freed_memory
-from ._backbone import backbone_state, build_backbone, rebuild_backbone
+from ._backbone import backbone_state, build_backbone, layer_name, rebuild_backbone
 from ._cache import FeatureCache, weights_digest
 from ._device import DeviceMixin, resolve_device
 from ._images import MAX_IMAGE_PIXELS, as_image_collection, model_input
@@ -318,11 +318,38 @@ class DeepFeatureTransformer(
         self.feature_params_ = {name: getattr(self, name) for name in _FEATURE_PARAMS}
         return self
 
+    def _same_as_fitted(self, name: str, now) -> bool:
+        """Whether parameter ``name`` still means what it meant at fit (48 and
+        (48, 48) are one input size, 2 and "layer2" one layer of a ResNet)."""
+        fitted = self.feature_params_[name]
+        if name == "input_size":
+            try:
+                return self._input_size() == self.input_size_
+            except ValueError:
+                return False
+        integral = isinstance(now, Integral) and not isinstance(now, bool)
+        if name == "layer":
+            if isinstance(now, str):
+                return now == self.layer_
+            if not integral:
+                return False
+            if isinstance(fitted, Integral) and int(now) == int(fitted):
+                return True  # as fitted: no need to look the name up
+            try:
+                return layer_name(self.feature_params_["backbone"], int(now)) == (
+                    self.layer_
+                )
+            except ValueError:
+                return False
+        if name == "pooling_kernel_size":
+            return integral and int(now) == int(fitted)
+        return isinstance(now, str) and now == fitted  # backbone, precision
+
     def _check_feature_params(self) -> None:
         """What was fitted is what transforms: a changed parameter says so."""
         for name, fitted in self.feature_params_.items():
             now = getattr(self, name)
-            if now != fitted:
+            if not self._same_as_fitted(name, now):
                 raise NotFittedError(
                     f"{name}={now!r} was set after this DeepFeatureTransformer was "
                     f"fitted with {name}={fitted!r}: fit it again to use the new "

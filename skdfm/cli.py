@@ -53,7 +53,10 @@ def _collect_images(targets: list[str]) -> tuple[list[str], list[tuple[str, str]
             found = sorted(
                 os.fspath(p)
                 for p in path.rglob("*")
-                if p.suffix.lower() in IMAGE_SUFFIXES and not p.is_dir()
+                # files, and symlinks even when broken (listed when unreadable);
+                # never pipes or devices, which would block the reading
+                if p.suffix.lower() in IMAGE_SUFFIXES
+                and (p.is_symlink() or p.is_file())
             )
             if not found:
                 problems.append((target, "no image files in this folder"))
@@ -142,9 +145,16 @@ def _load_model(path: str, args):
     if args.batch_size is not None:
         transformer.set_params(batch_size=args.batch_size)
     if args.max_image_pixels is not None:
-        transformer.set_params(max_image_pixels=args.max_image_pixels)
+        transformer.set_params(max_image_pixels=_max_pixels(args))
     transformer.set_params(progress=False)  # the command shows one bar of its own
     return model
+
+
+def _max_pixels(args) -> int | None:
+    """--max-image-pixels: the default when not given, None (no limit) for 0."""
+    if args.max_image_pixels is None:
+        return MAX_IMAGE_PIXELS
+    return args.max_image_pixels or None
 
 
 def _build_pipeline(args, *, progress: bool = False):
@@ -163,7 +173,7 @@ def _build_pipeline(args, *, progress: bool = False):
         device=args.device or "auto",
         progress=progress,
         random_state=0,
-        max_image_pixels=args.max_image_pixels or MAX_IMAGE_PIXELS,
+        max_image_pixels=_max_pixels(args),
         output="torch",  # on a GPU, features go to the detector without a host copy
     )
     detector = DFMDetector(
@@ -232,6 +242,12 @@ def _write_maps(folder: str, paths, images, maps) -> None:
     out = Path(folder)
     out.mkdir(parents=True, exist_ok=True)
     for path, image, amap in zip(paths, images, maps, strict=True):
+        if amap.shape != (image.height, image.width):  # a file decoded reduced
+            amap = np.asarray(
+                Image.fromarray(amap.astype(np.float32), mode="F").resize(
+                    image.size, Image.Resampling.BILINEAR
+                )
+            )
         overlay = Image.fromarray(overlay_anomaly_map(np.asarray(image), amap))
         with atomic_write(out / f"{Path(path).stem}_map.png") as handle:
             overlay.save(handle, format="PNG")
@@ -443,8 +459,9 @@ def _mask_for(data, i: int, image):
     """The ground-truth mask of image ``i`` (all False for good images), or the
     reason it cannot be had (a missing, unreadable or wrong-sized mask file)."""
     from ._datasets import read_mask
+    from ._images import original_size
 
-    size = (image.height, image.width)
+    size = original_size(image)
     if data.y[i] == 1:
         return np.zeros(size, bool)
     if data.mask_paths[i] is None:
@@ -552,8 +569,13 @@ def _share(low: float, high: float, *, low_closed: bool, high_closed: bool):
 
 
 def _pca_level(text: str):
-    """An integer is a number of components (as anomalib's rule ends with), a
-    float in (0, 1] a share of the variance."""
+    """An integer >= 2 is a number of components (as anomalib's rule ends with), a
+    float in (0, 1] a share of the variance; "1" is refused as ambiguous."""
+    if text.strip() == "1":
+        raise argparse.ArgumentTypeError(
+            "1 is ambiguous: write 1.0 to keep all the variance; an integer >= 2 "
+            "is a number of components"
+        )
     try:
         return _positive_int(text)
     except argparse.ArgumentTypeError:
@@ -562,27 +584,30 @@ def _pca_level(text: str):
     return _share(0.0, 1.0, low_closed=False, high_closed=True)(text)
 
 
+def _pixel_limit(text: str) -> int:
+    """A positive number of pixels, or 0 for no limit."""
+    return 0 if text.strip() == "0" else _positive_int(text)
+
+
 def _layer(text: str):
     """A layer name, or its index in the backbone's feature_info."""
     return int(text) if text.isdigit() else text
 
 
-def _check_output(parser, output) -> None:
+def _check_output(parser, output, *, flag="-o/--output", model=True) -> None:
     path = Path(output)
-    if path.suffix.lower() in PICKLE_SUFFIXES:
+    if model and path.suffix.lower() in PICKLE_SUFFIXES:
         parser.error(
-            f"argument -o/--output: {output}: the command writes .skdfm model files "
+            f"argument {flag}: {output}: the command writes .skdfm model files "
             "(data, safe to load), not pickles; name it e.g. model.skdfm"
         )
     folder = path.parent if str(path.parent) else Path(".")
     if path.is_dir():
-        parser.error(f"argument -o/--output: {output} is a folder")
+        parser.error(f"argument {flag}: {output} is a folder")
     if not folder.is_dir():
-        parser.error(
-            f"argument -o/--output: no folder {folder} to write {path.name} in"
-        )
+        parser.error(f"argument {flag}: no folder {folder} to write {path.name} in")
     if not os.access(folder, os.W_OK | os.X_OK):
-        parser.error(f"argument -o/--output: folder {folder} is not writable")
+        parser.error(f"argument {flag}: folder {folder} is not writable")
 
 
 def _check_device(parser, device) -> None:
@@ -609,10 +634,11 @@ def _add_runtime(parser) -> None:
     group.add_argument("--no-progress", action="store_true", help="no progress bars")
     group.add_argument(
         "--max-image-pixels",
-        type=_positive_int,
+        type=_pixel_limit,
         metavar="N",
         help="image files with more pixels are skipped, a guard against "
-        f"decompression bombs (default {MAX_IMAGE_PIXELS:,} = 16384 x 16384)",
+        f"decompression bombs (default {MAX_IMAGE_PIXELS:,} = 16384 x 16384; "
+        "0 = no limit)",
     )
 
 
@@ -790,6 +816,8 @@ def main(argv=None) -> int:
     # Everything the command line decides is checked before any image is read.
     if getattr(args, "output", None) is not None:
         _check_output(parser, args.output)
+    if getattr(args, "csv", None) is not None:
+        _check_output(parser, args.csv, flag="--csv", model=False)
     _check_device(parser, getattr(args, "device", None))
     try:
         with terminate_as_exception():

@@ -426,3 +426,63 @@ def test_a_random_bytes_model_file_is_a_one_line_error(good_dir, tmp_path, capsy
     assert main(["score", str(junk), *files, "--no-progress"]) == 1
     err = capsys.readouterr().err.strip()
     assert err.startswith(f"skdfm: error: Model file '{junk}'") and "\n" not in err
+
+
+def test_images_decoded_at_a_reduced_scale_keep_their_maps_and_masks(
+    model_file, tmp_path, monkeypatch, capsys
+):
+    import skdfm._images as images_module
+
+    root = write_mvtec_tree(tmp_path / "bottle", size=(64, 64))
+    monkeypatch.setattr(images_module, "REDUCE_ABOVE_PIXELS", 1000)  # 64x64 is "huge"
+    capsys.readouterr()
+    assert main(["evaluate", str(model_file), str(root), "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "images: 5 (3 defective)" in out and "pixel AUROC: " in out
+    maps = tmp_path / "maps"
+    files = sorted(str(p) for p in (root / "test").rglob("*.png"))
+    assert main(["score", str(model_file), *files, "--maps", str(maps),
+                 "--no-progress"]) == 0  # fmt: skip
+    shown = Image.open(next(maps.iterdir()))
+    assert shown.size[0] < 64  # the overlay is at the decoded (reduced) size
+
+
+def test_pipes_in_folders_are_never_opened(model_file, good_dir, tmp_path, capsys):
+    import os
+
+    folder = tmp_path / "with_fifo"
+    folder.mkdir()
+    for path in sorted(good_dir.glob("*.png"))[:2]:
+        (folder / path.name).write_bytes(path.read_bytes())
+    os.mkfifo(folder / "camera.png")  # reading it would block forever
+    capsys.readouterr()
+    assert main(["score", str(model_file), str(folder), "--no-progress"]) == 0
+    assert len(capsys.readouterr().out.strip().splitlines()) == 1 + 2
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--pca-level", "1"], "1 is ambiguous: write 1.0"),
+        (["--csv", "/nonexistent-folder/s.csv"], "argument --csv: no folder"),
+    ],
+)
+def test_more_bad_command_lines(model_file, tmp_path, capsys, extra, message):
+    command = (
+        ["fit", str(tmp_path), "-o", str(tmp_path / "m.skdfm")]
+        if "--pca-level" in extra
+        else ["score", str(model_file), "x.png"]
+    )
+    with pytest.raises(SystemExit) as exit_info:
+        main([*command, *extra])
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_no_pixel_limit_on_request(model_file, tmp_path, capsys):
+    big = tmp_path / "big.png"
+    Image.fromarray(np.zeros((200, 200, 3), np.uint8)).save(big)
+    capsys.readouterr()
+    args = ["score", str(model_file), str(big), "--no-progress"]
+    assert main([*args, "--max-image-pixels", "100"]) == 1  # skipped: none left
+    assert main([*args, "--max-image-pixels", "0"]) == 0  # 0: no limit

@@ -262,10 +262,11 @@ def test_16_bit_grayscale_files_read_like_uint16_arrays(tmp_path, suffix):
     assert not np.allclose(from_arrays[0], white[0])
 
 
-def test_overlays_show_16_bit_images_at_their_brightness():
+@pytest.mark.parametrize("dtype", ["<u2", ">u2"])
+def test_overlays_show_16_bit_images_at_their_brightness(dtype):
     from skdfm import overlay_anomaly_map
 
-    dark = np.full((4, 4), 1000, np.uint16)
+    dark = np.full((4, 4), 1000, dtype)  # big-endian: a I;16B TIFF's array
     overlay = overlay_anomaly_map(dark, np.zeros((4, 4)), alpha=0.0)
     assert overlay.max() <= 4  # 1000 / 65535 of white, not saturated
 
@@ -298,12 +299,13 @@ def test_stream_fit_counts_colour_images_once():
     assert model[-1].n_samples_seen_ == 8
 
 
+@pytest.mark.parametrize("suffix", [".png", ".tif"])  # TIFF checks again at load
 def test_large_files_are_read_and_bombs_refused_with_the_file_named(
-    tmp_path, monkeypatch
+    tmp_path, monkeypatch, suffix
 ):
     from skdfm._images import decode_image_file, read_image_size
 
-    big = tmp_path / "line_scan.png"
+    big = tmp_path / f"line_scan{suffix}"
     Image.fromarray(np.full((600, 2000), 128, np.uint8)).save(big)
     # Pillow's own guard, lowered here to stand for a 15 000 x 15 000 file, would
     # raise DecompressionBombError (neither OSError nor ValueError): skdfm's own
@@ -311,7 +313,7 @@ def test_large_files_are_read_and_bombs_refused_with_the_file_named(
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100_000)
     assert decode_image_file(big).size == (2000, 600)
     assert Image.MAX_IMAGE_PIXELS == 100_000  # restored
-    with pytest.raises(ValueError, match=r"line_scan.png' is 2000x600 = 1,200,000"):
+    with pytest.raises(ValueError, match=r"line_scan.* is 2000x600 = 1,200,000"):
         decode_image_file(big, max_pixels=1_000_000)
     with pytest.raises(ValueError, match="max_image_pixels=1,000,000"):
         read_image_size(big, max_pixels=1_000_000)
@@ -365,11 +367,12 @@ def test_16_bit_colour_files_read_like_uint16_arrays(tmp_path, suffix):
     np.testing.assert_array_equal(tr.transform(paths), from_arrays)
     decoded = [decode_image_file(p) for p in paths]  # what the command scores
     np.testing.assert_array_equal(tr.transform(decoded), from_arrays)
-    # a resized copy is no longer those pixels: it is read as what it shows
-    assert tr.transform([decoded[0].resize((24, 20))]).shape == (
-        1,
-        from_arrays.shape[1],
-    )
+    # derived images (resized, flipped) are no longer those pixels: each is read
+    # as what it shows, not from the file's 16-bit pixels
+    for derived in (decoded[0].resize((24, 20)), decoded[0].transpose(0)):
+        np.testing.assert_array_equal(
+            tr.transform([derived]), tr.transform([np.asarray(derived)])
+        )
 
 
 def test_16_bit_colour_without_imagecodecs_warns(tmp_path, monkeypatch):
@@ -385,3 +388,18 @@ def test_16_bit_colour_without_imagecodecs_warns(tmp_path, monkeypatch):
     with pytest.warns(UserWarning, match=r"skdfm\[16bit\]"):
         tensor = images.read_image_file(path)
     assert tensor.dtype == torch.uint8  # Pillow's 8 bits, said so
+
+
+def test_a_damaged_16_bit_colour_file_is_a_one_line_error(tmp_path):
+    imagecodecs = pytest.importorskip("imagecodecs")
+    from skdfm._images import read_image_file
+
+    path = tmp_path / "rgb16.png"
+    imagecodecs.imwrite(path, np.full((32, 32, 3), 4000, np.uint16))
+    data = path.read_bytes()
+    path.write_bytes(data[:60] + bytes(len(data) - 60))  # header kept, pixels gone
+    with pytest.raises(ValueError) as error:
+        read_image_file(path)
+    message = str(error.value)
+    assert message.startswith(f"Cannot decode image file '{path}'")
+    assert "\n" not in message and message.count("Cannot decode") == 1

@@ -689,3 +689,20 @@ def test_huge_input_sizes_and_meta_tensors_are_clear_errors(images):
         fitted.transform(meta)
     with pytest.raises(ValueError, match=r"X\[0\] is a tensor on the 'meta'"):
         fitted.transform([meta[0]])
+
+
+def test_equivalent_parameter_spellings_are_not_changes(images):
+    tr = DeepFeatureTransformer(**{**SMALL, "input_size": np.int64(64), "layer": 2})
+    tr.fit(images)
+    before = tr.transform(images)
+    for same in (
+        {"input_size": (64, 64)},
+        {"input_size": 64},
+        {"layer": "layer2"},
+        {"layer": np.int64(2)},
+        {"pooling_kernel_size": np.int64(2)},
+    ):
+        tr.set_params(**same)
+        np.testing.assert_array_equal(tr.transform(images), before)
+    with pytest.raises(NotFittedError, match="layer='layer1' was set after"):
+        tr.set_params(layer="layer1").transform(images)
