@@ -11,10 +11,10 @@ import os
 
 import torch
 
-__all__ = ["available_bytes", "check_fits_in_memory"]
+__all__ = ["total_bytes", "check_fits_in_memory"]
 
 
-def available_bytes(device: torch.device) -> int | None:
+def total_bytes(device: torch.device) -> int | None:
     """All the memory ``device`` has (a GPU's, or the machine's RAM), or None when
     unknown. The whole, not what is free now: caches, PyTorch's cached blocks and a
     heap kept by ``keep_freed_memory`` can be reused, so only what cannot fit at
@@ -36,9 +36,9 @@ def _gigabytes(nbytes: float) -> str:
 
 def check_fits_in_memory(nbytes: int, device: torch.device, what: str, fix: str):
     """Raise MemoryError naming ``what`` and ``fix`` when ``nbytes`` cannot fit."""
-    available = available_bytes(device)
-    if available is not None and nbytes > available:
+    total = total_bytes(device)
+    if total is not None and nbytes > total:
         raise MemoryError(
             f"{what} needs {_gigabytes(nbytes)} on {device}, which has "
-            f"{_gigabytes(available)} in all: {fix}"
+            f"{_gigabytes(total)} in all: {fix}"
         )

@@ -240,18 +240,23 @@ def _versions() -> dict:
     return versions
 
 
-def _backbone_info(model) -> dict | None:
+def _transformer_of(model):
+    """The DeepFeatureTransformer of a model (alone or in its Pipeline), or None."""
     from sklearn.pipeline import Pipeline
 
     from ._transformer import DeepFeatureTransformer
 
-    steps = model.steps if isinstance(model, Pipeline) else [(None, model)]
-    found = [s for _, s in steps if isinstance(s, DeepFeatureTransformer)]
-    if not found:
+    steps = [s for _, s in model.steps] if isinstance(model, Pipeline) else [model]
+    found = [s for s in steps if isinstance(s, DeepFeatureTransformer)]
+    return found[0] if found else None
+
+
+def _backbone_info(model) -> dict | None:
+    transformer = _transformer_of(model)
+    if transformer is None:
         return None
-    transformer = found[0]
     return {
-        "name": transformer.backbone,
+        "name": transformer.feature_params_["backbone"],
         "layer": transformer.layer_,
         "weights_digest": transformer.weights_digest_,
     }
@@ -526,19 +531,16 @@ def _compare_versions(saved: dict) -> None:
 
 
 def _check_weights(model, path) -> None:
-    """The rebuilt backbones have the weights their recorded digest says."""
-    from sklearn.pipeline import Pipeline
-
+    """The rebuilt backbone has the weights its recorded digest says."""
     from ._cache import weights_digest
-    from ._transformer import DeepFeatureTransformer
 
-    steps = model.steps if isinstance(model, Pipeline) else [(None, model)]
-    for _, step in steps:
-        if isinstance(step, DeepFeatureTransformer):
-            if weights_digest(step.backbone_) != step.weights_digest_:
-                raise ModelFileError(
-                    path, "holds backbone weights whose digest is not the recorded one."
-                )
+    transformer = _transformer_of(model)
+    if transformer is not None and (
+        weights_digest(transformer.backbone_) != transformer.weights_digest_
+    ):
+        raise ModelFileError(
+            path, "holds backbone weights whose digest is not the recorded one."
+        )
 
 
 def load(path):

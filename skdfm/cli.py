@@ -68,17 +68,17 @@ def _collect_images(targets: list[str]) -> tuple[list[str], list[tuple[str, str]
     return files, problems
 
 
-def _file_batches(
-    paths: list[str], batch_size: int, *, progress: bool, max_pixels=MAX_IMAGE_PIXELS
-):
-    """Each file decoded once, a batch at a time (one batch ahead); the files that
-    cannot be read are listed on stderr as they come and left out."""
+def _file_batches(paths: list[str], transformer, *, progress: bool):
+    """Each file decoded once, a batch at a time (one batch ahead), in the
+    transformer's batch size and pixel limit; the files that cannot be read are
+    listed on stderr as they come and left out."""
     from tqdm.auto import tqdm
 
     from ._images import read_image_files
 
+    batch_size = transformer.batch_size
     batches = tqdm(
-        read_image_files(paths, batch_size, max_pixels),
+        read_image_files(paths, batch_size, transformer.max_image_pixels),
         total=-(-len(paths) // batch_size),
         desc="images",
         unit="batch",
@@ -214,12 +214,7 @@ def _features_of_files(transformer, files, *, progress: bool):
     import torch
 
     parts, used, skipped = [], [], []
-    for batch in _file_batches(
-        files,
-        transformer.batch_size,
-        progress=progress,
-        max_pixels=transformer.max_image_pixels,
-    ):
+    for batch in _file_batches(files, transformer, progress=progress):
         skipped.extend(batch.failed)
         if not batch.images:
             continue
@@ -414,12 +409,7 @@ def cmd_score(args) -> int:
             "--maps needs a model with score_type 'fre' (nll has no maps)"
         )
     rows, skipped, flagged = [], list(problems), 0
-    batch_size = model[0].batch_size
-    pixels = model[0].max_image_pixels
-    batches = _file_batches(
-        files, batch_size, progress=not args.no_progress, max_pixels=pixels
-    )
-    for batch in batches:
+    for batch in _file_batches(files, model[0], progress=not args.no_progress):
         skipped.extend(batch.failed)
         if not batch.images:
             continue
@@ -491,12 +481,7 @@ def cmd_evaluate(args) -> int:
     has_maps = model[-1].score_type == "fre"
     index = {path: i for i, path in enumerate(data.paths)}
     keep, masks, scores, labels, maps, skipped = [], [], [], [], [], []
-    batch_size = model[0].batch_size
-    pixels = model[0].max_image_pixels
-    batches = _file_batches(
-        data.paths, batch_size, progress=not args.no_progress, max_pixels=pixels
-    )
-    for batch in batches:
+    for batch in _file_batches(data.paths, model[0], progress=not args.no_progress):
         skipped.extend(batch.failed)
         images = []
         for path, image in zip(batch.paths, batch.images, strict=True):

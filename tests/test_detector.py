@@ -582,7 +582,7 @@ def test_meta_tensors_and_oversized_statistics_are_clear_errors(features, monkey
         with pytest.raises(ValueError, match="'meta' device, which has a shape"):
             call(meta)
     # D = 262 144 would need a 512 GiB scatter matrix: said before allocating
-    monkeypatch.setattr(memory, "available_bytes", lambda device: 24 * 2**30)
+    monkeypatch.setattr(memory, "total_bytes", lambda device: 24 * 2**30)
     wide = np.zeros((2, 262_144), np.float32)
     wide[0, 0] = 1.0
     with pytest.raises(MemoryError, match=r"D x D float64 scatter .* 512.0 GiB"):
