@@ -1,9 +1,10 @@
-"""timm backbones truncated after one feature layer: building, weights, pickling.
+"""timm backbones truncated after their feature layers: building, weights, pickling.
 
 Layer names come from timm's ``feature_info`` (never from a hard-coded table). The
-model is cut after the chosen layer (timm's ``FeatureListNet``), so no weight and no
-compute past it exist. Pretrained weights come from the local cache with no network
-call when they are there; otherwise a fast reachability check turns an air-gapped
+model is cut after the chosen layer, or the deepest of several chosen layers (timm's
+``FeatureListNet``, which then returns one map per layer from one forward pass), so
+no weight and no compute past it exist. Pretrained weights come from the local cache
+with no network call when they are there; otherwise a fast reachability check turns an air-gapped
 download (which huggingface_hub retries for ~50 s) into an immediate, clear error.
 """
 
@@ -37,7 +38,7 @@ class Backbone:
     """A truncated backbone and what the transformer needs to know about it."""
 
     model: torch.nn.Module
-    layer_name: str
+    layer_name: str | tuple[str, ...]  #: a tuple when several layers were asked
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
 
@@ -55,8 +56,44 @@ def _check_model_name(name: str) -> None:
     )
 
 
-def _feature_kwargs(name: str, layer) -> tuple[dict, str]:
+def _layer_index(name: str, layer, names: list[str]) -> int:
+    """Index in ``names`` (the model's feature_info) of a layer name or index."""
+    if isinstance(layer, str):
+        if layer not in names:
+            raise ValueError(
+                f"layer={layer!r} is not a feature layer of {name!r}; valid names "
+                f"are {names} (or their indices 0..{len(names) - 1})."
+            )
+        return names.index(layer)
+    if isinstance(layer, bool) or not isinstance(layer, (int, np.integer)):
+        raise ValueError(
+            f"layer={layer!r} must be a layer name, its index, or a list of them."
+        )
+    if not 0 <= layer < len(names):
+        raise ValueError(
+            f"layer={layer} is out of range for {name!r}: valid indices are "
+            f"0..{len(names) - 1} for the layers {names}."
+        )
+    return int(layer)
+
+
+def _layer_indices(name: str, layer, names: list[str]) -> list[int]:
+    """Sorted indices of one layer or of a list of distinct layers."""
+    if not isinstance(layer, (list, tuple)):
+        return [_layer_index(name, layer, names)]
+    if not layer:
+        raise ValueError("layer=[] names no layer; give one or more.")
+    indices = [_layer_index(name, item, names) for item in layer]
+    if len(set(indices)) != len(indices):
+        raise ValueError(f"layer={list(layer)!r} names a layer twice.")
+    return sorted(indices)
+
+
+def _feature_kwargs(name: str, layer) -> tuple[dict, str | tuple[str, ...]]:
     """``create_model`` keywords that cut ``name`` after ``layer``, on the meta device.
+
+    ``layer`` is a name, an index, or a list of them; the layer name returned is a
+    str for one layer and a tuple of names in network order for a list.
 
     timm's own ``features_only`` wrapper truncates ResNet-like models; EfficientNet and
     MobileNet wrappers keep every block, so they are rebuilt as a ``FeatureListNet``.
@@ -75,21 +112,9 @@ def _feature_kwargs(name: str, layer) -> tuple[dict, str]:
                 f"(timm features_only): {exc}"
             ) from exc
         names = probe.feature_info.module_name()
-        if isinstance(layer, str):
-            if layer not in names:
-                raise ValueError(
-                    f"layer={layer!r} is not a feature layer of {name!r}; valid names "
-                    f"are {names} (or their indices 0..{len(names) - 1})."
-                )
-            index = names.index(layer)
-        else:
-            if not 0 <= layer < len(names):
-                raise ValueError(
-                    f"layer={layer} is out of range for {name!r}: valid indices are "
-                    f"0..{len(names) - 1} for the layers {names}."
-                )
-            index = int(layer)
-        kwargs = dict(features_only=True, out_indices=(index,), exportable=True)
+        indices = _layer_indices(name, layer, names)
+        wanted = [names[i] for i in indices]
+        kwargs = dict(features_only=True, out_indices=tuple(indices), exportable=True)
         if not isinstance(probe, FeatureDictNet):
             kwargs.update(feature_cls="list", feature_cfg={"flatten_sequential": True})
             try:
@@ -100,12 +125,12 @@ def _feature_kwargs(name: str, layer) -> tuple[dict, str]:
                     f"(FeatureListNet: {exc}); use a CNN backbone such as a ResNet, "
                     "Wide ResNet, EfficientNet or ConvNeXt."
                 ) from exc
-            if cut.feature_info.module_name() != [names[index]]:
+            if cut.feature_info.module_name() != wanted:
                 raise ValueError(
                     f"backbone={name!r}: timm cuts it at "
-                    f"{cut.feature_info.module_name()}, not at {names[index]!r}."
+                    f"{cut.feature_info.module_name()}, not at {wanted}."
                 )
-    return kwargs, names[index]
+    return kwargs, tuple(wanted) if isinstance(layer, (list, tuple)) else wanted[0]
 
 
 def _cached_weights(cfg) -> str | None:
@@ -194,14 +219,15 @@ def _weights_kwargs(name: str, pretrained: bool, checkpoint_path) -> dict:
     return dict(pretrained=True)
 
 
-def layer_name(name: str, layer: str | int) -> str:
-    """The ``feature_info`` name of ``layer`` (a name or an index) in ``name``."""
+def layer_name(name: str, layer) -> str | tuple[str, ...]:
+    """The ``feature_info`` name of ``layer`` (a name or an index) in ``name``; for
+    a list of layers, the tuple of their names in network order."""
     return _feature_kwargs(name, layer)[1]
 
 
 def build_backbone(
     name: str,
-    layer: str | int,
+    layer,
     *,
     pretrained: bool = True,
     checkpoint_path: str | os.PathLike | None = None,
@@ -213,8 +239,9 @@ def build_backbone(
     ----------
     name : str
         A timm model name, optionally with a pretrained tag (``"resnet18.tv_in1k"``).
-    layer : str or int
-        A name from the model's ``feature_info`` or its index.
+    layer : str, int or list of them
+        A name from the model's ``feature_info`` or its index; a list keeps
+        several layers (one map each, from one forward pass).
     pretrained : bool
         Load timm's pretrained weights (local cache first, then download).
     checkpoint_path : path-like or None
@@ -266,7 +293,7 @@ def backbone_state(model: torch.nn.Module) -> dict[str, np.ndarray]:
 
 
 def rebuild_backbone(
-    name: str, layer: str, state: dict[str, np.ndarray]
+    name: str, layer: str | tuple[str, ...], state: dict[str, np.ndarray]
 ) -> torch.nn.Module:
     """Rebuild a truncated backbone from :func:`backbone_state`, with no network.
 

@@ -15,6 +15,7 @@ from sklearn.utils.validation import check_is_fitted, validate_data
 
 from ._chunks import chunk_rows
 from ._device import DeviceMixin, as_tensor, check_has_data, resolve_device
+from ._features import check_feature_shape, feature_shape_of
 from ._pca import (
     ComponentRule,
     PCAFit,
@@ -25,9 +26,11 @@ from ._pca import (
 )
 from ._persistence import PersistenceMixin, keep_state_on_error
 from ._scores import (
+    IMAGE_SCORES,
     SCORE_TYPES,
     ScoringState,
     check_has_grid,
+    check_image_score,
     gaussian_variances,
     score_projection,
     score_rows,
@@ -48,6 +51,7 @@ _STREAM_DERIVED = (
     "n_samples_",
     "solver_",
     "score_type_",
+    "image_score_",
     *_THRESHOLD_ATTRIBUTES,
 )
 #: Private state that is not pickled: the streaming statistics (D x D) and the
@@ -124,6 +128,20 @@ class DFMDetector(DeviceMixin, PersistenceMixin, OutlierMixin, BaseEstimator):
         ``||x - mean_||^2 - ||(x - mean_) V||^2``. ``"nll"``: ``-2 log`` likelihood
         of the projection under the Gaussian of the projected training rows, without
         its constant ``k log(2 pi)``.
+    image_score : {"sum", "max"} or int >= 1, default="sum"
+        How an ``"fre"`` image score is read from the residual grid (the anomaly
+        map on the feature grid, see :func:`~skdfm.anomaly_maps`). ``"sum"``: the
+        whole FRE, anomalib's score. ``"max"``: the grid's largest cell, so a
+        small defect is not diluted by every normal cell. An int k: the mean of
+        the k largest cells. Anything but ``"sum"`` needs the grid
+        (``feature_shape``, known by itself in a Pipeline) and ``"fre"``. See
+        :doc:`/image_scores` for when it pays.
+    feature_shape : tuple of (int, int, int), default=None
+        ``(channels, rows, columns)`` of the feature map each row flattens (C
+        order). None: taken at fit from ``X`` when it says (the output of
+        :class:`~skdfm.DeepFeatureTransformer`, as a Pipeline passes it, or
+        DataFrame columns named by its ``get_feature_names_out``); otherwise
+        unknown. Set it only for feature rows from elsewhere.
     contamination : float in (0, 0.5], default=0.1
         Expected proportion of outliers in the training set: ``offset_`` is that
         percentile of the training scores, so ``predict`` flags that share of the
@@ -161,6 +179,11 @@ class DFMDetector(DeviceMixin, PersistenceMixin, OutlierMixin, BaseEstimator):
         The ``score_type`` the detector was fitted with, and scores with; setting
         another ``score_type`` afterwards makes scoring raise ``NotFittedError``
         until the next fit (``offset_`` was taken from the fitted score).
+    image_score_ : str or int
+        The ``image_score`` it was fitted with (the same rule as ``score_type_``).
+    feature_shape_ : tuple of (int, int, int) or None
+        The grid the rows flatten, from ``feature_shape`` or from ``X``; None when
+        not known (then only ``image_score="sum"`` works).
     device_ : str
         The device the maths runs on. A model loaded on a machine without that
         device moves to ``"cpu"`` with a :class:`~skdfm.DeviceWarning`.
@@ -220,6 +243,12 @@ class DFMDetector(DeviceMixin, PersistenceMixin, OutlierMixin, BaseEstimator):
     Scores are computed in float64 from ``||x - mean||^2 - ||(x - mean) V||^2``
     without forming the D-dimensional reconstruction.
 
+    **Image scores from where the defect is.** With ``image_score="max"`` the
+    score of an image is its anomaly map's largest cell on the feature grid, not
+    the map's sum (the FRE). Every threshold, :func:`~skdfm.anomaly_maps` and the
+    metrics then use that score. The default stays ``"sum"``, so scores equal
+    anomalib's.
+
     References
     ----------
     .. [1] Ahuja, N. A. et al., "Probabilistic Modeling of Deep Features for
@@ -254,6 +283,11 @@ class DFMDetector(DeviceMixin, PersistenceMixin, OutlierMixin, BaseEstimator):
             Interval(Integral, 1, None, closed="left"),
         ],
         "score_type": [StrOptions(set(SCORE_TYPES))],
+        "image_score": [
+            StrOptions(set(IMAGE_SCORES)),
+            Interval(Integral, 1, None, closed="left"),
+        ],
+        "feature_shape": [tuple, list, None],
         "contamination": [Interval(Real, 0, 0.5, closed="right")],
         "solver": [StrOptions({"auto", "gram", "covariance"})],
         "device": [str, torch.device],
@@ -264,12 +298,16 @@ class DFMDetector(DeviceMixin, PersistenceMixin, OutlierMixin, BaseEstimator):
         *,
         pca_level=0.97,
         score_type="fre",
+        image_score="sum",
+        feature_shape=None,
         contamination=0.1,
         solver="auto",
         device="auto",
     ):
         self.pca_level = pca_level
         self.score_type = score_type
+        self.image_score = image_score
+        self.feature_shape = feature_shape
         self.contamination = contamination
         self.solver = solver
         self.device = device
@@ -277,8 +315,33 @@ class DFMDetector(DeviceMixin, PersistenceMixin, OutlierMixin, BaseEstimator):
     # -- validation ------------------------------------------------------------------
 
     def _validate_params(self):
-        reject_bools(self, ("pca_level", "contamination"))
+        reject_bools(self, ("pca_level", "contamination", "image_score"))
         super()._validate_params()
+
+    def _resolve_grid(self, X, n_features: int):
+        """The fitted grid of the rows (``feature_shape``, else what ``X`` says),
+        checked against ``image_score``; sets ``feature_shape_``."""
+        if self.feature_shape is not None:
+            shape = check_feature_shape(self.feature_shape, n_features)
+        else:
+            names = vars(self).get("feature_names_in_")
+            shape = feature_shape_of(X, n_features, names)
+        check_image_score(self.image_score, self.score_type, shape)
+        self.feature_shape_ = shape
+
+    def _check_grid_of(self, X) -> None:
+        """Rows that say they flatten another grid than the fitted one are refused
+        (the layer or pooling of the features changed since fit)."""
+        fitted = self.feature_shape_
+        if fitted is None:
+            return
+        shape = feature_shape_of(X, int(np.prod(fitted)))
+        if shape is not None and shape != fitted:
+            raise ValueError(
+                f"X flattens a {shape} feature grid but this DFMDetector was fitted "
+                f"on a {fitted} grid: the features changed (layer or pooling); fit "
+                "the detector again."
+            )
 
     def _validate_features(self, X, *, reset: bool, min_samples=None):
         """Validated rows: a numpy array, or a float tensor left on its GPU."""
@@ -355,12 +418,14 @@ class DFMDetector(DeviceMixin, PersistenceMixin, OutlierMixin, BaseEstimator):
         with keep_state_on_error(self):  # a failed fit keeps the previous one
             self._forget_fit()
             device = resolve_device(self.device)
+            raw = X
             X = self._validate_features(X, reset=True)
+            self._resolve_grid(raw, X.shape[1])
             Xt = as_tensor(X, device)
             pca = fit_pca(Xt, self._component_rule(*X.shape), solver=self.solver)
             self.device_ = str(device)
             self._set_components(pca, X.shape[0])
-            if pca.training_projection is None:
+            if pca.training_projection is None or self.image_score_ != "sum":
                 train_scores, _ = self._scores(Xt)
             else:
                 z, sq_norm = pca.training_projection
@@ -400,6 +465,7 @@ class DFMDetector(DeviceMixin, PersistenceMixin, OutlierMixin, BaseEstimator):
         singular_values = pca.singular_values.cpu().numpy()
         self.solver_ = pca.solver
         self.score_type_ = self.score_type
+        self.image_score_ = self.image_score
         self.mean_ = pca.mean.cpu().numpy()
         self.components_ = np.ascontiguousarray(pca.components.T.cpu().numpy())
         self.n_components_ = self.components_.shape[0]
@@ -488,7 +554,12 @@ class DFMDetector(DeviceMixin, PersistenceMixin, OutlierMixin, BaseEstimator):
             )
         if first:
             self._forget_fit()
+        raw = X
         X = self._validate_features(X, reset=first, min_samples=1)
+        if first:
+            self._resolve_grid(raw, X.shape[1])
+        else:
+            self._check_grid_of(raw)
         if first:
             device = resolve_device(self.device)
             self.device_ = str(device)
@@ -531,6 +602,7 @@ class DFMDetector(DeviceMixin, PersistenceMixin, OutlierMixin, BaseEstimator):
             )
         scatter = self._scatter
         if "components_" not in state:
+            check_image_score(self.image_score, self.score_type, self.feature_shape_)
             rule = self._component_rule(scatter.count, scatter.mean.shape[0])
             self._set_components(pca_from_scatter(scatter, rule), scatter.count)
         if release:
@@ -578,8 +650,14 @@ class DFMDetector(DeviceMixin, PersistenceMixin, OutlierMixin, BaseEstimator):
         return state
 
     def __setstate__(self, state):
+        state.setdefault("image_score", "sum")  # saved before image_score
+        state.setdefault("feature_shape", None)
         if "components_" in state and "score_type_" not in state:  # skdfm 0.1.0
             state["score_type_"] = state.get("score_type", "fre")
+        if "n_features_in_" in state:
+            state.setdefault("feature_shape_", None)
+        if "components_" in state:
+            state.setdefault("image_score_", "sum")
         super().__setstate__(state)
         if "components_" in vars(self):
             self._build_state(self._fitted_device)
@@ -617,6 +695,20 @@ class DFMDetector(DeviceMixin, PersistenceMixin, OutlierMixin, BaseEstimator):
             isinstance(self.offset_, Real) and np.isfinite(self.offset_)
         ):
             raise ValueError(f"offset_={self.offset_!r} is not a finite number.")
+        shape = vars(self).get("feature_shape_")
+        if shape is not None:
+            check_feature_shape(shape, d)
+        image_score = vars(self).get("image_score_", "sum")
+        if not (
+            image_score in IMAGE_SCORES
+            or (
+                isinstance(image_score, Integral)
+                and not isinstance(image_score, bool)
+                and image_score >= 1
+            )
+        ):
+            raise ValueError(f"image_score_={image_score!r} is not an image score.")
+        check_image_score(image_score, self.score_type_, shape)
 
     def _move_fitted_state(self, device: torch.device) -> None:
         if "components_" in vars(self):
@@ -641,20 +733,28 @@ class DFMDetector(DeviceMixin, PersistenceMixin, OutlierMixin, BaseEstimator):
         return state
 
     def _check_score_type(self) -> None:
-        """What was fitted is what scores: a changed score_type says so."""
-        if self.score_type != self.score_type_:
-            raise NotFittedError(
-                f"score_type={self.score_type!r} was set after this DFMDetector was "
-                f"fitted with score_type={self.score_type_!r} (its threshold "
-                "offset_ is in those units): fit it again, or set "
-                f"score_type={self.score_type_!r} back."
-            )
+        """What was fitted is what scores: a changed score_type or image_score
+        says so."""
+        for name in ("score_type", "image_score"):
+            now, fitted = getattr(self, name), getattr(self, name + "_")
+            if now != fitted:
+                raise NotFittedError(
+                    f"{name}={now!r} was set after this DFMDetector was fitted with "
+                    f"{name}={fitted!r} (its threshold offset_ is in those units): "
+                    f"fit it again, or set {name}={fitted!r} back."
+                )
 
     def _scores(self, X, grid_shape=None):
-        """``(score_samples, grid)`` of validated rows; no validation."""
+        """``(score_samples, grid)`` of validated rows; no validation. The grid is
+        returned when ``grid_shape`` is given."""
         state = self._scoring_state()
         scores, grid = score_rows(
-            as_tensor(X, state.device), state, self.score_type_, grid_shape=grid_shape
+            as_tensor(X, state.device),
+            state,
+            self.score_type_,
+            grid_shape=grid_shape or self.feature_shape_,
+            image_score=self.image_score_,
+            return_grid=grid_shape is not None,
         )
         return -self._to_host(scores), grid
 
@@ -673,10 +773,11 @@ class DFMDetector(DeviceMixin, PersistenceMixin, OutlierMixin, BaseEstimator):
         check_is_fitted(self)
         self._finish_pending_stream()
         self._check_score_type()
+        self._check_grid_of(X)
         X = self._validate_features(X, reset=False)
         return self._scores(X)[0]
 
-    def score_samples_with_grid(self, X, feature_shape):
+    def score_samples_with_grid(self, X, feature_shape=None):
         """``score_samples`` and the FRE's residual grid of each row, in one pass.
 
         The interface :func:`~skdfm.anomaly_maps` builds its maps from: each
@@ -686,9 +787,10 @@ class DFMDetector(DeviceMixin, PersistenceMixin, OutlierMixin, BaseEstimator):
         Parameters
         ----------
         X : array-like or torch.Tensor of shape (n_samples, n_features)
-        feature_shape : tuple of (int, int, int)
+        feature_shape : tuple of (int, int, int), default=None
             ``(channels, rows, columns)`` of the feature map each row flattens (C
-            order), e.g. ``DeepFeatureTransformer.feature_shape_``.
+            order), e.g. ``DeepFeatureTransformer.feature_shape_``; None: the
+            fitted ``feature_shape_``.
 
         Returns
         -------
@@ -702,13 +804,21 @@ class DFMDetector(DeviceMixin, PersistenceMixin, OutlierMixin, BaseEstimator):
         self._finish_pending_stream()
         self._check_score_type()
         check_has_grid(self.score_type_)
+        self._check_grid_of(X)
         X = self._validate_features(X, reset=False)
-        feature_shape = tuple(int(s) for s in feature_shape)
-        if len(feature_shape) != 3 or int(np.prod(feature_shape)) != X.shape[1]:
+        fitted = self.feature_shape_
+        if feature_shape is None:
+            if fitted is None:
+                raise ValueError(
+                    "This DFMDetector does not know the grid its rows flatten: pass "
+                    "feature_shape=(channels, rows, columns)."
+                )
+            feature_shape = fitted
+        feature_shape = check_feature_shape(feature_shape, X.shape[1])
+        if fitted is not None and feature_shape != fitted:
             raise ValueError(
-                f"feature_shape={feature_shape} has {int(np.prod(feature_shape))} "
-                f"entries but the rows have {X.shape[1]} features; it must be "
-                "(channels, rows, columns) of the feature map."
+                f"feature_shape={feature_shape} differs from the grid this "
+                f"DFMDetector was fitted on, {fitted}."
             )
         return self._scores(X, grid_shape=feature_shape)
 

@@ -62,15 +62,15 @@ def anomaly_maps(model, X, *, size="image", feature_shape=None) -> AnomalyMaps:
     the principal subspace is summed over channels on the pooled feature grid and
     upsampled bilinearly (``align_corners=False``), as anomalib's DFM computes its
     anomaly map. Higher = more anomalous; on the grid, a map sums to the image's
-    FRE (``-score_samples``).
+    FRE, which is ``-score_samples`` for the default ``image_score="sum"`` (with
+    ``"max"``, ``-score_samples`` is the grid map's largest cell).
 
     Parameters
     ----------
     model : Pipeline or DFMDetector
         A fitted ``Pipeline(DeepFeatureTransformer, DFMDetector)`` with
         ``score_type="fre"`` (images in), or a fitted ``DFMDetector`` (feature rows
-        in; then ``feature_shape`` is required and ``size`` is ``"grid"`` or a
-        tuple).
+        in; ``size`` is then ``"grid"`` or a tuple).
     X : images or array-like of shape (n_samples, n_features)
         What ``model.score_samples`` takes.
     size : {"image", "input", "grid"} or tuple of (int, int), default="image"
@@ -80,7 +80,8 @@ def anomaly_maps(model, X, *, size="image", feature_shape=None) -> AnomalyMaps:
         no upsampling. A ``(height, width)`` tuple: that size.
     feature_shape : tuple of (int, int, int), default=None
         ``(channels, rows, columns)`` of the feature rows; only for a bare
-        detector (a Pipeline knows it).
+        detector that was not fitted with one (a Pipeline knows it, and so does a
+        detector whose ``feature_shape_`` is set).
 
     Returns
     -------
@@ -123,7 +124,7 @@ def anomaly_maps(model, X, *, size="image", feature_shape=None) -> AnomalyMaps:
             features, image_sizes = transformer.transform(X), None
         feature_shape = transformer.feature_shape_
     else:
-        if feature_shape is None:
+        if feature_shape is None and detector.feature_shape_ is None:
             raise ValueError(
                 "A bare DFMDetector does not know where its features come from: pass "
                 "feature_shape=(channels, rows, columns), or pass the Pipeline."

@@ -17,6 +17,11 @@ xc = x - mean and z = xc V (its coordinates in the principal subspace):
   residual (xc - z V^T)^2 summed over channels: an (h, w) map whose sum is the FRE,
   the anomaly map of anomalib's DFM before upsampling.
 
+The **image score** of an FRE model is, by default, that sum (anomalib's score).
+``image_score="max"`` takes the grid's largest cell instead and an integer k the
+mean of its k largest cells: a defect that covers a few cells is then not diluted by
+every normal one (see :doc:`/image_scores` for the measurements).
+
 :func:`score_rows` centres and projects each chunk of rows once and derives the score
 and, when asked, the grid from it. All of it runs in float64 on the device the
 :class:`ScoringState` lives on.
@@ -33,16 +38,21 @@ from ._chunks import chunk_rows
 from ._device import as_tensor
 
 __all__ = [
+    "IMAGE_SCORES",
     "SCORE_TYPES",
     "VARIANCE_FLOOR",
     "ScoringState",
     "check_has_grid",
+    "check_image_score",
+    "reduce_grid",
     "gaussian_variances",
     "score_projection",
     "score_rows",
 ]
 
 SCORE_TYPES = ("fre", "nll")
+#: Image scores of an FRE model besides an integer k (mean of the k largest cells).
+IMAGE_SCORES = ("sum", "max")
 
 #: Variances are raised to at least this fraction of the largest one, so a direction
 #: with no training spread gives a large but finite score rather than inf or NaN.
@@ -58,6 +68,39 @@ def check_has_grid(score_type: str) -> None:
             "split over image locations. Fit a detector with score_type='fre' to "
             "localise defects."
         )
+
+
+def check_image_score(image_score, score_type: str, feature_shape) -> None:
+    """Raise when ``image_score`` cannot be computed for this score and grid."""
+    if image_score == "sum":
+        return
+    if score_type != "fre":
+        raise ValueError(
+            f"image_score={image_score!r} needs score_type='fre': the NLL score "
+            "does not split over image locations, so it has no map to take a "
+            "maximum of. Use image_score='sum' with score_type='nll'."
+        )
+    if feature_shape is None:
+        raise ValueError(
+            f"image_score={image_score!r} needs the grid the feature rows flatten: "
+            "fit the detector in a Pipeline after DeepFeatureTransformer (its rows "
+            "carry their grid), or pass feature_shape=(channels, rows, columns)."
+        )
+    cells = int(feature_shape[1]) * int(feature_shape[2])
+    if not isinstance(image_score, str) and image_score > cells:
+        raise ValueError(
+            f"image_score={image_score} averages the {image_score} largest cells, "
+            f"but the feature grid {tuple(feature_shape[1:])} has only {cells}."
+        )
+
+
+def reduce_grid(grid: torch.Tensor, image_score) -> torch.Tensor:
+    """Image scores (n,) from residual grids (n, h, w): ``"max"``, or the mean of
+    the ``image_score`` largest cells."""
+    cells = grid.flatten(1)
+    if image_score == "max":
+        return cells.amax(dim=1)
+    return cells.topk(int(image_score), dim=1, sorted=False).values.mean(dim=1)
 
 
 def gaussian_variances(singular_values: torch.Tensor, n_samples: int) -> torch.Tensor:
@@ -130,8 +173,10 @@ def score_rows(
     score_type: str,
     *,
     grid_shape: tuple[int, int, int] | None = None,
+    image_score="sum",
+    return_grid: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Anomaly scores of the rows of ``X`` and, with ``grid_shape``, their grids.
+    """Anomaly scores of the rows of ``X`` and, when asked, their residual grids.
 
     Parameters
     ----------
@@ -139,23 +184,32 @@ def score_rows(
     state : ScoringState
     score_type : {"fre", "nll"}
     grid_shape : tuple of (int, int, int), default=None
-        ``(C, h, w)`` of the feature map a row is the C-order flattening of; asks
-        for the residual grid (``"fre"`` only).
+        ``(C, h, w)`` of the feature map a row is the C-order flattening of; needed
+        for ``return_grid`` and for an ``image_score`` other than ``"sum"``.
+    image_score : {"sum", "max"} or int, default="sum"
+        ``"sum"``: the FRE (or NLL), from the projection alone. ``"max"`` or k: the
+        largest cell of the residual grid, or the mean of its k largest (``"fre"``).
+    return_grid : bool, default=False
+        Also return the grids (``"fre"`` only).
 
     Returns
     -------
     scores : torch.Tensor of shape (n,), float64
-        FRE or NLL (higher = more anomalous).
+        Higher = more anomalous.
     grid : torch.Tensor of shape (n, h, w), float64, or None
         Channel sums of the squared residual; each grid sums to the row's FRE.
     """
     n, d = X.shape
     scores = torch.empty(n, dtype=torch.float64, device=X.device)
+    need_grid = return_grid or image_score != "sum"
     grid = None
-    if grid_shape is not None:
+    if need_grid:
         check_has_grid(score_type)
+        if grid_shape is None:
+            raise ValueError("score_rows: the residual grid needs grid_shape.")
         channels, rows, cols = grid_shape
-        grid = torch.empty((n, rows, cols), dtype=torch.float64, device=X.device)
+        if return_grid:
+            grid = torch.empty((n, rows, cols), dtype=torch.float64, device=X.device)
     mean, components = state.mean, state.components
     # The same chunking with or without the grid, so scores are bit-identical.
     step = chunk_rows(n, 2 * 8 * d)
@@ -164,11 +218,16 @@ def score_rows(
         # subtraction would be a second chunk-sized buffer to fault in).
         xc = X[start : start + step].to(torch.float64, copy=True).sub_(mean)
         z = xc @ components
-        sq_norm = torch.einsum("ij,ij->i", xc, xc)
-        scores[start : start + step] = score_projection(z, sq_norm, state, score_type)
-        if grid is not None:
-            residual = xc.addmm_(z, components.T, alpha=-1.0)  # xc - z V^T, in place
-            grid[start : start + step] = (
-                residual.square_().reshape(-1, channels, rows, cols).sum(1)
+        if image_score == "sum":
+            sq_norm = torch.einsum("ij,ij->i", xc, xc)
+            scores[start : start + step] = score_projection(
+                z, sq_norm, state, score_type
             )
+        if need_grid:
+            residual = xc.addmm_(z, components.T, alpha=-1.0)  # xc - z V^T, in place
+            cells = residual.square_().reshape(-1, channels, rows, cols).sum(1)
+            if image_score != "sum":
+                scores[start : start + step] = reduce_grid(cells, image_score)
+            if grid is not None:
+                grid[start : start + step] = cells
     return scores, grid

@@ -19,6 +19,7 @@ from ._allocator import keep_freed_memory
 from ._backbone import backbone_state, build_backbone, layer_name, rebuild_backbone
 from ._cache import FeatureCache, weights_digest
 from ._device import DeviceMixin, resolve_device
+from ._features import with_feature_shape
 from ._images import MAX_IMAGE_PIXELS, as_image_collection, model_input
 from ._memory import check_fits_in_memory
 from ._persistence import PersistenceMixin
@@ -56,10 +57,11 @@ class DeepFeatureTransformer(
         A timm model name, optionally with a weight tag (``"resnet18.tv_in1k"``).
         Untagged ``"resnet50"`` means timm's default ``resnet50.a1_in1k`` weights,
         as in anomalib.
-    layer : str or int, default="layer3"
+    layer : str, int or list of them, default="layer3"
         The feature layer to keep, by its name in the model's
         ``feature_info`` (ResNets: ``"act1"``, ``"layer1"`` ... ``"layer4"``) or
-        its index there. Nothing past it is built or computed.
+        its index there. Nothing past it is built or computed. A list keeps
+        several layers from one forward pass, on one grid (see Notes).
     pretrained : bool, default=True
         Load timm's pretrained weights (from the local cache when present,
         otherwise downloaded). anomalib calls this switch ``pre_trained``.
@@ -119,8 +121,8 @@ class DeepFeatureTransformer(
     backbone_ : torch.nn.Module
         The truncated backbone, in eval mode, on ``device_``. Pickles carry its
         weights as CPU arrays.
-    layer_ : str
-        Name of the feature layer.
+    layer_ : str or tuple of str
+        Name of the feature layer; for a list, the names in network order.
     feature_shape_ : tuple of (int, int, int)
         ``(channels, rows, columns)`` of the pooled feature map; a row of
         ``transform`` is this map flattened in C order, so it has
@@ -170,6 +172,18 @@ class DeepFeatureTransformer(
     RGB. Two or four channels, other dtypes, and lists mixing element kinds are
     errors.
 
+    **Several layers.** With ``layer=["layer2", "layer3"]`` the backbone runs
+    once, cut after the deepest layer, and each layer's map is average-pooled onto
+    one grid: the coarsest map pooled by ``pooling_kernel_size`` (as for one
+    layer), finer maps by adaptive average pooling to the same grid (a resnet
+    layer2 map, twice as fine as layer3, by twice the kernel). The channels are
+    then stacked in network order, so a row is a ``(C2 + C3, h, w)`` map: every
+    cell describes one image region at every depth, anomaly maps and
+    ``image_score="max"`` keep their meaning, and the row is no wider than the
+    channels times the coarse grid. (Upsampling the coarse map to the fine grid
+    instead would make rows 4x wider and the PCA up to 16x dearer, with
+    interpolated values that add no information.)
+
     **Speed and precision options** (measured in :doc:`/performance`).
     ``channels_last`` changes features by rounding only (<= 3e-7 relative on
     resnet18/resnet50). On glibc Linux the first CPU ``transform`` tunes malloc to
@@ -200,7 +214,7 @@ class DeepFeatureTransformer(
 
     _parameter_constraints: dict = {
         "backbone": [str],
-        "layer": [str, Interval(Integral, 0, None, closed="left")],
+        "layer": [str, Interval(Integral, 0, None, closed="left"), list, tuple],
         "pretrained": ["boolean"],
         "checkpoint_path": [str, os.PathLike, None],
         "pooling_kernel_size": [Interval(Integral, 1, None, closed="left")],
@@ -331,12 +345,14 @@ class DeepFeatureTransformer(
         if name == "layer":
             if isinstance(now, str):
                 return now == self.layer_
-            if not integral:
+            if isinstance(now, (list, tuple)) and tuple(now) == self.layer_:
+                return True  # the names, in network order
+            if not (integral or isinstance(now, (list, tuple))):
                 return False
-            if isinstance(fitted, Integral) and int(now) == int(fitted):
+            if integral and isinstance(fitted, Integral) and int(now) == int(fitted):
                 return True  # as fitted: no need to look the name up
             try:
-                return layer_name(self.feature_params_["backbone"], int(now)) == (
+                return layer_name(self.feature_params_["backbone"], now) == (
                     self.layer_
                 )
             except ValueError:
@@ -375,7 +391,9 @@ class DeepFeatureTransformer(
         )
         with torch.inference_mode():
             probe = torch.zeros((1, 3, *size), device=device)
-            channels, rows, cols = model(probe)[0].shape[1:]
+            shapes = [tuple(m.shape[1:]) for m in model(probe)]
+        rows = min(shape[1] for shape in shapes)
+        cols = min(shape[2] for shape in shapes)
         k = self.pooling_kernel_size
         if rows < k or cols < k:
             raise ValueError(
@@ -384,18 +402,33 @@ class DeepFeatureTransformer(
                 f"pooling_kernel_size={k}; use a larger input_size, an earlier "
                 "layer or a smaller kernel."
             )
+        channels = sum(shape[0] for shape in shapes)
         return (int(channels), int(rows) // k, int(cols) // k)
 
     def _features(self, x: torch.Tensor) -> torch.Tensor:
         """Pooled, flattened float32 features of a prepared batch."""
         dtype = _AUTOCAST_DTYPES.get(self.feature_params_["precision"])
         with torch.autocast(x.device.type, dtype=dtype, enabled=dtype is not None):
-            feature_map = self.backbone_(x)[0]
-        feature_map = feature_map.float()
+            feature_maps = self.backbone_(x)
         kernel = self.feature_params_["pooling_kernel_size"]
-        if kernel > 1:
-            feature_map = F.avg_pool2d(feature_map, kernel)
-        return feature_map.flatten(1)
+        if len(feature_maps) == 1:
+            feature_map = feature_maps[0].float()
+            if kernel > 1:
+                feature_map = F.avg_pool2d(feature_map, kernel)
+            return feature_map.flatten(1)
+        # Several layers: the coarsest map pooled as one layer would be, finer
+        # ones averaged onto the same grid (see Notes of the class).
+        grid = self.feature_shape_[1:]
+        pooled = []
+        for feature_map in feature_maps:
+            feature_map = feature_map.float()
+            if tuple(feature_map.shape[2:]) == (grid[0] * kernel, grid[1] * kernel):
+                if kernel > 1:
+                    feature_map = F.avg_pool2d(feature_map, kernel)
+            else:
+                feature_map = F.adaptive_avg_pool2d(feature_map, grid)
+            pooled.append(feature_map)
+        return torch.cat(pooled, dim=1).flatten(1)
 
     def transform(self, X):
         """Pooled backbone features of each image.
@@ -438,12 +471,16 @@ class DeepFeatureTransformer(
         return self._features_of(images), images.sizes()
 
     def _features_of(self, images):
+        """Feature rows that carry their grid (see :mod:`skdfm._features`)."""
         self._check_feature_params()
         on_device = self.output == "torch"
         if self.cache is None:
-            return self._run_backbone(images, on_device=on_device)
-        out = self._cached_features(images)
-        return torch.from_numpy(out).to(self._fitted_device) if on_device else out
+            out = self._run_backbone(images, on_device=on_device)
+        else:
+            out = self._cached_features(images)
+            if on_device:
+                out = torch.from_numpy(out).to(self._fitted_device)
+        return with_feature_shape(out, self.feature_shape_)
 
     def _cached_features(self, images) -> np.ndarray:
         """Rows from ``cache``; only the images it lacks run through the backbone."""
@@ -511,6 +548,9 @@ class DeepFeatureTransformer(
     def get_feature_names_out(self, input_features=None):
         """Names of the output columns: ``"<layer>_c<channel>_y<row>_x<column>"``.
 
+        With several layers, each layer's channels are numbered from 0 under its
+        own name.
+
         Parameters
         ----------
         input_features : None
@@ -526,15 +566,24 @@ class DeepFeatureTransformer(
                 "input_features must be None: images have no input feature names."
             )
         channels, rows, cols = self.feature_shape_
+        blocks = self._layer_channels()
         return np.asarray(
             [
-                f"{self.layer_}_c{c}_y{y}_x{x}"
-                for c in range(channels)
+                f"{layer}_c{c}_y{y}_x{x}"
+                for layer, layer_channels in blocks
+                for c in range(layer_channels)
                 for y in range(rows)
                 for x in range(cols)
             ],
             dtype=object,
         )
+
+    def _layer_channels(self) -> list[tuple[str, int]]:
+        """(layer name, channels) of each layer, in the order rows stack them."""
+        if isinstance(self.layer_, str):
+            return [(self.layer_, self.feature_shape_[0])]
+        channels = self.backbone_.feature_info.channels()
+        return list(zip(self.layer_, channels, strict=True))
 
     def __getstate__(self):
         state = super().__getstate__()
@@ -566,7 +615,14 @@ class DeepFeatureTransformer(
             and positive_ints(self.input_size_, 2)
             and floats(self.image_mean_)
             and floats(self.image_std_)
-            and isinstance(self.layer_, str)
+            and (
+                isinstance(self.layer_, str)
+                or (
+                    isinstance(self.layer_, tuple)
+                    and self.layer_
+                    and all(isinstance(name, str) for name in self.layer_)
+                )
+            )
             and isinstance(vars(self).get("weights_digest_", ""), str)
         ):
             raise ValueError("its fitted shapes, layer or normalisation are not valid.")

@@ -2,6 +2,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from sklearn.base import clone
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
@@ -106,20 +107,29 @@ def test_nll_has_no_map(defect_images, fitted_pipeline):
         anomaly_maps(detector, features, size="grid", feature_shape=(48, 8, 8))
 
 
-def test_bare_detector_needs_feature_shape(fitted_pipeline, defect_images):
+def test_bare_detector_uses_its_fitted_grid_or_needs_feature_shape(
+    fitted_pipeline, defect_images
+):
     transformer, detector = fitted_pipeline[0], fitted_pipeline[1]
     features = transformer.transform(defect_images[0][:4])
     shape = transformer.feature_shape_
-    grid = anomaly_maps(detector, features, size="grid", feature_shape=shape).maps
+    assert detector.feature_shape_ == shape  # learnt from the Pipeline's rows
+    expected = anomaly_maps(fitted_pipeline, defect_images[0][:4], size="grid").maps
     np.testing.assert_allclose(
-        grid, anomaly_maps(fitted_pipeline, defect_images[0][:4], size="grid").maps
+        anomaly_maps(detector, features, size="grid").maps, expected
     )
+    # Rows that lost their grid (plain arrays): the detector fitted on them needs it.
+    plain = np.asarray(transformer.transform(defect_images[0][:20]))
+    bare = clone(detector).fit(np.array(plain))
+    assert bare.feature_shape_ is None
     with pytest.raises(ValueError, match="feature_shape=\\(channels"):
-        anomaly_maps(detector, features, size="grid")
+        anomaly_maps(bare, np.array(features), size="grid")
+    grid = anomaly_maps(bare, np.array(features), size="grid", feature_shape=shape)
+    assert grid.maps.shape == (4, *shape[1:])
     with pytest.raises(ValueError, match="needs the images"):
         anomaly_maps(detector, features, feature_shape=shape)
     with pytest.raises(ValueError, match="entries"):
-        anomaly_maps(detector, features, size="grid", feature_shape=(1, 2, 3))
+        anomaly_maps(bare, np.array(features), size="grid", feature_shape=(1, 2, 3))
 
 
 def test_bad_models_and_sizes(fitted_pipeline, defect_images):

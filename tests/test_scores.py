@@ -9,6 +9,7 @@ from skdfm._scores import (
     VARIANCE_FLOOR,
     ScoringState,
     check_has_grid,
+    check_image_score,
     gaussian_variances,
     score_projection,
     score_rows,
@@ -89,7 +90,9 @@ def test_grid_is_the_channel_sum_of_the_residual_and_sums_to_the_fre():
     residual = xc - xc @ state.components @ state.components.T
     expected = (residual**2).reshape(-1, *shape).sum(1)
     fre_alone, none = score_rows(torch.from_numpy(new), state, "fre")
-    fre, grid = score_rows(torch.from_numpy(new), state, "fre", grid_shape=shape)
+    fre, grid = score_rows(
+        torch.from_numpy(new), state, "fre", grid_shape=shape, return_grid=True
+    )
     assert none is None and grid.shape == (11, 3, 4)
     torch.testing.assert_close(grid, expected, rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(grid.sum((1, 2)), fre, rtol=1e-9, atol=0)
@@ -110,7 +113,9 @@ def test_chunked_scores_equal_unchunked(score_type):
 def test_nll_has_no_grid():
     state = _state(make_features(30, 12), 3)
     with pytest.raises(ValueError, match="score_type='fre'"):
-        score_rows(torch.zeros(2, 12), state, "nll", grid_shape=(3, 2, 2))
+        score_rows(
+            torch.zeros(2, 12), state, "nll", grid_shape=(3, 2, 2), return_grid=True
+        )
     with pytest.raises(ValueError, match="does not split"):
         check_has_grid("nll")
     check_has_grid("fre")  # no error
@@ -128,3 +133,41 @@ def test_state_from_arrays_shares_cpu_memory():
     assert np.shares_memory(again.components.numpy(), rows)
     torch.testing.assert_close(again.components, state.components)
     torch.testing.assert_close(again.variances, gaussian_variances(torch.tensor(s), 40))
+
+
+@pytest.mark.parametrize("image_score", ["max", 1, 3, 12])
+def test_image_scores_are_the_largest_cells_of_the_grid(image_score):
+    shape = (5, 3, 4)
+    state = _state(make_features(90, 60), 7)
+    new = torch.from_numpy(make_features(11, 60, seed=5))
+    fre, grid = score_rows(new, state, "fre", grid_shape=shape, return_grid=True)
+    scores, none = score_rows(
+        new, state, "fre", grid_shape=shape, image_score=image_score
+    )
+    assert none is None
+    k = 1 if image_score == "max" else image_score
+    cells = np.sort(grid.reshape(11, -1).numpy(), axis=1)[:, ::-1]
+    np.testing.assert_allclose(scores.numpy(), cells[:, :k].mean(1), rtol=1e-12)
+    if k == 12:  # every cell: the FRE spread over the grid
+        np.testing.assert_allclose(scores.numpy(), fre.numpy() / 12, rtol=1e-9)
+    else:
+        assert (scores.numpy() > fre.numpy() / 12).all()
+    with config_context(working_memory=2 * 8 * 60 * 4 / 2**20):  # 4 rows a chunk
+        chunked, _ = score_rows(
+            new, state, "fre", grid_shape=shape, image_score=image_score
+        )
+    assert torch.equal(chunked, scores)
+
+
+def test_image_scores_need_the_grid_and_fre():
+    state = _state(make_features(30, 12), 3)
+    with pytest.raises(ValueError, match="grid_shape"):
+        score_rows(torch.zeros(2, 12), state, "fre", image_score="max")
+    with pytest.raises(ValueError, match="score_type='fre'"):
+        check_image_score("max", "nll", (3, 2, 2))
+    with pytest.raises(ValueError, match="feature_shape=\\(channels"):
+        check_image_score(2, "fre", None)
+    with pytest.raises(ValueError, match="has only 4"):
+        check_image_score(5, "fre", (3, 2, 2))
+    check_image_score("sum", "nll", None)  # anomalib's score needs nothing
+    check_image_score(4, "fre", (3, 2, 2))
