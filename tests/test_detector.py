@@ -591,3 +591,111 @@ def test_meta_tensors_and_oversized_statistics_are_clear_errors(features, monkey
         DFMDetector(device="cpu", solver="gram").fit(
             np.broadcast_to(np.eye(1, 300, dtype=np.float32), (60_000, 300))
         )
+
+
+# -- image_score ------------------------------------------------------------------
+
+GRID = (12, 5, 5)  # 300 features, the width of the ``features`` fixture
+
+
+def _grid_maxima(det, X, k=1):
+    """The k largest cells' mean of each row's residual grid, computed by hand."""
+    xc = np.asarray(X, np.float64) - det.mean_
+    residual = xc - xc @ det.components_.T @ det.components_
+    cells = (residual**2).reshape(len(X), *GRID).sum(1).reshape(len(X), -1)
+    return np.sort(cells, axis=1)[:, ::-1][:, :k].mean(1)
+
+
+@pytest.mark.parametrize("solver", ["gram", "covariance"])
+@pytest.mark.parametrize("image_score", ["max", 3])
+def test_image_score_is_the_largest_cells_everywhere(features, solver, image_score):
+    X_train, X_test = features
+    det = DFMDetector(
+        image_score=image_score, feature_shape=GRID, solver=solver, device="cpu"
+    ).fit(X_train)
+    assert det.feature_shape_ == GRID and det.image_score_ == image_score
+    k = 1 if image_score == "max" else image_score
+    expected = -_grid_maxima(det, X_test, k)
+    np.testing.assert_allclose(det.score_samples(X_test), expected, rtol=1e-10)
+    # the threshold is a quantile of the training rows' image scores
+    train_scores = -_grid_maxima(det, X_train, k)
+    assert det.offset_ == pytest.approx(np.percentile(train_scores, 10), rel=1e-10)
+    np.testing.assert_allclose(
+        det.decision_function(X_test), expected - det.offset_, rtol=1e-9, atol=1e-12
+    )
+    np.testing.assert_array_equal(det.predict(X_test), det.labels_from_scores(expected))
+    scores, grid = det.score_samples_with_grid(X_test)
+    np.testing.assert_array_equal(scores, det.score_samples(X_test))
+    # the same components as anomalib's sum: only the image score differs
+    plain = DFMDetector(solver=solver, device="cpu").fit(X_train)
+    np.testing.assert_array_equal(plain.components_, det.components_)
+    np.testing.assert_allclose(
+        -plain.score_samples(X_test), grid.sum((1, 2)).numpy(), rtol=1e-9
+    )
+
+
+def test_image_score_needs_a_grid_and_fre(features):
+    X_train, X_test = features
+    with pytest.raises(ValueError, match="needs the grid the feature rows flatten"):
+        DFMDetector(image_score="max", device="cpu").fit(X_train)
+    with pytest.raises(ValueError, match="needs score_type='fre'"):
+        DFMDetector(
+            image_score="max", score_type="nll", feature_shape=GRID, device="cpu"
+        ).fit(X_train)
+    with pytest.raises(ValueError, match="has only 25"):
+        DFMDetector(image_score=26, feature_shape=GRID, device="cpu").fit(X_train)
+    with pytest.raises(ValueError, match="has 300 entries but the rows have 299"):
+        DFMDetector(feature_shape=GRID, device="cpu").fit(X_train[:, 1:])
+    with pytest.raises(ValueError, match="image_score"):
+        DFMDetector(image_score=True, feature_shape=GRID, device="cpu").fit(X_train)
+    with pytest.raises(ValueError, match="image_score"):
+        DFMDetector(image_score="mean", feature_shape=GRID, device="cpu").fit(X_train)
+    # anomalib's score needs no grid, for fre and nll alike
+    for score_type in ("fre", "nll"):
+        det = DFMDetector(score_type=score_type, device="cpu").fit(X_train)
+        assert det.feature_shape_ is None and det.image_score_ == "sum"
+
+
+def test_changed_image_score_is_refused_until_the_next_fit(features):
+    X_train, X_test = features
+    det = DFMDetector(feature_shape=GRID, device="cpu").fit(X_train)
+    det.set_params(image_score="max")  # offset_ is a quantile of FRE sums
+    with pytest.raises(NotFittedError, match="image_score='max' was set after"):
+        det.predict(X_test)
+    det.fit(X_train)
+    np.testing.assert_allclose(
+        det.score_samples(X_test), -_grid_maxima(det, X_test), rtol=1e-10
+    )
+
+
+def test_rows_of_another_grid_are_refused(features):
+    from skdfm._features import with_feature_shape
+
+    X_train, X_test = features
+    det = DFMDetector(image_score="max", device="cpu")
+    det.fit(with_feature_shape(X_train.copy(), GRID))
+    assert det.feature_shape_ == GRID  # read from the rows
+    with pytest.raises(ValueError, match=r"flattens a \(3, 10, 10\) feature grid"):
+        det.score_samples(with_feature_shape(X_test.copy(), (3, 10, 10)))
+    det.score_samples(X_test)  # plain rows: the fitted grid is used
+
+
+@pytest.mark.parametrize("image_score", ["sum", "max", 2])
+def test_image_score_round_trips(features, tmp_path, image_score):
+    import skdfm
+
+    X_train, X_test = features
+    det = DFMDetector(image_score=image_score, feature_shape=GRID, device="cpu").fit(
+        X_train
+    )
+    joblib.dump(det, tmp_path / "det.joblib")
+    skdfm.save(det, tmp_path / "det.skdfm")
+    for loaded in (
+        joblib.load(tmp_path / "det.joblib"),
+        skdfm.load(tmp_path / "det.skdfm"),
+    ):
+        assert loaded.image_score_ == image_score and loaded.feature_shape_ == GRID
+        assert loaded.get_params() == det.get_params()
+        np.testing.assert_array_equal(
+            loaded.score_samples(X_test), det.score_samples(X_test)
+        )

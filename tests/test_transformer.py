@@ -706,3 +706,134 @@ def test_equivalent_parameter_spellings_are_not_changes(images):
         np.testing.assert_array_equal(tr.transform(images), before)
     with pytest.raises(NotFittedError, match="layer='layer1' was set after"):
         tr.set_params(layer="layer1").transform(images)
+
+
+# -- several layers and the grid the rows carry ------------------------------------
+
+
+def test_several_layers_equal_a_union_of_single_layers_in_one_pass(images, monkeypatch):
+    two = DeepFeatureTransformer(**dict(SMALL, layer=["layer3", "layer2"])).fit(images)
+    assert two.layer_ == ("layer2", "layer3")  # network order
+    layer2 = DeepFeatureTransformer(
+        **dict(SMALL, layer="layer2", pooling_kernel_size=4)
+    )
+    layer3 = DeepFeatureTransformer(**dict(SMALL, layer="layer3"))
+    layer2.fit(images), layer3.fit(images)
+    c2, c3 = layer2.feature_shape_[0], layer3.feature_shape_[0]
+    assert two.feature_shape_ == (c2 + c3, *layer3.feature_shape_[1:])
+    assert layer2.feature_shape_[1:] == layer3.feature_shape_[1:]  # one grid
+    calls = []
+    forward = type(two.backbone_).forward
+    monkeypatch.setattr(
+        type(two.backbone_),
+        "forward",
+        lambda self, x: calls.append(len(x)) or forward(self, x),
+    )
+    rows = two.transform(images)
+    assert calls == [len(images)]  # one forward pass for both layers
+    union = np.hstack([layer2.transform(images), layer3.transform(images)])
+    np.testing.assert_allclose(rows, union, rtol=1e-6, atol=1e-7)
+    names = two.get_feature_names_out()
+    assert names[0] == "layer2_c0_y0_x0" and names[-1] == f"layer3_c{c3 - 1}_y1_x1"
+    # other spellings of the same layers are the same fit
+    for same in (("layer2", "layer3"), [2, 3], ["layer3", 2]):
+        np.testing.assert_array_equal(
+            two.set_params(layer=same).transform(images), rows
+        )
+    with pytest.raises(NotFittedError, match="layer=\\['layer2'\\] was set after"):
+        two.set_params(layer=["layer2"]).transform(images)
+
+
+@pytest.mark.parametrize(
+    "layer, message",
+    [
+        ([], "names no layer"),
+        (["layer2", 2], "names a layer twice"),
+        (["layer2", True], "must be a layer name"),
+        (["layer2", "layer9"], "is not a feature layer"),
+    ],
+)
+def test_bad_layer_lists_are_refused(images, layer, message):
+    with pytest.raises(ValueError, match=message):
+        DeepFeatureTransformer(**dict(SMALL, layer=layer)).fit(images)
+
+
+@pytest.mark.parametrize("layer", ["layer2", ["layer2", "layer3"]])
+def test_detector_learns_the_grid_in_a_pipeline(images, layer):
+    from skdfm import anomaly_maps
+
+    pipe = make_pipeline(
+        DeepFeatureTransformer(**dict(SMALL, layer=layer)),
+        DFMDetector(image_score="max", pca_level=3, device="cpu"),
+    ).fit(images)
+    transformer, detector = pipe[0], pipe[1]
+    assert detector.feature_shape_ == transformer.feature_shape_
+    result = anomaly_maps(pipe, images, size="grid")
+    assert result.maps.shape == (len(images), *transformer.feature_shape_[1:])
+    np.testing.assert_array_equal(result.score_samples, pipe.score_samples(images))
+    np.testing.assert_allclose(
+        -result.score_samples, result.maps.reshape(len(images), -1).max(1), rtol=1e-12
+    )
+
+
+def test_detector_learns_the_grid_from_pandas_columns(images):
+    pytest.importorskip("pandas")
+    layer = ["layer2", "layer3"]
+    pipe = make_pipeline(
+        DeepFeatureTransformer(**dict(SMALL, layer=layer)).set_output(
+            transform="pandas"
+        ),
+        DFMDetector(image_score=2, pca_level=3, device="cpu"),
+    ).fit(images)
+    assert pipe[1].feature_shape_ == pipe[0].feature_shape_
+    assert list(pipe[1].feature_names_in_[:1]) == ["layer2_c0_y0_x0"]
+    numpy_pipe = make_pipeline(
+        DeepFeatureTransformer(**dict(SMALL, layer=layer)),
+        DFMDetector(image_score=2, pca_level=3, device="cpu"),
+    ).fit(images)
+    np.testing.assert_allclose(
+        pipe.score_samples(images), numpy_pipe.score_samples(images), rtol=1e-10
+    )
+
+
+def test_grid_search_over_layers_and_image_score(defect_images):
+    from skdfm import FeatureCache, InlierKFold, image_auroc_scorer
+
+    images, y, _ = defect_images
+    cache = FeatureCache()
+    pipe = make_pipeline(
+        DeepFeatureTransformer(**dict(SMALL, layer="layer2"), cache=cache),
+        DFMDetector(device="cpu"),
+    )
+    search = GridSearchCV(
+        pipe,
+        {
+            "deepfeaturetransformer__layer": ["layer2", ["layer2", "layer3"]],
+            "dfmdetector__image_score": ["sum", "max", 2],
+        },
+        scoring=image_auroc_scorer,
+        cv=InlierKFold(2),
+        error_score="raise",
+    ).fit(images, y)
+    assert len(search.cv_results_["params"]) == 6
+    assert np.isfinite(search.cv_results_["mean_test_score"]).all()
+    best = search.best_estimator_
+    assert best[1].feature_shape_ == best[0].feature_shape_
+    assert best[1].image_score_ == search.best_params_["dfmdetector__image_score"]
+
+
+def test_several_layers_round_trip(images, tmp_path):
+    pipe = make_pipeline(
+        DeepFeatureTransformer(**dict(SMALL, layer=["layer2", "layer3"])),
+        DFMDetector(image_score="max", pca_level=3, device="cpu"),
+    ).fit(images)
+    expected = pipe.score_samples(images)
+    skdfm.save(pipe, tmp_path / "m.skdfm")
+    joblib.dump(pipe, tmp_path / "m.joblib")
+    for loaded in (
+        skdfm.load(tmp_path / "m.skdfm"),
+        joblib.load(tmp_path / "m.joblib"),
+    ):
+        assert loaded[0].layer_ == ("layer2", "layer3")
+        assert loaded[1].feature_shape_ == pipe[0].feature_shape_
+        np.testing.assert_array_equal(loaded.score_samples(images), expected)
