@@ -4,8 +4,9 @@ Layer names come from timm's ``feature_info`` (never from a hard-coded table). T
 model is cut after the chosen layer, or the deepest of several chosen layers (timm's
 ``FeatureListNet``, which then returns one map per layer from one forward pass), so
 no weight and no compute past it exist. Pretrained weights come from the local cache
-with no network call when they are there; otherwise a fast reachability check turns an air-gapped
-download (which huggingface_hub retries for ~50 s) into an immediate, clear error.
+with no network call when they are there; otherwise a fast reachability check turns
+an air-gapped download (which huggingface_hub retries for ~50 s) into an immediate,
+clear error.
 """
 
 from __future__ import annotations

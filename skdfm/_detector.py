@@ -321,11 +321,16 @@ class DFMDetector(DeviceMixin, PersistenceMixin, OutlierMixin, BaseEstimator):
     def _resolve_grid(self, X, n_features: int):
         """The fitted grid of the rows (``feature_shape``, else what ``X`` says),
         checked against ``image_score``; sets ``feature_shape_``."""
+        names = vars(self).get("feature_names_in_")
+        carried = feature_shape_of(X, n_features, names)
+        shape = carried
         if self.feature_shape is not None:
             shape = check_feature_shape(self.feature_shape, n_features)
-        else:
-            names = vars(self).get("feature_names_in_")
-            shape = feature_shape_of(X, n_features, names)
+            if carried is not None and carried != shape:
+                raise ValueError(
+                    f"feature_shape={shape} but X says its rows flatten a {carried} "
+                    "grid; drop feature_shape (X knows its grid) or fix it."
+                )
         check_image_score(self.image_score, self.score_type, shape)
         self.feature_shape_ = shape
 
@@ -536,6 +541,10 @@ class DFMDetector(DeviceMixin, PersistenceMixin, OutlierMixin, BaseEstimator):
         self : object
             The detector, with ``n_samples_seen_`` updated.
         """
+        with keep_state_on_error(self):  # a refused batch keeps what was fitted
+            return self._partial_fit(X, restart)
+
+    def _partial_fit(self, X, restart: bool):
         state = vars(self)
         first = restart or "_scatter" not in state
         if first and not restart and "n_features_in_" in state:
@@ -550,7 +559,7 @@ class DFMDetector(DeviceMixin, PersistenceMixin, OutlierMixin, BaseEstimator):
                 "starts a new streaming fit from this batch; the rows of the earlier "
                 "fit are not part of it.",
                 UserWarning,
-                stacklevel=2,
+                stacklevel=4,
             )
         if first:
             self._forget_fit()
@@ -697,10 +706,10 @@ class DFMDetector(DeviceMixin, PersistenceMixin, OutlierMixin, BaseEstimator):
             raise ValueError(f"offset_={self.offset_!r} is not a finite number.")
         shape = vars(self).get("feature_shape_")
         if shape is not None:
-            check_feature_shape(shape, d)
+            self.feature_shape_ = shape = check_feature_shape(shape, d)
         image_score = vars(self).get("image_score_", "sum")
         if not (
-            image_score in IMAGE_SCORES
+            (isinstance(image_score, str) and image_score in IMAGE_SCORES)
             or (
                 isinstance(image_score, Integral)
                 and not isinstance(image_score, bool)
@@ -743,6 +752,15 @@ class DFMDetector(DeviceMixin, PersistenceMixin, OutlierMixin, BaseEstimator):
                     f"{name}={fitted!r} (its threshold offset_ is in those units): "
                     f"fit it again, or set {name}={fitted!r} back."
                 )
+        shape = self.feature_shape
+        if shape is not None and (
+            not isinstance(shape, (tuple, list)) or tuple(shape) != self.feature_shape_
+        ):
+            raise NotFittedError(
+                f"feature_shape={shape!r} was set after this DFMDetector was fitted "
+                f"on a {self.feature_shape_} grid: fit it again, or set "
+                "feature_shape=None."
+            )
 
     def _scores(self, X, grid_shape=None):
         """``(score_samples, grid)`` of validated rows; no validation. The grid is
@@ -768,7 +786,9 @@ class DFMDetector(DeviceMixin, PersistenceMixin, OutlierMixin, BaseEstimator):
         Returns
         -------
         scores : ndarray of shape (n_samples,), float64
-            ``-FRE`` or ``-NLL`` of each row.
+            ``-FRE`` or ``-NLL`` of each row; with ``image_score="max"`` (or k),
+            minus the largest cell (or the mean of the k largest) of its residual
+            grid.
         """
         check_is_fitted(self)
         self._finish_pending_stream()
@@ -798,7 +818,8 @@ class DFMDetector(DeviceMixin, PersistenceMixin, OutlierMixin, BaseEstimator):
             Equal to ``score_samples(X)``.
         grid : torch.Tensor of shape (n_samples, rows, columns), float64
             On ``device_``: the squared residual summed over channels; each grid
-            sums to the row's FRE (``-score_samples``).
+            sums to the row's FRE (which is ``-score_samples`` for
+            ``image_score="sum"``).
         """
         check_is_fitted(self)
         self._finish_pending_stream()

@@ -14,9 +14,11 @@ scikit-learn passes column identity between steps:
   it into a plain one), plus a ``feature_shape`` attribute. Torch output carries
   the same attribute on the tensor.
 
-:func:`feature_shape_of` reads either, and returns None when the rows have no
-layout or one that does not fit their width (a column slice or an ``hstack`` of
-several blocks), so a stale layout is never used.
+Only what keeps every column where it was keeps the grid: a subset of rows, a copy,
+a change of dtype. Anything else (column indexing, arithmetic, matrix products,
+reductions, concatenation, a new tensor) gives a plain array without it, so a
+stale layout is never used; :func:`feature_shape_of` also ignores one whose size
+does not match the rows' width.
 """
 
 from __future__ import annotations
@@ -42,8 +44,32 @@ class FeatureRows(np.ndarray):
     feature_shape: tuple[int, int, int] | None = None
 
     def __array_finalize__(self, obj):
-        # Views and results keep the layout; feature_shape_of checks it still fits.
-        self.feature_shape = getattr(obj, "feature_shape", None)
+        self.feature_shape = None  # kept only where columns provably stay put
+
+    def __getitem__(self, key):
+        out = super().__getitem__(key)
+        if isinstance(out, FeatureRows) and _selects_rows(key):
+            out.feature_shape = self.feature_shape
+        return out
+
+    def __array_ufunc__(self, ufunc, method, *inputs, **kwargs):
+        # Arithmetic, products and reductions give plain arrays: their columns
+        # need not be the grid's any more.
+        inputs = tuple(_plain(x) for x in inputs)
+        if "out" in kwargs:
+            kwargs["out"] = tuple(_plain(x) for x in kwargs["out"])
+        return getattr(ufunc, method)(*inputs, **kwargs)
+
+    def copy(self, order="C"):
+        out = super().copy(order)
+        out.feature_shape = self.feature_shape
+        return out
+
+    def astype(self, dtype, *args, **kwargs):
+        out = super().astype(dtype, *args, **kwargs)
+        if isinstance(out, FeatureRows):
+            out.feature_shape = self.feature_shape
+        return out
 
     def __reduce__(self):
         constructor, args, state = super().__reduce__()
@@ -52,6 +78,24 @@ class FeatureRows(np.ndarray):
     def __setstate__(self, state):
         array_state, self.feature_shape = state
         super().__setstate__(array_state)
+
+
+def _plain(x):
+    return x.view(np.ndarray) if isinstance(x, FeatureRows) else x
+
+
+def _selects_rows(key) -> bool:
+    """Whether ``X[key]`` picks rows and keeps every column in place."""
+    if isinstance(key, tuple):
+        if len(key) == 2 and isinstance(key[1], slice) and key[1] == slice(None):
+            key = key[0]
+        elif len(key) == 1:
+            key = key[0]
+        else:
+            return False
+    if key is None or key is Ellipsis or isinstance(key, tuple):
+        return False
+    return True  # an int, a slice, a mask or indices along the rows
 
 
 def check_feature_shape(feature_shape, n_features: int | None = None):

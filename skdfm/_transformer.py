@@ -39,6 +39,43 @@ _FEATURE_PARAMS = (
 )
 
 
+def _common_grid(feature_maps, kernel: int) -> list[torch.Tensor]:
+    """Float32 maps of several layers average-pooled onto one grid.
+
+    The coarsest map (rows h, columns w) is pooled by ``kernel`` as a single layer
+    is, which drops trailing rows and columns that do not fill a kernel: its grid,
+    ``(h // kernel, w // kernel)``, covers the first ``grid * kernel / h`` of the
+    image. Every finer map is cropped to that same region and pooled onto that
+    grid, with a plain kernel when the region divides (a resnet layer2 map, twice
+    as fine as layer3: twice ``kernel``), else by adaptive average pooling.
+    """
+    rows = min(m.shape[2] for m in feature_maps)
+    cols = min(m.shape[3] for m in feature_maps)
+    grid = (rows // kernel, cols // kernel)
+    pooled = []
+    for feature_map in feature_maps:
+        feature_map = feature_map.float()
+        height, width = feature_map.shape[2:]
+        if (height, width) == (rows, cols):
+            pooled.append(
+                F.avg_pool2d(feature_map, kernel) if kernel > 1 else feature_map
+            )
+            continue
+        crop = (
+            round(grid[0] * kernel * height / rows),
+            round(grid[1] * kernel * width / cols),
+        )
+        feature_map = feature_map[:, :, : crop[0], : crop[1]]
+        if crop[0] % grid[0] == 0 and crop[1] % grid[1] == 0:
+            feature_map = F.avg_pool2d(
+                feature_map, (crop[0] // grid[0], crop[1] // grid[1])
+            )
+        else:
+            feature_map = F.adaptive_avg_pool2d(feature_map, grid)
+        pooled.append(feature_map)
+    return pooled
+
+
 class DeepFeatureTransformer(
     DeviceMixin, PersistenceMixin, TransformerMixin, BaseEstimator
 ):
@@ -175,9 +212,13 @@ class DeepFeatureTransformer(
     **Several layers.** With ``layer=["layer2", "layer3"]`` the backbone runs
     once, cut after the deepest layer, and each layer's map is average-pooled onto
     one grid: the coarsest map pooled by ``pooling_kernel_size`` (as for one
-    layer), finer maps by adaptive average pooling to the same grid (a resnet
-    layer2 map, twice as fine as layer3, by twice the kernel). The channels are
-    then stacked in network order, so a row is a ``(C2 + C3, h, w)`` map: every
+    layer, trailing rows and columns that do not fill a kernel dropped), finer
+    maps cropped to the image region that grid covers and pooled onto it (a
+    resnet layer2 map, twice as fine as layer3, by twice the kernel; by adaptive
+    average pooling where the region does not divide). The rows then equal a
+    ``FeatureUnion`` of one transformer per layer with those kernels, from one
+    forward pass instead of one per layer. The channels are stacked in network
+    order, so a row is a ``(C2 + C3, h, w)`` map: every
     cell describes one image region at every depth, anomaly maps and
     ``image_score="max"`` keep their meaning, and the row is no wider than the
     channels times the coarse grid. (Upsampling the coarse map to the fine grid
@@ -345,8 +386,11 @@ class DeepFeatureTransformer(
         if name == "layer":
             if isinstance(now, str):
                 return now == self.layer_
-            if isinstance(now, (list, tuple)) and tuple(now) == self.layer_:
-                return True  # the names, in network order
+            if isinstance(now, (list, tuple)) and (
+                tuple(now) == self.layer_
+                or (isinstance(fitted, (list, tuple)) and list(now) == list(fitted))
+            ):
+                return True  # the names in network order, or as fitted
             if not (integral or isinstance(now, (list, tuple))):
                 return False
             if integral and isinstance(fitted, Integral) and int(now) == int(fitted):
@@ -417,18 +461,9 @@ class DeepFeatureTransformer(
                 feature_map = F.avg_pool2d(feature_map, kernel)
             return feature_map.flatten(1)
         # Several layers: the coarsest map pooled as one layer would be, finer
-        # ones averaged onto the same grid (see Notes of the class).
-        grid = self.feature_shape_[1:]
-        pooled = []
-        for feature_map in feature_maps:
-            feature_map = feature_map.float()
-            if tuple(feature_map.shape[2:]) == (grid[0] * kernel, grid[1] * kernel):
-                if kernel > 1:
-                    feature_map = F.avg_pool2d(feature_map, kernel)
-            else:
-                feature_map = F.adaptive_avg_pool2d(feature_map, grid)
-            pooled.append(feature_map)
-        return torch.cat(pooled, dim=1).flatten(1)
+        # ones cropped to the image region that grid covers and averaged onto it
+        # (see Notes of the class).
+        return torch.cat(_common_grid(feature_maps, kernel), dim=1).flatten(1)
 
     def transform(self, X):
         """Pooled backbone features of each image.

@@ -179,6 +179,7 @@ def _build_pipeline(args, *, progress: bool = False):
     detector = DFMDetector(
         pca_level=args.pca_level,
         score_type=args.score_type,
+        image_score=args.image_score,
         device=args.device or "auto",
     )
     return make_pipeline(transformer, detector)
@@ -208,9 +209,10 @@ def _fit_transformer(transformer, X, *, allow_random: bool) -> None:
     transformer.fit(X)
 
 
-def _features_of_files(transformer, files, *, progress: bool):
+def _features_of_files(transformer, files, *, progress: bool, check=None):
     """Fit the transformer on the first readable batch and return the feature rows
-    of every readable file, the files they belong to and the skipped ones."""
+    of every readable file, the files they belong to and the skipped ones.
+    ``check()`` runs once the transformer is fitted, before the other batches."""
     import torch
 
     parts, used, skipped = [], [], []
@@ -220,6 +222,8 @@ def _features_of_files(transformer, files, *, progress: bool):
             continue
         if not parts:
             _fit_transformer(transformer, batch.images, allow_random=False)
+            if check is not None:
+                check()
         parts.append(transformer.transform(batch.images))
         used.extend(batch.paths)
     if not parts:
@@ -329,7 +333,7 @@ def cmd_demo(args) -> int:
     detector.fit(transformer.transform(images[train]))
     weights = "pretrained" if transformer.pretrained else "random init"
     print(
-        f"fit: {transformer.backbone} ({weights}) {transformer.layer_}, "
+        f"fit: {transformer.backbone} ({weights}) {_layer_text(transformer.layer_)}, "
         f"{detector.n_features_in_} features, {detector.n_components_} components, "
         f"{time.perf_counter() - t:.1f} s on {transformer.device_}"
     )
@@ -351,13 +355,24 @@ def cmd_demo(args) -> int:
 
 def cmd_fit(args) -> int:
     from . import save
+    from ._features import with_feature_shape
+    from ._scores import check_image_score
 
     files, problems = _collect_images([args.normal_images])
     model = _build_pipeline(args)
     transformer, detector = model[0], model[1]
     t = time.perf_counter()
+
+    def check_image_score_fits():  # a K beyond the grid: said before the long part
+        try:
+            check_image_score(
+                detector.image_score, detector.score_type, transformer.feature_shape_
+            )
+        except ValueError as error:
+            raise CommandError(str(error)) from error
+
     features, files, skipped = _features_of_files(
-        transformer, files, progress=not args.no_progress
+        transformer, files, progress=not args.no_progress, check=check_image_score_fits
     )
     skipped += problems
     if len(files) < 3:
@@ -369,14 +384,15 @@ def cmd_fit(args) -> int:
     if n_hold and len(files) - n_hold < 2:
         raise CommandError("--holdout leaves fewer than 2 images to fit on")
     held, train = np.sort(order[:n_hold]), np.sort(order[n_hold:])
-    try:
-        detector.fit(features[train])
+    try:  # rows picked out of the batches: say their grid again
+        detector.fit(with_feature_shape(features[train], transformer.feature_shape_))
     except ValueError as error:
         raise CommandError(str(error)) from error
     print(
         f"fitted on {len(train)} images in {time.perf_counter() - t:.1f} s: "
-        f"{transformer.backbone} {transformer.layer_}, {detector.n_features_in_} "
-        f"features, {detector.n_components_} components"
+        f"{transformer.backbone} {_layer_text(transformer.layer_)}, "
+        f"{detector.n_features_in_} features, {detector.n_components_} components, "
+        f"image score {detector.image_score_}"
     )
     if not transformer.pretrained:
         print(
@@ -575,8 +591,30 @@ def _pixel_limit(text: str) -> int:
 
 
 def _layer(text: str):
-    """A layer name, or its index in the backbone's feature_info."""
-    return int(text) if text.isdigit() else text
+    """A layer name or its index in the backbone's feature_info; a comma-separated
+    list of them for several layers."""
+    items = [item.strip() for item in text.split(",")]
+    if not all(items):
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a layer name or index, or a comma-separated list of them"
+        )
+    layers = [int(item) if item.isdigit() else item for item in items]
+    return layers[0] if len(layers) == 1 else layers
+
+
+def _image_score(text: str):
+    """'sum', 'max' or a positive number of cells."""
+    if text in ("sum", "max"):
+        return text
+    if text.isdigit() and int(text) >= 1:
+        return int(text)
+    raise argparse.ArgumentTypeError(
+        f"{text!r} is not 'sum', 'max' or a positive number of cells"
+    )
+
+
+def _layer_text(layer) -> str:
+    return layer if isinstance(layer, str) else "+".join(layer)
 
 
 def _check_output(parser, output, *, flag="-o/--output", model=True) -> None:
@@ -636,7 +674,8 @@ def _add_model_options(parser, *, backbone: str, layer: str, pooling: int) -> No
         "--layer",
         type=_layer,
         default=layer,
-        help=f"feature layer, by name or index (default {layer})",
+        help=f"feature layer, by name or index, or several separated by commas "
+        f"(layer2,layer3: one pass, one grid; default {layer})",
     )
     group.add_argument(
         "--pca-level",
@@ -661,6 +700,14 @@ def _add_model_options(parser, *, backbone: str, layer: str, pooling: int) -> No
         help="images are resized to PX x PX (default 256)",
     )
     group.add_argument("--score-type", choices=["fre", "nll"], default="fre")
+    group.add_argument(
+        "--image-score",
+        type=_image_score,
+        default="sum",
+        metavar="{sum,max,K}",
+        help="image score of an fre model: the anomaly map's sum (anomalib's FRE, "
+        "default), its largest cell (max) or the mean of its K largest cells",
+    )
     group.add_argument(
         "--checkpoint", metavar="FILE", help="local weights file (offline machines)"
     )
@@ -804,6 +851,12 @@ def main(argv=None) -> int:
     if getattr(args, "csv", None) is not None:
         _check_output(parser, args.csv, flag="--csv", model=False)
     _check_device(parser, getattr(args, "device", None))
+    image_score = getattr(args, "image_score", "sum")
+    if image_score != "sum" and args.score_type != "fre":
+        parser.error(
+            f"argument --image-score: {image_score} needs --score-type fre (the nll "
+            "score does not split over image locations)"
+        )
     try:
         with terminate_as_exception():
             return args.func(args)

@@ -486,3 +486,66 @@ def test_no_pixel_limit_on_request(model_file, tmp_path, capsys):
     args = ["score", str(model_file), str(big), "--no-progress"]
     assert main([*args, "--max-image-pixels", "100"]) == 1  # skipped: none left
     assert main([*args, "--max-image-pixels", "0"]) == 0  # 0: no limit
+
+
+def test_fit_with_image_score_and_several_layers(good_dir, tmp_path, capsys):
+    model_path = tmp_path / "model.skdfm"
+    options = [o if o != "layer2" else "layer2,layer3" for o in TINY]
+    code = main(["fit", str(good_dir), "-o", str(model_path), "--random-init",
+                 "--image-score", "max", *options])  # fmt: skip
+    captured = capsys.readouterr()
+    assert code == 3  # broken.png skipped
+    assert "layer2+layer3" in captured.out and "image score max" in captured.out
+    model = skdfm.load(model_path)
+    assert model[0].layer_ == ("layer2", "layer3")
+    assert model[1].image_score_ == "max"
+    assert model[1].feature_shape_ == model[0].feature_shape_
+    files = sorted(str(p) for p in good_dir.rglob("*.png") if p.name != "broken.png")
+    result = skdfm.anomaly_maps(model, files, size="grid")
+    np.testing.assert_allclose(
+        -result.score_samples, result.maps.reshape(len(files), -1).max(1), rtol=1e-12
+    )
+    code = main(["score", str(model_path), *files[:2], "--device", "cpu"])
+    assert code == 0
+
+
+@pytest.mark.parametrize(
+    "flag, value", [("--image-score", "mean"), ("--image-score", "0"), ("--layer", ",")]
+)
+def test_bad_image_score_and_layer_flags_are_usage_errors(
+    good_dir, tmp_path, flag, value
+):
+    with pytest.raises(SystemExit) as exit_info:
+        main(
+            ["fit", str(good_dir), "-o", str(tmp_path / "m.skdfm"), *TINY, flag, value]
+        )
+    assert exit_info.value.code == 2
+
+
+def test_image_score_of_an_nll_model_is_a_usage_error(good_dir, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", str(good_dir), "-o", str(tmp_path / "m.skdfm"), "--random-init",
+              "--image-score", "max", "--score-type", "nll", *TINY])  # fmt: skip
+    assert exit_info.value.code == 2
+    assert "--image-score: max needs --score-type fre" in capsys.readouterr().err
+
+
+def test_more_cells_than_the_grid_fails_before_the_features(
+    good_dir, tmp_path, capsys, monkeypatch
+):
+    import skdfm.cli
+
+    batches = []
+    real = skdfm.cli._file_batches
+    monkeypatch.setattr(
+        skdfm.cli,
+        "_file_batches",
+        lambda *a, **k: (batches.append(1) or b for b in real(*a, **k)),
+    )
+    code = main(["fit", str(good_dir), "-o", str(tmp_path / "m.skdfm"), "--random-init",
+                 "--image-score", "17", "--batch-size", "4", *TINY])  # fmt: skip
+    captured = capsys.readouterr()
+    assert code == 1
+    assert "the feature grid (4, 4) has only 16" in captured.err  # layer2: 4x4 grid
+    assert len(batches) == 1  # refused at the first batch, not after all of them
+    assert "Traceback" not in captured.err

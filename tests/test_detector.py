@@ -699,3 +699,30 @@ def test_image_score_round_trips(features, tmp_path, image_score):
         np.testing.assert_array_equal(
             loaded.score_samples(X_test), det.score_samples(X_test)
         )
+
+
+def test_grid_conflicts_and_changes_are_refused(features):
+    from skdfm._features import with_feature_shape
+
+    X_train, X_test = features
+    carried = with_feature_shape(X_train.copy(), GRID)
+    with pytest.raises(ValueError, match="X says its rows flatten a \\(12, 5, 5\\)"):
+        DFMDetector(feature_shape=(3, 10, 10), device="cpu").fit(carried)
+    det = DFMDetector(feature_shape=list(GRID), device="cpu").fit(carried)
+    assert det.feature_shape_ == GRID
+    det.set_params(feature_shape=(3, 10, 10))
+    with pytest.raises(NotFittedError, match="feature_shape=\\(3, 10, 10\\) was set"):
+        det.score_samples(X_test)
+    det.set_params(feature_shape=None).score_samples(X_test)
+
+
+def test_a_refused_first_batch_keeps_the_previous_fit(features):
+    X_train, X_test = features
+    det = DFMDetector(device="cpu").fit(X_train)
+    before = det.score_samples(X_test)
+    det.set_params(image_score="max")  # plain rows: no grid to take a maximum of
+    with pytest.raises(ValueError, match="needs the grid"):
+        det.partial_fit(X_train, restart=True)
+    det.set_params(image_score="sum")
+    np.testing.assert_array_equal(det.score_samples(X_test), before)
+    assert "n_samples_seen_" not in vars(det)

@@ -23,7 +23,6 @@ def test_rows_carry_their_grid_through_views_and_pickles():
     assert isinstance(X, FeatureRows) and isinstance(X, np.ndarray)
     assert feature_shape_of(X, 30) == (3, 2, 5)
     assert feature_shape_of(X[1:3], 30) == (3, 2, 5)  # a row subset keeps it
-    assert feature_shape_of(X * 2, 30) == (3, 2, 5)
     again = pickle.loads(pickle.dumps(X))
     assert again.feature_shape == (3, 2, 5)
     np.testing.assert_array_equal(again, X)
@@ -76,3 +75,21 @@ def test_check_feature_shape_checks_the_width():
     assert check_feature_shape([2, 3, 4], 24) == (2, 3, 4)
     with pytest.raises(ValueError, match="has 24 entries but the rows have 25"):
         check_feature_shape((2, 3, 4), 25)
+
+
+def test_only_what_keeps_the_columns_in_place_keeps_the_grid():
+    X = _rows()
+    for kept in (X[1:], X[[0, 2]], X[X[:, 0] > 0], X[:, :], X.copy(), X.astype(float)):
+        assert feature_shape_of(kept, 30) == (3, 2, 5)
+    lost = {
+        "column permutation": X[:, ::-1],
+        "fancy columns": X[:, np.arange(30)],
+        "matrix product": X @ np.eye(30),
+        "arithmetic": X * 2,
+        "transpose": X.T.T,
+        "ellipsis": X[..., :],
+    }
+    for what, array in lost.items():
+        assert feature_shape_of(array, 30) is None, what
+    assert type(X.max()) is not FeatureRows  # reductions are plain numbers
+    assert type(X + 1) is np.ndarray

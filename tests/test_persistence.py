@@ -52,6 +52,10 @@ def test_models_saved_by_skdfm_0_1_0_load_and_score_the_same():
     # state 0.1.0 did not have is rebuilt on load
     assert transformer.weights_digest_ == weights_digest(transformer.backbone_)
     assert detector._state.components.shape == detector.components_.T.shape
+    # parameters and fitted attributes added since take anomalib's defaults
+    assert detector.get_params()["image_score"] == detector.image_score_ == "sum"
+    assert detector.feature_shape is None and detector.feature_shape_ is None
+    assert transformer.layer_ == "layer1"
     np.testing.assert_allclose(model.score_samples(images), saved["scores"], rtol=1e-9)
     result = anomaly_maps(model, images)
     np.testing.assert_allclose(result.maps, saved["maps"], rtol=1e-9, atol=1e-12)

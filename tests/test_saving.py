@@ -463,6 +463,12 @@ def test_malformed_json_never_escapes_as_another_error(saved_detector, tmp_path)
         (lambda s: s.update(offset_={"__float__": "nan"}), "offset_"),
         (lambda s: s.update(n_components_=2), "clash|shape"),
         (lambda s: [s.pop(k) for k in list(s) if k.endswith("_")], "cannot be rebuilt"),
+        (lambda s: s.update(feature_shape_={"__tuple__": [1, 2, 3]}), "entries"),
+        (lambda s: s.update(feature_shape_=[0, 1, 1]), "three positive ints"),
+        (lambda s: s.update(image_score_="mean"), "not an image score"),
+        (lambda s: s.update(image_score_=[1]), "not an image score"),
+        (lambda s: s.update(image_score_=3), "needs the grid"),
+        (lambda s: s.update(image_score=0), "cannot be rebuilt"),
     ],
 )
 def test_forged_detector_states_are_refused(saved_detector, tmp_path, change, message):
@@ -549,3 +555,12 @@ def test_model_file_errors_pickle():
     error = ModelFileError("m.skdfm", "is damaged.")
     again = pickle.loads(pickle.dumps(error))
     assert str(again) == str(error) and again.path == "m.skdfm"
+
+
+def test_a_grid_saved_as_a_list_loads_as_the_tuple(saved_detector, tmp_path):
+    def as_list(document, tensors):
+        state = document["model"]["state"]
+        state["feature_shape_"] = [state["n_features_in_"], 1, 1]
+
+    loaded = skdfm.load(edited(saved_detector, tmp_path, as_list))
+    assert loaded.feature_shape_ == (loaded.n_features_in_, 1, 1)

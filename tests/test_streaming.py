@@ -332,3 +332,35 @@ def test_a_failed_fit_keeps_the_previous_fit(features):
         with pytest.raises(ValueError):
             det.fit(bad)
         np.testing.assert_array_equal(det.score_samples(X_test), before)
+
+
+@pytest.mark.parametrize("layer", ["layer2", ["layer2", "layer3"]])
+def test_stream_fit_with_image_score_max_equals_fit(layer):
+    images, _, _ = make_defect_images(n_normal=40, n_anomalous=0, image_size=64)
+    test_images, _, _ = make_defect_images(
+        n_normal=5, n_anomalous=5, image_size=64, random_state=1
+    )
+    pipe = _pipeline(layer=layer).set_params(dfm__image_score="max")
+    batches = [images[i : i + 16] for i in range(0, 40, 16)]
+    streamed = stream_fit(clone(pipe), iter(batches), threshold_batches=iter(batches))
+    fitted = clone(pipe).fit(images)
+    assert streamed[-1].feature_shape_ == fitted[-1].feature_shape_
+    assert streamed[-1].image_score_ == "max"
+    np.testing.assert_allclose(
+        streamed.score_samples(test_images),
+        fitted.score_samples(test_images),
+        rtol=1e-6,
+    )
+    assert streamed[-1].offset_ == pytest.approx(fitted[-1].offset_, rel=1e-6)
+
+
+def test_partial_fit_refuses_a_batch_of_another_grid(features):
+    from skdfm._features import with_feature_shape
+
+    X, _ = features
+    det = DFMDetector(image_score="max", device="cpu")
+    det.partial_fit(with_feature_shape(X[:60].copy(), (12, 5, 5)))
+    with pytest.raises(ValueError, match="fitted on a \\(12, 5, 5\\) grid"):
+        det.partial_fit(with_feature_shape(X[60:].copy(), (3, 10, 10)))
+    det.partial_fit(X[60:])  # plain rows: the grid of the fit is kept
+    assert det.finish_partial_fit().feature_shape_ == (12, 5, 5)

@@ -711,13 +711,19 @@ def test_equivalent_parameter_spellings_are_not_changes(images):
 # -- several layers and the grid the rows carry ------------------------------------
 
 
-def test_several_layers_equal_a_union_of_single_layers_in_one_pass(images, monkeypatch):
-    two = DeepFeatureTransformer(**dict(SMALL, layer=["layer3", "layer2"])).fit(images)
+# 64 px: layer3 is 4x4, pooled by 2 to 2x2; 80 px: 5x5, whose last row and column
+# the pooling drops, so layer2 (10x10) is cropped to 8x8 before pooling by 4
+@pytest.mark.parametrize("size", [64, 80])
+def test_several_layers_equal_a_union_of_single_layers_in_one_pass(
+    images, monkeypatch, size
+):
+    small = dict(SMALL, input_size=size)
+    two = DeepFeatureTransformer(**dict(small, layer=["layer3", "layer2"])).fit(images)
     assert two.layer_ == ("layer2", "layer3")  # network order
     layer2 = DeepFeatureTransformer(
-        **dict(SMALL, layer="layer2", pooling_kernel_size=4)
+        **dict(small, layer="layer2", pooling_kernel_size=4)
     )
-    layer3 = DeepFeatureTransformer(**dict(SMALL, layer="layer3"))
+    layer3 = DeepFeatureTransformer(**dict(small, layer="layer3"))
     layer2.fit(images), layer3.fit(images)
     c2, c3 = layer2.feature_shape_[0], layer3.feature_shape_[0]
     assert two.feature_shape_ == (c2 + c3, *layer3.feature_shape_[1:])
@@ -735,6 +741,7 @@ def test_several_layers_equal_a_union_of_single_layers_in_one_pass(images, monke
     np.testing.assert_allclose(rows, union, rtol=1e-6, atol=1e-7)
     names = two.get_feature_names_out()
     assert names[0] == "layer2_c0_y0_x0" and names[-1] == f"layer3_c{c3 - 1}_y1_x1"
+    assert two.feature_shape_[1:] == (2, 2)
     # other spellings of the same layers are the same fit
     for same in (("layer2", "layer3"), [2, 3], ["layer3", 2]):
         np.testing.assert_array_equal(
