@@ -138,3 +138,39 @@ def test_calibrate_a_pipeline_on_images(fitted_pipeline, defect_images):
     assert fitted_pipeline[-1].threshold_method_ == "contamination"
     predicted = model.predict(X_val)
     assert f1_score(y_val == -1, predicted == -1) >= 0.8
+
+
+@pytest.mark.parametrize("method", ["f1", "contamination"])
+def test_thresholds_of_a_max_image_score_are_in_its_units(
+    fitted_pipeline, defect_images, method
+):
+    from sklearn.base import clone
+
+    from skdfm import anomaly_maps
+
+    images, y, _ = defect_images
+    model = clone(fitted_pipeline).set_params(dfmdetector__image_score="max")
+    model.fit(images[y == 1][:20])
+    held_out = np.r_[np.flatnonzero(y == 1)[20:], np.flatnonzero(y == -1)]
+    X_val, y_val = images[held_out], y[held_out]
+    if method == "f1":
+        calibrate_threshold(model, X_val, y_val, method="f1")
+    else:
+        calibrate_threshold(model, X_val[y_val == 1], method="contamination")
+    # offset_ and the score range come from the maxima of the grids
+    maxima = (
+        -anomaly_maps(model, X_val, size="grid").maps.reshape(len(X_val), -1).max(1)
+    )
+    detector = model[-1]
+    used = maxima if method == "f1" else maxima[y_val == 1]
+    assert detector.score_range_ == pytest.approx((used.min(), used.max()), rel=1e-12)
+    if method == "f1":
+        assert (
+            detector.offset_ in set(np.round(maxima, 12))
+            or np.isclose(maxima, detector.offset_, rtol=1e-12).any()
+        )
+    np.testing.assert_array_equal(
+        model.predict(X_val), np.where(maxima - detector.offset_ >= 0, 1, -1)
+    )
+    normalized = normalized_scores(model, X_val)
+    assert ((normalized >= 0) & (normalized <= 1)).all()
