@@ -11,22 +11,29 @@ cheaply up front; pixels are decoded and checked one batch at a time, so a list 
 from __future__ import annotations
 
 import hashlib
-import math
 import os
-import threading
-import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from scipy.sparse import issparse
 
+from ._decode import (
+    IMAGE_SUFFIXES,
+    LAYOUT_HELP,
+    MAX_IMAGE_PIXELS,
+    NUMPY_SCALES,
+    channel_axis,
+    decode_image_file,
+    open_image,
+    original_size,
+    pil_pixels,
+    read_image_size,
+)
 from ._device import check_has_data
 
 __all__ = [
@@ -43,14 +50,6 @@ __all__ = [
     "read_image_size",
 ]
 
-# Unsigned integers are scaled by their dtype's maximum; floats must lie in [0, 1].
-_NUMPY_DTYPES = {
-    np.dtype(np.uint8): 255.0,
-    np.dtype(np.uint16): 65535.0,
-    np.dtype(np.float16): None,
-    np.dtype(np.float32): None,
-    np.dtype(np.float64): None,
-}
 _TORCH_DTYPES = {
     torch.uint8: 255.0,
     torch.float16: None,
@@ -59,40 +58,9 @@ _TORCH_DTYPES = {
     torch.float64: None,
 }
 
-_LAYOUT_HELP = (
-    "Batches are (N, H, W) grayscale, or (N, H, W, C) / (N, C, H, W) with C = 1 or 3; "
-    "single images in a list are (H, W), (H, W, C) or (C, H, W)."
-)
-
-
-def _channel_axis(shape: tuple[int, ...], axes: tuple[int, int], what: str) -> int:
-    """The one axis among ``axes`` (first or last) whose size is 1 or 3."""
-    first, last = (shape[a] for a in axes)
-    is_channel = [size in (1, 3) for size in (first, last)]
-    if all(is_channel):
-        raise ValueError(
-            f"Ambiguous {what} of shape {shape}: both axis {axes[0]} and axis "
-            f"{axes[1]} could hold the colour channels. {_LAYOUT_HELP}"
-        )
-    if is_channel[0]:
-        return axes[0]
-    if is_channel[1]:
-        return axes[1]
-    if first in (2, 4) or last in (2, 4):
-        raise ValueError(
-            f"{what.capitalize()} of shape {shape} has 2 or 4 channels; only "
-            "grayscale (1) and RGB (3) are supported. Drop an alpha channel first "
-            "(e.g. X[..., :3])."
-        )
-    raise ValueError(
-        f"{what.capitalize()} of shape {shape} has no channel axis of size 1 or 3. "
-        f"{_LAYOUT_HELP}"
-    )
-
-
 def _scale_of(dtype, what: str) -> float | None:
     is_torch = isinstance(dtype, torch.dtype)
-    table = _TORCH_DTYPES if is_torch else _NUMPY_DTYPES
+    table = _TORCH_DTYPES if is_torch else NUMPY_SCALES
     if dtype.is_complex if is_torch else np.dtype(dtype).kind == "c":
         raise ValueError(f"Complex data not supported: {what} has dtype {dtype}.")
     if dtype not in table:
@@ -109,7 +77,7 @@ def _to_chw_tensor(image) -> torch.Tensor:
     tensor = image if isinstance(image, torch.Tensor) else _from_numpy(image)
     if tensor.ndim == 2:
         return tensor.unsqueeze(0)
-    axis = _channel_axis(tuple(tensor.shape), (0, 2), "image")
+    axis = channel_axis(tuple(tensor.shape), (0, 2), "image")
     return tensor if axis == 0 else tensor.permute(2, 0, 1)
 
 
@@ -121,194 +89,19 @@ def _from_numpy(array: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(array))
 
 
-IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"})
-
-
-#: Default of ``max_image_pixels``: 16384 x 16384. Larger files are refused: a few
-#: kB of PNG can declare gigapixels (a decompression bomb).
-MAX_IMAGE_PIXELS = 2**28
-#: Files above Pillow's own bomb threshold (~89 MP), which anomalib cannot read,
-#: are decoded at a reduced scale (JPEG: in the DCT, others: box reduction) so a
-#: line-scan image never sits decoded at full size as floats.
-REDUCE_ABOVE_PIXELS = 89_478_485
-_PILLOW_LIMIT = threading.Lock()
-
-
-@contextmanager
-def _pillow_limit_lifted() -> Iterator[None]:
-    """Pillow's bomb limit off (skdfm checks its own), under a lock: Pillow reads
-    it from a module global when it opens and again when it loads some formats."""
-    with _PILLOW_LIMIT:
-        previous, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
-        try:
-            yield
-        finally:
-            Image.MAX_IMAGE_PIXELS = previous
-
-
-def _decode_error(name: str, exc: BaseException) -> ValueError:
-    reason = str(exc).strip().splitlines()[0] if str(exc).strip() else repr(exc)
-    if reason.startswith("Cannot decode image file"):
-        return ValueError(reason)
-    return ValueError(f"Cannot decode image file {name!r}: {reason}")
-
-
-@contextmanager
-def open_image(path, max_pixels: int | None = MAX_IMAGE_PIXELS):
-    """``Image.open`` with errors that name the file: FileNotFoundError, ValueError.
-
-    Pillow's own decompression-bomb limit is replaced by ``max_pixels`` (None: no
-    limit), checked from the header before any pixel is decoded.
-    """
-    name = os.fspath(path)
-    try:
-        with _pillow_limit_lifted():
-            image = Image.open(path)
-        with image:
-            pixels = image.width * image.height
-            if max_pixels is not None and pixels > max_pixels:
-                raise ValueError(
-                    f"Image file {name!r} is {image.width}x{image.height} = {pixels:,} "
-                    f"pixels, more than max_image_pixels={max_pixels:,} (a guard "
-                    "against decompression bombs); raise max_image_pixels if the "
-                    "file is trusted."
-                )
-            yield image
-    except FileNotFoundError:
-        raise FileNotFoundError(f"Image file not found: {name!r}") from None
-    except ValueError as exc:
-        if str(exc).startswith(f"Image file {name!r}"):
-            raise
-        raise _decode_error(name, exc) from exc
-    except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as exc:
-        raise _decode_error(name, exc) from exc
-
-
-#: Pillow's modes of 16-bit single-channel images (16-bit PNG and TIFF from
-#: industrial cameras): read as 0..65535, like a numpy uint16 array.
-_SIXTEEN_BIT_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N"})
-
-
-#: The attribute where a decoded 16-bit colour file keeps its full-precision pixels
-#: (Pillow has no 16-bit RGB mode; the image holds their top 8 bits, for display).
-#: An attribute, not ``info``: Pillow copies ``info`` into every derived image
-#: (flipped, converted), whose pixels are then other ones.
-UINT16_PIXELS = "skdfm_uint16_pixels"
-#: The attribute where an image decoded at a reduced scale keeps the file's own
-#: ``(height, width)``: maps and masks are at that size.
-ORIGINAL_SIZE = "skdfm_original_size"
-_warned_sixteen_bit = False
-
-
-def _is_sixteen_bit_colour(image: Image.Image) -> bool:
-    """A 16-bit-per-channel RGB(A) PNG or TIFF, which Pillow reads as 8-bit."""
-    if image.mode not in ("RGB", "RGBA"):
-        return False
-    for tile in image.tile:
-        rawmode = tile.args[0] if isinstance(tile.args, tuple) else tile.args
-        if isinstance(rawmode, str) and ";16" in rawmode:
-            return True
-    return False
-
-
-def _sixteen_bit_colour_pixels(path) -> np.ndarray | None:
-    """(H, W, 3) uint16 pixels, with imagecodecs (the ``16bit`` extra); None and a
-    warning, once, without it."""
-    global _warned_sixteen_bit
-    try:
-        import imagecodecs
-    except ImportError:
-        if not _warned_sixteen_bit:
-            _warned_sixteen_bit = True
-            warnings.warn(
-                f"{os.fspath(path)!r} is a 16-bit colour image, which Pillow reads "
-                "with 8 bits per channel (up to 1/255 from the 16-bit values a uint16 "
-                "array gives). pip install 'skdfm[16bit]' (imagecodecs) to read such "
-                "files at full precision.",
-                UserWarning,
-                stacklevel=4,
-            )
-        return None
-    codec = "png" if Path(path).suffix.lower() == ".png" else "tiff"
-    try:
-        pixels = imagecodecs.imread(os.fspath(path), codec=codec)
-    except Exception as exc:  # imagecodecs raises its own error classes
-        raise _decode_error(os.fspath(path), exc) from exc
-    if pixels.dtype != np.uint16 or pixels.ndim != 3 or pixels.shape[-1] not in (3, 4):
-        return None
-    return np.ascontiguousarray(pixels[..., :3])
-
-
-def decode_image_file(path, max_pixels: int | None = MAX_IMAGE_PIXELS) -> Image.Image:
-    """Decode an image file as anomalib does (Pillow, ``convert("RGB")``): a loaded
-    RGB PIL image; 16-bit grayscale files stay 16-bit (mode ``"I;16"``), since
-    ``convert("RGB")`` would saturate them to white; 16-bit colour PNG/TIFF files
-    keep their 16-bit pixels in the image's ``info`` (read with imagecodecs, the
-    ``16bit`` extra), which the transformer uses. Files above
-    :data:`REDUCE_ABOVE_PIXELS` are decoded at a reduced scale. Errors name the
-    file (see :func:`open_image`)."""
-    name = os.fspath(path)
-    with open_image(path, max_pixels) as image:
-        size = (image.height, image.width)
-        if _is_sixteen_bit_colour(image):
-            full = _sixteen_bit_colour_pixels(path)
-            if full is not None and full.shape[:2] == size:
-                decoded = image.convert("RGB")  # 8 bits: for display and sizes
-                setattr(decoded, UINT16_PIXELS, full)
-                return decoded
-        factor = math.ceil(math.sqrt(size[0] * size[1] / REDUCE_ABOVE_PIXELS))
-        if factor > 1 and image.format == "JPEG":
-            # JPEG decodes at 1/2, 1/4 or 1/8 scale in the DCT, never below this.
-            image.draft("RGB", (image.width // factor, image.height // factor))
-        # Some formats (TIFF) check Pillow's limit again when they load.
-        limit = Image.MAX_IMAGE_PIXELS
-        lift = limit is not None and size[0] * size[1] > limit
-        try:
-            with _pillow_limit_lifted() if lift else nullcontext():
-                if image.mode in _SIXTEEN_BIT_MODES:
-                    image.load()
-                    decoded = image.copy()
-                else:
-                    decoded = image.convert("RGB")
-        except (OSError, ValueError, Image.DecompressionBombError) as exc:
-            raise _decode_error(name, exc) from exc
-    factor = math.ceil(math.sqrt(decoded.width * decoded.height / REDUCE_ABOVE_PIXELS))
-    if factor > 1 and decoded.mode == "RGB":
-        decoded = decoded.reduce(factor)
-    if (decoded.height, decoded.width) != size:
-        setattr(decoded, ORIGINAL_SIZE, size)
-    return decoded
-
-
-def original_size(image: Image.Image) -> tuple[int, int]:
-    """``(height, width)`` of the file a PIL image was decoded from (also when
-    :func:`decode_image_file` reduced it), else of the image itself."""
-    return getattr(image, ORIGINAL_SIZE, (image.height, image.width))
-
-
 def read_image_file(path, max_pixels: int | None = MAX_IMAGE_PIXELS) -> torch.Tensor:
     """:func:`decode_image_file` as a (C, H, W) tensor: uint8 RGB, or one channel
     of floats in [0, 1] for 16-bit grayscale."""
     return _from_pil(decode_image_file(path, max_pixels))
 
 
-def read_image_size(path, max_pixels: int | None = MAX_IMAGE_PIXELS) -> tuple[int, int]:
-    """``(height, width)`` of an image file, from its header only, with the errors
-    of :func:`read_image_file`."""
-    with open_image(path, max_pixels) as image:
-        return (image.height, image.width)
-
-
 def _from_pil(image: Image.Image) -> torch.Tensor:
-    """(C, H, W): uint8 RGB, or for 16-bit grayscale one channel of floats scaled
-    by 65535, the same values as a numpy uint16 array of the pixels gives."""
-    if image.mode in _SIXTEEN_BIT_MODES:
-        pixels = np.array(image).astype(np.uint16)  # native byte order
+    """(C, H, W): uint8 RGB, or for 16-bit files floats scaled by 65535, the same
+    values as a numpy uint16 array of the pixels gives."""
+    pixels = pil_pixels(image)
+    if pixels.ndim == 2:
         return _from_numpy(pixels)[None]
-    full = getattr(image, UINT16_PIXELS, None)
-    if isinstance(full, np.ndarray) and full.shape[:2] == (image.height, image.width):
-        return _from_numpy(full).permute(2, 0, 1)  # a 16-bit colour file's pixels
-    return torch.from_numpy(np.array(image.convert("RGB"))).permute(2, 0, 1)
+    return _from_numpy(pixels).permute(2, 0, 1)
 
 
 def _digest(data) -> str:
@@ -548,10 +341,10 @@ def as_image_collection(
             if item.ndim not in (2, 3) or min(item.shape) == 0:
                 raise ValueError(
                     f"X[{index}] has shape {tuple(item.shape)}; expected one "
-                    f"non-empty image. {_LAYOUT_HELP}"
+                    f"non-empty image. {LAYOUT_HELP}"
                 )
             if item.ndim == 3:  # layout errors up front, not mid-transform
-                _channel_axis(tuple(item.shape), (0, 2), "image")
+                channel_axis(tuple(item.shape), (0, 2), "image")
     return ImageCollection(kind, items, max_pixels=max_pixels)
 
 
@@ -562,12 +355,12 @@ def _array_collection(X) -> ImageCollection:
         raise ValueError(
             f"X is a 2-D array of shape {shape}, but images are expected: a batch of "
             f"images needs 3 or 4 dimensions (one grayscale image: X[None]). "
-            f"{_LAYOUT_HELP}"
+            f"{LAYOUT_HELP}"
         )
     if X.ndim not in (3, 4):
         raise ValueError(
             f"X has {X.ndim} dimensions (shape {shape}); expected 3 or 4. "
-            f"{_LAYOUT_HELP}"
+            f"{LAYOUT_HELP}"
         )
     if shape[0] == 0:
         raise ValueError("X contains no images (0 samples); at least 1 is required.")
@@ -585,12 +378,12 @@ def _array_collection(X) -> ImageCollection:
                 "one colour image as X[None] (1, 3, H, W), three grayscale images "
                 "as X[:, None] (3, 1, H, W)."
             )
-        channel_axis = None
+        axis = None
     else:
-        channel_axis = _channel_axis(shape, (1, 3), "array")
+        axis = channel_axis(shape, (1, 3), "array")
     if min(shape) == 0:
         raise ValueError(f"X has an empty image dimension (shape {shape}).")
-    return ImageCollection("array", X, channel_axis)
+    return ImageCollection("array", X, axis)
 
 
 def _as_unit_float(batch: torch.Tensor, first_index: int) -> torch.Tensor:

@@ -9,6 +9,7 @@ from PIL import Image
 
 import skdfm
 import skdfm._backbone
+import skdfm._decode
 from skdfm import make_defect_images
 from skdfm.cli import main
 
@@ -434,7 +435,7 @@ def test_images_decoded_at_a_reduced_scale_keep_their_maps_and_masks(
     import skdfm._images as images_module
 
     root = write_mvtec_tree(tmp_path / "bottle", size=(64, 64))
-    monkeypatch.setattr(images_module, "REDUCE_ABOVE_PIXELS", 1000)  # 64x64 is "huge"
+    monkeypatch.setattr(skdfm._decode, "REDUCE_ABOVE_PIXELS", 1000)  # 64x64 is "huge"
     capsys.readouterr()
     assert main(["evaluate", str(model_file), str(root), "--no-progress"]) == 0
     out = capsys.readouterr().out

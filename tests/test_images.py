@@ -8,6 +8,7 @@ import torch
 from PIL import Image
 from torchvision.transforms import v2
 
+import skdfm._decode
 import skdfm._images as images_module
 from skdfm._images import as_image_collection, model_input
 
@@ -335,7 +336,7 @@ def test_files_above_pillows_threshold_are_decoded_at_a_reduced_scale(
     Image.fromarray(pixels).save(path, fmt, quality=95)
     tr = DeepFeatureTransformer(**SMALL_BACKBONE).fit(pixels[None])
     full = tr.transform([path])
-    monkeypatch.setattr(images, "REDUCE_ABOVE_PIXELS", 200_000)  # ~1/4 the area
+    monkeypatch.setattr(skdfm._decode, "REDUCE_ABOVE_PIXELS", 200_000)  # ~1/4 the area
     reduced = images.decode_image_file(path)
     assert reduced.width * reduced.height <= 4 * 200_000 < 1200 * 1600
     approx = tr.transform([path])
@@ -384,7 +385,7 @@ def test_16_bit_colour_without_imagecodecs_warns(tmp_path, monkeypatch):
     path = tmp_path / "rgb16.png"
     imagecodecs.imwrite(path, np.full((8, 8, 3), 4000, np.uint16))
     monkeypatch.setitem(sys.modules, "imagecodecs", None)  # not installed
-    monkeypatch.setattr(images, "_warned_sixteen_bit", False)
+    monkeypatch.setattr(skdfm._decode, "_warned_sixteen_bit", False)
     with pytest.warns(UserWarning, match=r"skdfm\[16bit\]"):
         tensor = images.read_image_file(path)
     assert tensor.dtype == torch.uint8  # Pillow's 8 bits, said so
