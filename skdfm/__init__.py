@@ -1,53 +1,59 @@
-"""skdfm: Deep Feature Modeling (DFM) anomaly detection for scikit-learn."""
+"""skdfm: Deep Feature Modeling (DFM) anomaly detection for scikit-learn.
 
-from ._cache import FeatureCache
-from ._datasets import load_mvtec, make_defect_images
-from ._detector import DFMDetector
-from ._device import DeviceWarning
-from ._maps import AnomalyMaps, anomaly_maps
-from ._metrics import aupro, check_outlier_labels, image_auroc, pixel_auroc
-from ._model_selection import (
-    InlierKFold,
-    aupro_scorer,
-    image_auroc_scorer,
-    pixel_auroc_scorer,
-)
-from ._persistence import SkdfmVersionWarning
-from ._plotting import anomaly_map_grid, overlay_anomaly_map, plot_anomaly_maps
-from ._saving import ModelFileError, load, save
-from ._streaming import stream_fit
-from ._thresholds import calibrate_threshold, f1_adaptive_threshold, normalized_scores
-from ._transformer import DeepFeatureTransformer
+``import skdfm`` is cheap: the estimators (torch, timm, scikit-learn) are imported
+when first used, so a process that only runs an exported model
+(:class:`skdfm.ExportedModel`) never loads them.
+"""
+
+from importlib import import_module
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "AnomalyMaps",
-    "DFMDetector",
-    "DeepFeatureTransformer",
-    "DeviceWarning",
-    "FeatureCache",
-    "InlierKFold",
-    "ModelFileError",
-    "SkdfmVersionWarning",
-    "__version__",
-    "anomaly_map_grid",
-    "anomaly_maps",
-    "aupro",
-    "aupro_scorer",
-    "calibrate_threshold",
-    "check_outlier_labels",
-    "f1_adaptive_threshold",
-    "image_auroc",
-    "image_auroc_scorer",
-    "load",
-    "load_mvtec",
-    "make_defect_images",
-    "normalized_scores",
-    "overlay_anomaly_map",
-    "pixel_auroc",
-    "pixel_auroc_scorer",
-    "plot_anomaly_maps",
-    "save",
-    "stream_fit",
-]
+#: Public name -> the private module that defines it (imported on first access).
+_LAZY = {
+    "AnomalyMaps": "._results",
+    "DFMDetector": "._detector",
+    "DeepFeatureTransformer": "._transformer",
+    "DeviceWarning": "._device",
+    "ExportedModel": "._runtime",
+    "FeatureCache": "._cache",
+    "InlierKFold": "._model_selection",
+    "ModelFileError": "._saving",
+    "SkdfmVersionWarning": "._persistence",
+    "anomaly_map_grid": "._plotting",
+    "anomaly_maps": "._maps",
+    "aupro": "._metrics",
+    "aupro_scorer": "._model_selection",
+    "calibrate_threshold": "._thresholds",
+    "check_outlier_labels": "._metrics",
+    "export": "._export",
+    "f1_adaptive_threshold": "._thresholds",
+    "image_auroc": "._metrics",
+    "image_auroc_scorer": "._model_selection",
+    "load": "._saving",
+    "load_mvtec": "._datasets",
+    "make_defect_images": "._datasets",
+    "normalized_scores": "._thresholds",
+    "overlay_anomaly_map": "._plotting",
+    "pixel_auroc": "._metrics",
+    "pixel_auroc_scorer": "._model_selection",
+    "plot_anomaly_maps": "._plotting",
+    "save": "._saving",
+    "stream_fit": "._streaming",
+}
+
+__all__ = ["__version__", *sorted(_LAZY)]
+
+
+def __getattr__(name):  # PEP 562: import the defining module on first access
+    try:
+        module = _LAZY[name]
+    except KeyError:
+        raise AttributeError(f"module 'skdfm' has no attribute {name!r}") from None
+    value = getattr(import_module(module, __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted({*globals(), *_LAZY})

@@ -58,6 +58,7 @@ _TORCH_DTYPES = {
     torch.float64: None,
 }
 
+
 def _scale_of(dtype, what: str) -> float | None:
     is_torch = isinstance(dtype, torch.dtype)
     table = _TORCH_DTYPES if is_torch else NUMPY_SCALES
@@ -359,8 +360,7 @@ def _array_collection(X) -> ImageCollection:
         )
     if X.ndim not in (3, 4):
         raise ValueError(
-            f"X has {X.ndim} dimensions (shape {shape}); expected 3 or 4. "
-            f"{LAYOUT_HELP}"
+            f"X has {X.ndim} dimensions (shape {shape}); expected 3 or 4. {LAYOUT_HELP}"
         )
     if shape[0] == 0:
         raise ValueError("X contains no images (0 samples); at least 1 is required.")

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-from typing import NamedTuple
-
-import numpy as np
 import torch
 import torch.nn.functional as F
 
 from ._model import split_model
+from ._results import AnomalyMaps, target_sizes
 from ._scores import check_has_grid
 
 __all__ = ["AnomalyMaps", "anomaly_maps", "upsample"]
@@ -22,37 +20,6 @@ def upsample(grid: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
         grid[:, None], size=size, mode="bilinear", align_corners=False
     )
     return upsampled[:, 0]
-
-
-class AnomalyMaps(NamedTuple):
-    """Result of :func:`anomaly_maps`."""
-
-    #: (n, H, W) float64 array when every map has one size, else a list of 2-D arrays
-    maps: np.ndarray | list[np.ndarray]
-    #: (n,) float64, equal to ``model.score_samples(X)`` (higher = more normal)
-    score_samples: np.ndarray
-    #: (n,) int, equal to ``model.predict(X)`` (+1 normal, -1 anomalous)
-    labels: np.ndarray
-
-
-def _target_sizes(size, transformer, image_sizes, n: int):
-    if isinstance(size, str):
-        if size == "grid":
-            return None
-        if size == "input":
-            return [transformer.input_size_] * n
-        if size == "image":
-            return image_sizes
-    elif (
-        isinstance(size, tuple)
-        and len(size) == 2
-        and all(isinstance(s, int) and s > 0 for s in size)
-    ):
-        return [size] * n
-    raise ValueError(
-        f"size={size!r} must be 'image' (each image's own size), 'input' (the "
-        "model input size), 'grid' (the pooled feature grid) or (height, width)."
-    )
 
 
 def anomaly_maps(model, X, *, size="image", feature_shape=None) -> AnomalyMaps:
@@ -136,7 +103,8 @@ def anomaly_maps(model, X, *, size="image", feature_shape=None) -> AnomalyMaps:
             )
         features, image_sizes = X, None
     score_samples, grid = detector.score_samples_with_grid(features, feature_shape)
-    targets = _target_sizes(size, transformer, image_sizes, len(grid))
+    input_size = transformer.input_size_ if transformer is not None else None
+    targets = target_sizes(size, input_size, image_sizes, len(grid))
     if targets is None:
         maps = grid.cpu().numpy()
     elif len(set(targets)) == 1:

@@ -17,6 +17,7 @@ from sklearn.metrics import precision_recall_curve
 from ._detector import check_contamination
 from ._metrics import check_labels_and_scores, check_outlier_labels
 from ._model import split_model
+from ._results import normalize_scores
 
 __all__ = ["calibrate_threshold", "f1_adaptive_threshold", "normalized_scores"]
 
@@ -178,6 +179,4 @@ def normalized_scores(model, X) -> np.ndarray:
 
 def normalize(detector, score_samples: np.ndarray) -> np.ndarray:
     """:func:`normalized_scores` of already computed ``score_samples``."""
-    low, high = detector.score_range_
-    span = high - low if high > low else 1.0
-    return np.clip((detector.offset_ - score_samples) / span + 0.5, 0.0, 1.0)
+    return normalize_scores(score_samples, detector.offset_, detector.score_range_)

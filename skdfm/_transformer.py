@@ -25,7 +25,7 @@ from ._memory import check_fits_in_memory
 from ._persistence import PersistenceMixin
 from ._validation import reject_bools
 
-__all__ = ["DeepFeatureTransformer"]
+__all__ = ["DeepFeatureTransformer", "pool_feature_maps"]
 
 _AUTOCAST_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
 #: Parameters that decide what the features are: after fit, the fitted values are
@@ -37,6 +37,15 @@ _FEATURE_PARAMS = (
     "pooling_kernel_size",
     "precision",
 )
+
+
+def pool_feature_maps(feature_maps, kernel: int) -> torch.Tensor:
+    """The pooled (N, C, h, w) float32 map of one or several layers' maps: the
+    transformer's rows before flattening (also what exported graphs compute)."""
+    if len(feature_maps) == 1:
+        feature_map = feature_maps[0].float()
+        return F.avg_pool2d(feature_map, kernel) if kernel > 1 else feature_map
+    return torch.cat(_common_grid(feature_maps, kernel), dim=1)
 
 
 def _common_grid(feature_maps, kernel: int) -> list[torch.Tensor]:
@@ -455,15 +464,10 @@ class DeepFeatureTransformer(
         with torch.autocast(x.device.type, dtype=dtype, enabled=dtype is not None):
             feature_maps = self.backbone_(x)
         kernel = self.feature_params_["pooling_kernel_size"]
-        if len(feature_maps) == 1:
-            feature_map = feature_maps[0].float()
-            if kernel > 1:
-                feature_map = F.avg_pool2d(feature_map, kernel)
-            return feature_map.flatten(1)
         # Several layers: the coarsest map pooled as one layer would be, finer
         # ones cropped to the image region that grid covers and averaged onto it
         # (see Notes of the class).
-        return torch.cat(_common_grid(feature_maps, kernel), dim=1).flatten(1)
+        return pool_feature_maps(feature_maps, kernel).flatten(1)
 
     def transform(self, X):
         """Pooled backbone features of each image.

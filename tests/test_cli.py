@@ -432,7 +432,6 @@ def test_a_random_bytes_model_file_is_a_one_line_error(good_dir, tmp_path, capsy
 def test_images_decoded_at_a_reduced_scale_keep_their_maps_and_masks(
     model_file, tmp_path, monkeypatch, capsys
 ):
-    import skdfm._images as images_module
 
     root = write_mvtec_tree(tmp_path / "bottle", size=(64, 64))
     monkeypatch.setattr(skdfm._decode, "REDUCE_ABOVE_PIXELS", 1000)  # 64x64 is "huge"

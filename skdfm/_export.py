@@ -1,0 +1,380 @@
+"""Export a fitted Pipeline(DeepFeatureTransformer, DFMDetector) to ONNX or OpenVINO.
+
+One graph from images to what the Python model computes:
+
+* input ``images``: float32 ``(N, 3, H, W)`` RGB in [0, 1] at the model's input
+  size (``input_size_``), N dynamic. Decoding, grayscale-to-RGB and the resize stay
+  outside the graph, where :class:`~skdfm.ExportedModel` does them as the Pipeline
+  does (antialiased bilinear resize in float, so no 8-bit rounding on the way);
+  the backbone's mean/std normalisation is inside;
+* outputs ``score_samples`` ``(N,)`` (equal to ``model.score_samples``, higher =
+  more normal), ``label`` ``(N,)`` int64 (+1 / -1 at the model's ``offset_``) and,
+  for ``"fre"`` models, ``anomaly_map`` ``(N, H, W)`` at the input size (anomalib's
+  map) and ``grid_map`` ``(N, h, w)`` on the feature grid (from which
+  :class:`~skdfm.ExportedModel` brings maps to each image's own size).
+
+The DFM head runs in float32 in the graph and computes the residual explicitly
+(``xc - (xc V) V^T``), which keeps FRE's relative error at float32 rounding even
+when the FRE is a small part of ``||xc||^2``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+__all__ = ["FORMATS", "PRECISIONS", "export", "metadata_of"]
+
+FORMATS = ("onnx", "openvino")
+PRECISIONS = ("float32", "float16", "bfloat16", "int8")
+#: Key of the JSON metadata in the ONNX file's metadata_props and in OpenVINO's
+#: rt_info.
+METADATA_KEY = "skdfm"
+_OPSET = 18
+
+
+def _require(module: str, extra: str):
+    """Import an optional runtime, or raise naming the extra that installs it."""
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError as error:
+        raise ImportError(
+            f"{module} is not installed: pip install 'skdfm[{extra}]'"
+        ) from error
+
+
+def _graph(transformer, detector):
+    """The torch module the exported graph is traced from."""
+    import torch
+    import torch.nn.functional as F
+
+    from ._scores import gaussian_variances
+    from ._transformer import pool_feature_maps
+
+    kernel = transformer.feature_params_["pooling_kernel_size"]
+    channels, rows, cols = transformer.feature_shape_
+    height, width = transformer.input_size_
+    score_type, image_score = detector.score_type_, detector.image_score_
+    offset = float(detector.offset_)
+
+    class DFMGraph(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.backbone = transformer.backbone_
+            self.register_buffer(
+                "image_mean", torch.tensor(transformer.image_mean_).view(1, 3, 1, 1)
+            )
+            self.register_buffer(
+                "image_std", torch.tensor(transformer.image_std_).view(1, 3, 1, 1)
+            )
+            self.register_buffer("mean", torch.from_numpy(detector.mean_).float())
+            self.register_buffer(
+                "components", torch.from_numpy(detector.components_).float()
+            )
+            variances = gaussian_variances(
+                torch.from_numpy(detector.singular_values_), detector.n_samples_
+            )
+            self.register_buffer("variances", variances.float())
+            self.register_buffer("log_det", variances.log().sum().float())
+
+        def forward(self, images):
+            x = (images - self.image_mean) / self.image_std
+            features = pool_feature_maps(self.backbone(x), kernel).flatten(1)
+            xc = features - self.mean
+            z = xc @ self.components.T
+            if score_type == "nll":
+                score = (z * z / self.variances).sum(1) + self.log_det
+                score_samples = -score
+                label = torch.where(score_samples - offset >= 0, 1, -1)
+                return score_samples, label
+            residual = xc - z @ self.components
+            grid = (residual * residual).reshape(-1, channels, rows, cols).sum(1)
+            cells = grid.flatten(1)
+            if image_score == "sum":
+                score = cells.sum(1)
+            elif image_score == "max":
+                score = cells.amax(1)
+            else:
+                score = cells.topk(int(image_score), dim=1).values.mean(1)
+            score_samples = -score
+            label = torch.where(score_samples - offset >= 0, 1, -1)
+            anomaly_map = F.interpolate(
+                grid[:, None], size=(height, width), mode="bilinear",
+                align_corners=False,
+            )[:, 0]  # fmt: skip
+            return score_samples, label, anomaly_map, grid
+
+    return DFMGraph().eval()
+
+
+def metadata_of(transformer, detector, *, format: str, precision: str) -> dict:
+    """What an exported file says about itself (stored as JSON in the file)."""
+    from . import __version__
+
+    layer = transformer.layer_
+    return {
+        "format_version": 1,
+        "skdfm_version": __version__,
+        "format": format,
+        "precision": precision,
+        "backbone": transformer.feature_params_["backbone"],
+        "layer": layer if isinstance(layer, str) else list(layer),
+        "input_size": list(transformer.input_size_),
+        "image_mean": list(transformer.image_mean_),
+        "image_std": list(transformer.image_std_),
+        "pooling_kernel_size": int(transformer.feature_params_["pooling_kernel_size"]),
+        "feature_shape": list(transformer.feature_shape_),
+        "score_type": detector.score_type_,
+        "image_score": detector.image_score_,
+        "offset": float(detector.offset_),
+        "threshold_method": detector.threshold_method_,
+        "score_range": [float(v) for v in detector.score_range_],
+        "n_components": int(detector.n_components_),
+        "input": {
+            "name": "images",
+            "dtype": "float32",
+            "layout": "NCHW",
+            "range": [0.0, 1.0],
+        },  # fmt: skip
+        "outputs": _output_names(detector.score_type_),
+    }
+
+
+def _output_names(score_type: str) -> list[str]:
+    names = ["score_samples", "label"]
+    return names + (["anomaly_map", "grid_map"] if score_type == "fre" else [])
+
+
+def _fitted_parts(model):
+    """(transformer, detector) of a fitted Pipeline, or a clear error."""
+    from sklearn.utils.validation import check_is_fitted
+
+    from ._detector import DFMDetector
+    from ._model import split_model
+    from ._transformer import DeepFeatureTransformer
+
+    if isinstance(model, DFMDetector):
+        raise ValueError(
+            "export needs the images-to-scores model: a Pipeline(DeepFeatureTransformer"
+            ", DFMDetector). A bare DFMDetector scores feature rows and has no "
+            "backbone to export."
+        )
+    transformer, detector = split_model(model)
+    if not isinstance(transformer, DeepFeatureTransformer):
+        raise ValueError(
+            "export needs a Pipeline(DeepFeatureTransformer, DFMDetector); got "
+            f"{type(model).__name__}."
+        )
+    check_is_fitted(transformer)
+    check_is_fitted(detector)
+    if "_scatter" in vars(detector):
+        detector.finish_partial_fit()
+    if "offset_" not in vars(detector):
+        raise ValueError(
+            "The detector has no threshold offset_ (fitted by partial_fit): set it "
+            "with skdfm.calibrate_threshold before exporting."
+        )
+    return transformer, detector
+
+
+def _export_onnx(graph, transformer, destination: Path) -> None:
+    import torch
+
+    height, width = transformer.input_size_
+    example = torch.rand(2, 3, height, width)
+    batch = torch.export.Dim("batch", min=1)
+    names = _output_names("fre" if len(graph(example)) == 4 else "nll")
+    # The exporter reports its progress on stdout: not ours to print.
+    with contextlib.redirect_stdout(io.StringIO()), torch.inference_mode(False):
+        program = torch.onnx.export(
+            graph,
+            (example,),
+            input_names=["images"],
+            output_names=names,
+            dynamic_shapes={"images": {0: batch}},
+            opset_version=_OPSET,
+            dynamo=True,
+            external_data=False,
+            optimize=True,
+        )
+    program.save(os.fspath(destination))
+
+
+def _set_onnx_metadata(path: Path, metadata: dict) -> None:
+    import onnx
+
+    proto = onnx.load(os.fspath(path))
+    del proto.metadata_props[:]
+    entry = proto.metadata_props.add()
+    entry.key, entry.value = METADATA_KEY, json.dumps(metadata)
+    onnx.save(proto, os.fspath(path))
+
+
+def _quantize_int8(source: Path, destination: Path, calibration: np.ndarray) -> None:
+    """Static int8 quantisation (QDQ) of the backbone's convolutions and matrix
+    products, calibrated on ``calibration``; the DFM head stays float."""
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        QuantFormat,
+        QuantType,
+        quantize_static,
+    )
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self.batches = iter([{"images": calibration[i : i + 8]}
+                                 for i in range(0, len(calibration), 8)])  # fmt: skip
+
+        def get_next(self):
+            return next(self.batches, None)
+
+    quantize_static(
+        os.fspath(source),
+        os.fspath(destination),
+        Reader(),
+        quant_format=QuantFormat.QDQ,
+        activation_type=QuantType.QInt8,
+        weight_type=QuantType.QInt8,
+        op_types_to_quantize=["Conv"],
+        per_channel=True,
+    )
+
+
+def _calibration_array(calibration_images, transformer) -> np.ndarray:
+    if calibration_images is None:
+        raise ValueError(
+            "precision='int8' quantises activations, which needs images to "
+            "calibrate on: pass calibration_images (e.g. 16-64 normal images)."
+        )
+    from ._runtime import prepare_images
+
+    array = prepare_images(
+        calibration_images, transformer.input_size_, transformer.max_image_pixels
+    )[0]
+    if len(array) == 0:
+        raise ValueError("calibration_images holds no image.")
+    return array
+
+
+def export(model, path, *, format="onnx", precision="float32", calibration_images=None):
+    """Export a fitted ``Pipeline(DeepFeatureTransformer, DFMDetector)``.
+
+    The file runs with :class:`~skdfm.ExportedModel` (no torch, timm or
+    scikit-learn needed), or in any ONNX / OpenVINO runtime: one graph from a batch
+    of images at the model's input size to the image scores, labels and (for
+    ``"fre"``) anomaly maps. Written atomically: an interrupted export leaves no
+    half-written file.
+
+    Parameters
+    ----------
+    model : Pipeline
+        A fitted ``Pipeline(DeepFeatureTransformer, DFMDetector)`` with a
+        threshold (``offset_``).
+    path : str or path-like
+        Where to write: ``model.onnx``, or for OpenVINO ``model.xml`` (its weights
+        go to ``model.bin`` beside it).
+    format : {"onnx", "openvino"}, default="onnx"
+        ``"onnx"`` needs ``pip install 'skdfm[onnx]'``, ``"openvino"``
+        ``'skdfm[openvino]'`` (and the onnx extra, which the conversion goes
+        through).
+    precision : {"float32", "float16", "bfloat16", "int8"}, default="float32"
+        ``"float32"``: scores equal the Python model's to float32 rounding.
+        ``"bfloat16"`` (OpenVINO only): the file keeps float32 weights and
+        OpenVINO runs it in bfloat16 on CPUs with bf16 units (AVX-512 BF16, AMX).
+        ``"float16"`` (OpenVINO only): weights stored as float16 (half the file),
+        computed in float32 by OpenVINO's CPU plugin.
+        ``"int8"``: the backbone's convolutions quantised to int8 (static, QDQ,
+        per channel, onnxruntime's quantiser) from ``calibration_images``; the DFM
+        head stays float.
+    calibration_images : images, default=None
+        For ``"int8"``: what the Pipeline takes (arrays, paths, PIL images), e.g.
+        16-64 normal images.
+
+    Returns
+    -------
+    path : pathlib.Path
+        The file written (the ``.xml`` for OpenVINO).
+
+    Raises
+    ------
+    ValueError
+        An unfitted model, a bare detector, an unknown format or precision, a
+        precision the format cannot run, int8 without calibration images.
+    ImportError
+        The runtime the format needs is not installed; names the extra.
+
+    Examples
+    --------
+    >>> import numpy as np, tempfile, os
+    >>> from sklearn.pipeline import make_pipeline
+    >>> from skdfm import (DeepFeatureTransformer, DFMDetector, ExportedModel,
+    ...                    export, make_defect_images)
+    >>> images, y, _ = make_defect_images(12, 2, image_size=64, random_state=0)
+    >>> model = make_pipeline(
+    ...     DeepFeatureTransformer(backbone="resnet18", pretrained=False,
+    ...                            input_size=64, device="cpu", random_state=0),
+    ...     DFMDetector(pca_level=0.9, device="cpu"),
+    ... ).fit(images[y == 1])
+    >>> path = export(model, os.path.join(tempfile.mkdtemp(), "model.onnx"))
+    >>> exported = ExportedModel(path)
+    >>> bool(np.allclose(exported.score_samples(images), model.score_samples(images),
+    ...                  rtol=1e-5))
+    True
+    """
+    if format not in FORMATS:
+        raise ValueError(f"format={format!r} must be one of {FORMATS}.")
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision={precision!r} must be one of {PRECISIONS}.")
+    if precision in ("bfloat16", "float16") and format != "openvino":
+        raise ValueError(
+            f"precision={precision!r} needs format='openvino': onnxruntime's CPU "
+            f"has no {precision} convolutions; use precision='int8' for a smaller, "
+            "faster ONNX file."
+        )
+    if calibration_images is not None and precision != "int8":
+        raise ValueError("calibration_images is only for precision='int8'.")
+    path = Path(path)
+    suffix = ".xml" if format == "openvino" else ".onnx"
+    if path.suffix.lower() != suffix:
+        raise ValueError(f"format={format!r} writes a {suffix} file; got {path}.")
+    folder = path.parent if str(path.parent) else Path(".")
+    if not folder.is_dir():
+        raise FileNotFoundError(f"Cannot write {path}: no folder {folder}.")
+    _require("onnx", "onnx")
+    if format == "openvino":
+        ov = _require("openvino", "openvino")
+    if precision == "int8":
+        _require("onnxruntime", "onnx")
+    transformer, detector = _fitted_parts(model)
+    calibration = None
+    if precision == "int8":
+        calibration = _calibration_array(calibration_images, transformer)
+    metadata = metadata_of(transformer, detector, format=format, precision=precision)
+    graph = _graph(transformer, detector)
+    with tempfile.TemporaryDirectory(dir=folder, prefix=f".{path.name}.") as scratch:
+        onnx_path = Path(scratch) / "model.onnx"
+        _export_onnx(graph, transformer, onnx_path)
+        if precision == "int8":
+            quantized = Path(scratch) / "int8.onnx"
+            _quantize_int8(onnx_path, quantized, calibration)
+            onnx_path = quantized
+        if format == "onnx":
+            _set_onnx_metadata(onnx_path, metadata)
+            os.replace(onnx_path, path)
+            return path
+        ov_model = ov.convert_model(os.fspath(onnx_path))
+        ov_model.set_rt_info(json.dumps(metadata), [METADATA_KEY])
+        xml = Path(scratch) / "model.xml"
+        ov.save_model(ov_model, os.fspath(xml), compress_to_fp16=precision == "float16")
+        # The weights first, then the description that names them.
+        os.replace(xml.with_suffix(".bin"), path.with_suffix(".bin"))
+        os.replace(xml, path)
+    return path
