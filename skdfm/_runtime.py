@@ -186,6 +186,11 @@ def _import(module: str, extra: str):
         ) from error
 
 
+def _first_line(error: BaseException) -> str:
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return lines[0] if lines else type(error).__name__
+
+
 def _check_metadata(path, text) -> dict:
     if not text:
         raise ModelFileError(
@@ -228,7 +233,9 @@ class _OnnxRuntime:
                 os.fspath(path), options, providers=["CPUExecutionProvider"]
             )
         except Exception as error:  # onnxruntime raises its own exception classes
-            raise ModelFileError(path, f"cannot be loaded by onnxruntime: {error}")
+            raise ModelFileError(
+                path, f"cannot be loaded by onnxruntime: {_first_line(error)}"
+            ) from None
         meta = self.session.get_modelmeta().custom_metadata_map
         self.metadata = _check_metadata(path, meta.get(_METADATA_KEY))
 
@@ -245,7 +252,9 @@ class _OpenVinoRuntime:
         try:
             model = core.read_model(os.fspath(path))
         except Exception as error:  # OpenVINO raises RuntimeError and its own
-            raise ModelFileError(path, f"cannot be read by OpenVINO: {error}")
+            raise ModelFileError(
+                path, f"cannot be read by OpenVINO: {_first_line(error)}"
+            ) from None
         text = None
         if model.has_rt_info([_METADATA_KEY]):
             text = model.get_rt_info([_METADATA_KEY]).astype(str)
@@ -258,7 +267,9 @@ class _OpenVinoRuntime:
                 model, "CPU", {"INFERENCE_PRECISION_HINT": hint}
             )
         except Exception as error:
-            raise ModelFileError(path, f"cannot be compiled by OpenVINO: {error}")
+            raise ModelFileError(
+                path, f"cannot be compiled by OpenVINO: {_first_line(error)}"
+            ) from None
 
     def __call__(self, batch: np.ndarray) -> list[np.ndarray]:
         result = self.compiled(batch)
@@ -270,7 +281,9 @@ def _onnx_metadata(path: Path):
     try:
         proto = onnx.load(os.fspath(path), load_external_data=False)
     except Exception as error:
-        raise ModelFileError(path, f"is not a readable ONNX file: {error}") from None
+        raise ModelFileError(
+            path, f"is not a readable ONNX file: {_first_line(error)}"
+        ) from None
     for entry in proto.metadata_props:
         if entry.key == _METADATA_KEY:
             return entry.value
