@@ -12,8 +12,10 @@ import math
 import os
 import threading
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +23,7 @@ from PIL import Image, UnidentifiedImageError
 
 __all__ = [
     "IMAGE_SUFFIXES",
+    "FileBatch",
     "LAYOUT_HELP",
     "MAX_IMAGE_PIXELS",
     "NUMPY_SCALES",
@@ -30,9 +33,11 @@ __all__ = [
     "UINT16_PIXELS",
     "channel_axis",
     "decode_image_file",
+    "one_ahead",
     "open_image",
     "original_size",
     "pil_pixels",
+    "read_image_files",
     "read_image_size",
 ]
 
@@ -257,3 +262,55 @@ def pil_pixels(image: Image.Image) -> np.ndarray:
     if isinstance(full, np.ndarray) and full.shape[:2] == (image.height, image.width):
         return full
     return np.array(image.convert("RGB"))
+
+
+def one_ahead(function: Callable, arguments: Iterable) -> Iterator:
+    """``map(function, arguments)``, each call made while the previous result is
+    being used (one background thread; Pillow releases the GIL while decoding).
+    Errors surface at the item they belong to."""
+    arguments = list(arguments)
+    if len(arguments) < 2:
+        yield from map(function, arguments)
+        return
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="skdfm-decode") as pool:
+        pending = pool.submit(function, arguments[0])
+        for index in range(1, len(arguments) + 1):
+            result = pending.result()
+            if index < len(arguments):
+                pending = pool.submit(function, arguments[index])
+            yield result
+
+
+@dataclass(frozen=True)
+class FileBatch:
+    """Files of one batch of :func:`read_image_files`, each decoded once."""
+
+    paths: list  #: the files that decoded, in input order
+    images: list  #: their RGB PIL images (:func:`decode_image_file`)
+    failed: list  #: ``(path, reason)`` of the files that did not
+
+
+def read_image_files(
+    paths: Sequence, batch_size: int, max_pixels: int | None = MAX_IMAGE_PIXELS
+) -> Iterator[FileBatch]:
+    """Decode files ``batch_size`` at a time, one batch ahead, skipping bad ones.
+
+    For callers that must keep going past an unreadable file (the command line):
+    a file that is missing or cannot be decoded lands in ``failed`` with the
+    reason, the others are decoded exactly once. The images are what
+    ``DeepFeatureTransformer`` reads from the same files.
+    """
+
+    def decode(start):
+        batch = FileBatch([], [], [])
+        for path in paths[start : start + batch_size]:
+            try:
+                image = decode_image_file(path, max_pixels)
+            except (OSError, ValueError) as error:
+                batch.failed.append((path, str(error)))
+            else:
+                batch.paths.append(path)
+                batch.images.append(image)
+        return batch
+
+    return one_ahead(decode, range(0, len(paths), batch_size))

@@ -219,14 +219,18 @@ def _set_onnx_metadata(path: Path, metadata: dict) -> None:
 
 
 def _quantize_int8(source: Path, destination: Path, calibration: np.ndarray) -> None:
-    """Static int8 quantisation (QDQ) of the backbone's convolutions and matrix
-    products, calibrated on ``calibration``; the DFM head stays float."""
+    """Static int8 quantisation (QDQ: uint8 activations, int8 per-channel weights,
+    the fast path of x86 VNNI) of the backbone's convolutions, calibrated on
+    ``calibration``; the DFM head stays float."""
+    import logging
+
     from onnxruntime.quantization import (
         CalibrationDataReader,
         QuantFormat,
         QuantType,
         quantize_static,
     )
+    from onnxruntime.quantization.shape_inference import quant_pre_process
 
     class Reader(CalibrationDataReader):
         def __init__(self):
@@ -236,16 +240,70 @@ def _quantize_int8(source: Path, destination: Path, calibration: np.ndarray) -> 
         def get_next(self):
             return next(self.batches, None)
 
-    quantize_static(
-        os.fspath(source),
-        os.fspath(destination),
-        Reader(),
-        quant_format=QuantFormat.QDQ,
-        activation_type=QuantType.QInt8,
-        weight_type=QuantType.QInt8,
-        op_types_to_quantize=["Conv"],
-        per_channel=True,
+    prepared = destination.with_name("prepared.onnx")
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)  # the quantiser's advice goes to the root logger
+    try:
+        quant_pre_process(os.fspath(source), os.fspath(prepared))
+        quantize_static(
+            os.fspath(prepared),
+            os.fspath(destination),
+            Reader(),
+            quant_format=QuantFormat.QDQ,
+            activation_type=QuantType.QUInt8,
+            weight_type=QuantType.QInt8,
+            op_types_to_quantize=["Conv"],
+            per_channel=True,
+        )
+    finally:
+        root.setLevel(level)
+
+
+def _threshold_in_int8_units(path: Path, calibration, metadata: dict, reference):
+    """The float32 threshold and score range mapped to the int8 graph's scores.
+
+    Quantisation moves every score (it adds its own reconstruction error), so the
+    float32 ``offset_`` would flag the wrong images. The int8 and float32 scores of
+    the calibration images are related by a least-squares line; ``offset`` and
+    ``score_range`` are carried through it, and the metadata says so.
+    """
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(os.fspath(path), providers=["CPUExecutionProvider"])
+    quantized = np.concatenate(
+        [
+            session.run(None, {"images": calibration[i : i + 16]})[0]
+            for i in range(0, len(calibration), 16)
+        ]  # fmt: skip
+    ).astype(np.float64)
+    if len(calibration) >= 2 and np.ptp(reference) > 0:
+        slope, intercept = np.polyfit(reference, quantized, 1)
+    else:
+        slope, intercept = 1.0, float(np.mean(quantized - reference))
+    if not (np.isfinite(slope) and slope > 0):
+        slope, intercept = 1.0, float(np.mean(quantized - reference))
+    metadata["float32_offset"] = metadata["offset"]
+    metadata["offset"] = float(slope * metadata["offset"] + intercept)
+    metadata["score_range"] = [float(slope * v + intercept)
+                               for v in metadata["score_range"]]  # fmt: skip
+    metadata["threshold_note"] = (
+        f"float32 threshold mapped to int8 scores by a line fitted on "
+        f"{len(calibration)} calibration images (slope {slope:.4g})"
     )
+
+
+def _reference_scores(graph, calibration: np.ndarray) -> np.ndarray:
+    """The float32 graph's ``score_samples`` of the calibration images."""
+    import torch
+
+    with torch.inference_mode():
+        return np.concatenate(
+            [
+                graph(torch.from_numpy(calibration[i : i + 16]))[0].double().numpy()
+                for i in range(0, len(calibration), 16)
+            ]  # fmt: skip
+        )
 
 
 def _calibration_array(calibration_images, transformer) -> np.ndarray:
@@ -366,6 +424,8 @@ def export(model, path, *, format="onnx", precision="float32", calibration_image
             quantized = Path(scratch) / "int8.onnx"
             _quantize_int8(onnx_path, quantized, calibration)
             onnx_path = quantized
+            reference = _reference_scores(graph, calibration)
+            _threshold_in_int8_units(onnx_path, calibration, metadata, reference)
         if format == "onnx":
             _set_onnx_metadata(onnx_path, metadata)
             os.replace(onnx_path, path)

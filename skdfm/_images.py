@@ -12,8 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import os
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -27,11 +26,14 @@ from ._decode import (
     LAYOUT_HELP,
     MAX_IMAGE_PIXELS,
     NUMPY_SCALES,
+    FileBatch,
     channel_axis,
     decode_image_file,
+    one_ahead,
     open_image,
     original_size,
     pil_pixels,
+    read_image_files,
     read_image_size,
 )
 from ._device import check_has_data
@@ -197,7 +199,7 @@ class ImageCollection:
 
         if self.kind != "path":
             return map(batch_at, starts)
-        return _one_ahead(batch_at, starts)
+        return one_ahead(batch_at, starts)
 
     def _batch(self, start: int, stop: int):
         if self.kind == "array":
@@ -213,58 +215,6 @@ class ImageCollection:
         if self.kind == "pil":
             return [_from_pil(item) for item in items]
         return [_to_chw_tensor(item) for item in items]
-
-
-def _one_ahead(function: Callable, arguments: Iterable) -> Iterator:
-    """``map(function, arguments)``, each call made while the previous result is
-    being used (one background thread; Pillow releases the GIL while decoding).
-    Errors surface at the item they belong to."""
-    arguments = list(arguments)
-    if len(arguments) < 2:
-        yield from map(function, arguments)
-        return
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="skdfm-decode") as pool:
-        pending = pool.submit(function, arguments[0])
-        for index in range(1, len(arguments) + 1):
-            result = pending.result()
-            if index < len(arguments):
-                pending = pool.submit(function, arguments[index])
-            yield result
-
-
-@dataclass(frozen=True)
-class FileBatch:
-    """Files of one batch of :func:`read_image_files`, each decoded once."""
-
-    paths: list  #: the files that decoded, in input order
-    images: list  #: their RGB PIL images (:func:`decode_image_file`)
-    failed: list  #: ``(path, reason)`` of the files that did not
-
-
-def read_image_files(
-    paths: Sequence, batch_size: int, max_pixels: int | None = MAX_IMAGE_PIXELS
-) -> Iterator[FileBatch]:
-    """Decode files ``batch_size`` at a time, one batch ahead, skipping bad ones.
-
-    For callers that must keep going past an unreadable file (the command line):
-    a file that is missing or cannot be decoded lands in ``failed`` with the
-    reason, the others are decoded exactly once. The images are what
-    ``DeepFeatureTransformer`` reads from the same files.
-    """
-
-    def decode(start):
-        batch = FileBatch([], [], [])
-        for path in paths[start : start + batch_size]:
-            try:
-                image = decode_image_file(path, max_pixels)
-            except (OSError, ValueError) as error:
-                batch.failed.append((path, str(error)))
-            else:
-                batch.paths.append(path)
-                batch.images.append(image)
-        return batch
-
-    return _one_ahead(decode, range(0, len(paths), batch_size))
 
 
 def _element_kind(item) -> str | None:

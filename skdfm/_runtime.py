@@ -406,10 +406,11 @@ class ExportedModel:
 
     def predict(self, X) -> np.ndarray:
         """+1 normal, -1 anomalous, at the exported threshold."""
-        return self._labels(self.score_samples(X))
+        return self.labels_from_scores(self.score_samples(X))
 
-    def _labels(self, score_samples):
-        return np.where(score_samples - self.offset_ >= 0, 1, -1)
+    def labels_from_scores(self, score_samples) -> np.ndarray:
+        """``predict`` from already computed ``score_samples``."""
+        return np.where(np.asarray(score_samples) - self.offset_ >= 0, 1, -1)
 
     def normalized_scores(self, X) -> np.ndarray:
         """:func:`skdfm.normalized_scores`: [0, 1], 0.5 at the threshold."""
@@ -434,4 +435,4 @@ class ExportedModel:
         else:
             maps = [bilinear_resize(grid[None], target)[0]
                     for grid, target in zip(grids, targets, strict=True)]  # fmt: skip
-        return AnomalyMaps(maps, score_samples, self._labels(score_samples))
+        return AnomalyMaps(maps, score_samples, self.labels_from_scores(score_samples))

@@ -22,12 +22,13 @@ from pathlib import Path
 
 import numpy as np
 
+from ._decode import IMAGE_SUFFIXES, MAX_IMAGE_PIXELS
 from ._files import Terminated, atomic_write, terminate_as_exception
-from ._images import IMAGE_SUFFIXES, MAX_IMAGE_PIXELS
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_SKIPPED = 0, 1, 2, 3
 EXIT_INTERRUPTED, EXIT_TERMINATED = 130, 143
 PICKLE_SUFFIXES = frozenset({".joblib", ".pkl", ".pickle"})
+EXPORTED_SUFFIXES = frozenset({".onnx", ".xml"})
 
 
 class CommandError(Exception):
@@ -74,7 +75,7 @@ def _file_batches(paths: list[str], transformer, *, progress: bool):
     listed on stderr as they come and left out."""
     from tqdm.auto import tqdm
 
-    from ._images import read_image_files
+    from ._decode import read_image_files
 
     batch_size = transformer.batch_size
     batches = tqdm(
@@ -414,25 +415,62 @@ def cmd_fit(args) -> int:
     return EXIT_SKIPPED if skipped else EXIT_OK
 
 
-def cmd_score(args) -> int:
-    from ._thresholds import normalize
+def _is_exported(path: str) -> bool:
+    return Path(path).suffix.lower() in EXPORTED_SUFFIXES
 
-    model = _load_model(args.model, args)
+
+def _load_exported(args):
+    """An exported model (.onnx / .xml): run by onnxruntime or OpenVINO, no torch."""
+    from ._runtime import ExportedModel
+    from ._saving import ModelFileError
+
+    if args.device not in (None, "cpu"):
+        raise CommandError(
+            f"--device {args.device}: exported models run on the CPU (onnxruntime or "
+            "OpenVINO); --device is for .skdfm models"
+        )
+    try:
+        return ExportedModel(
+            args.model,
+            batch_size=args.batch_size or 16,
+            max_image_pixels=_max_pixels(args),
+        )
+    except (ModelFileError, FileNotFoundError) as error:
+        raise CommandError(str(error)) from error
+    except ImportError as error:
+        raise CommandError(f"cannot run {args.model}: {error}") from error
+
+
+def cmd_score(args) -> int:
+    from ._results import AnomalyMaps, normalize_scores
+
+    exported = _is_exported(args.model)
+    model = _load_exported(args) if exported else _load_model(args.model, args)
     files, problems = _collect_images(args.images)
-    detector = model[-1]
-    if args.maps and detector.score_type != "fre":
+    detector = model if exported else model[-1]
+    score_type = model.score_type_ if exported else detector.score_type
+    if args.maps and score_type != "fre":
         raise CommandError(
             "--maps needs a model with score_type 'fre' (nll has no maps)"
         )
+    reader = model if exported else model[0]  # its batch size and pixel limit
     rows, skipped, flagged = [], list(problems), 0
-    for batch in _file_batches(files, model[0], progress=not args.no_progress):
+    for batch in _file_batches(files, reader, progress=not args.no_progress):
         skipped.extend(batch.failed)
         if not batch.images:
             continue
-        result = _scores_and_maps(model, batch.images, maps=bool(args.maps))
+        if not exported:
+            result = _scores_and_maps(model, batch.images, maps=bool(args.maps))
+        elif args.maps:
+            result = model.anomaly_maps(batch.images)
+        else:
+            scores = model.score_samples(batch.images)
+            result = AnomalyMaps(None, scores, model.labels_from_scores(scores))
         if args.maps:  # written as each batch finishes: no map is kept
             _write_maps(args.maps, batch.paths, batch.images, result.maps)
-        normalized = normalize(detector, result.score_samples)
+        normalized = normalize_scores(
+            result.score_samples, detector.offset_, detector.score_range_
+        )
         rows.extend(
             (path, -score, norm, "anomalous" if label == -1 else "normal")
             for path, score, norm, label in zip(
@@ -459,6 +497,80 @@ def cmd_score(args) -> int:
         f"skdfm: scored {len(rows)} images, {flagged} anomalous, {len(skipped)} skipped"
     )
     return EXIT_SKIPPED if skipped else EXIT_OK
+
+
+def _validation_set(folder: str):
+    """Paths and labels of --validation: an MVTec-style category (labels from
+    test/<defect>/) or a folder of images (labels unknown)."""
+    from ._datasets import load_mvtec
+
+    root = Path(folder)
+    if (root / "test").is_dir():
+        data = load_mvtec(root, load_masks=False, missing_masks="none")
+        return data.paths, data.y
+    files, _ = _collect_images([folder])
+    if not files:
+        raise CommandError(f"--validation {folder}: no images")
+    return files, None
+
+
+def cmd_export(args) -> int:
+    from . import export
+    from ._metrics import image_auroc
+    from ._runtime import ExportedModel
+
+    model = _load_model(args.model, args)
+    calibration = None
+    if args.precision == "int8":
+        if args.calibration is None:
+            raise CommandError(
+                "--precision int8 needs --calibration DIR: normal images to calibrate "
+                "the activations' int8 ranges on (16-64 are enough)"
+            )
+        calibration, _ = _collect_images([args.calibration])
+    elif args.calibration is not None:
+        raise CommandError("--calibration is only for --precision int8")
+    t = time.perf_counter()
+    try:
+        path = export(
+            model,
+            args.out,
+            format=args.format,
+            precision=args.precision,
+            calibration_images=calibration,
+        )
+    except ImportError as error:
+        raise CommandError(str(error)) from error
+    size = sum(
+        p.stat().st_size for p in (Path(path), Path(path).with_suffix(".bin"))
+        if p.is_file() and (p == Path(path) or args.format == "openvino")
+    )  # fmt: skip
+    print(
+        f"exported {path} ({args.format}, {args.precision}, {size / 1e6:.1f} MB) in "
+        f"{time.perf_counter() - t:.1f} s"
+    )
+    if args.validation is None:
+        return EXIT_OK
+    paths, y = _validation_set(args.validation)
+    reference = model.score_samples(paths)
+    exported = ExportedModel(path)
+    scores = exported.score_samples(paths)
+    deviation = np.abs(scores - reference).max() / np.abs(reference).max()
+    agree = np.mean(
+        model[-1].labels_from_scores(reference) == exported.labels_from_scores(scores)
+    )
+    print(
+        f"validation on {len(paths)} images: largest score deviation from the "
+        f"Python model (float32) {deviation:.2e} of the largest score; labels "
+        f"agree on {100 * agree:.1f} %"
+    )
+    if y is not None and len(set(y)) == 2:
+        before, after = image_auroc(y, reference), image_auroc(y, scores)
+        print(
+            f"image AUROC {after:.4f} exported, {before:.4f} Python model "
+            f"(change {after - before:+.4f})"
+        )
+    return EXIT_OK
 
 
 def _mask_for(data, i: int, image):
@@ -634,9 +746,9 @@ def _check_output(parser, output, *, flag="-o/--output", model=True) -> None:
 
 
 def _check_device(parser, device) -> None:
-    from ._device import resolve_device
-
     if device is not None:
+        from ._device import resolve_device
+
         try:
             resolve_device(device)
         except ValueError as error:
@@ -799,13 +911,53 @@ def _add_score(commands) -> None:
         description="Print, for each image, its anomaly score (FRE or NLL), the "
         "score normalised to [0, 1] with 0.5 at the threshold, and its label.",
     )
-    score.add_argument("model", metavar="MODEL", help="model file from 'skdfm fit'")
+    score.add_argument(
+        "model",
+        metavar="MODEL",
+        help="model file from 'skdfm fit', or an exported .onnx / OpenVINO .xml "
+        "from 'skdfm export' (run without torch)",
+    )
     _add_allow_pickle(score)
     score.add_argument("images", nargs="+", metavar="IMAGE_OR_DIR")
     score.add_argument("--csv", metavar="FILE", help="also write the table as CSV")
     score.add_argument("--maps", metavar="DIR", help="write anomaly-map overlays here")
     _add_runtime(score)
     score.set_defaults(func=cmd_score)
+
+
+def _add_export(commands) -> None:
+    export = commands.add_parser(
+        "export",
+        help="export a model to ONNX or OpenVINO (scored without torch)",
+        description="Write one graph from images to scores, labels and anomaly maps, "
+        "for onnxruntime or OpenVINO; 'skdfm score' and skdfm.ExportedModel run it "
+        "without torch. Input: float32 (N, 3, H, W) RGB in [0, 1] at the model's "
+        "input size.",
+    )
+    export.add_argument("model", metavar="MODEL", help="model file from 'skdfm fit'")
+    export.add_argument(
+        "out", metavar="OUT", help="the file to write: model.onnx, or model.xml"
+    )
+    _add_allow_pickle(export)
+    export.add_argument("--format", choices=["onnx", "openvino"], default="onnx")
+    export.add_argument(
+        "--precision",
+        choices=["float32", "float16", "bfloat16", "int8"],
+        default="float32",
+        help="float32 (default, equal scores); bfloat16 and float16 (weights): "
+        "openvino only; int8: quantised convolutions, needs --calibration",
+    )
+    export.add_argument(
+        "--calibration", metavar="DIR", help="normal images to calibrate int8 on"
+    )
+    export.add_argument(
+        "--validation",
+        metavar="DIR",
+        help="images (or an MVTec-style category) to compare the export with the "
+        "model on: score deviation, and image AUROC change when labels are known",
+    )
+    _add_runtime(export)
+    export.set_defaults(func=cmd_export)
 
 
 def _add_evaluate(commands) -> None:
@@ -836,7 +988,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"skdfm {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for add in (_add_demo, _add_fit, _add_score, _add_evaluate):
+    for add in (_add_demo, _add_fit, _add_score, _add_export, _add_evaluate):
         add(commands)
     return parser
 
