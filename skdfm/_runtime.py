@@ -87,24 +87,9 @@ def _resized(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     )
 
 
-def _chw(pixels: np.ndarray, index: int) -> np.ndarray:
-    """One image's pixels (H, W), (H, W, C) or (C, H, W) as float32 (3, H, W)."""
-    if pixels.ndim == 2:
-        pixels = pixels[None]
-    elif pixels.ndim == 3:
-        axis = channel_axis(tuple(pixels.shape), (0, 2), "image")
-        if axis == 2:
-            pixels = np.moveaxis(pixels, 2, 0)
-    else:
-        raise ValueError(f"Image {index} has shape {pixels.shape}. {LAYOUT_HELP}")
-    if min(pixels.shape) == 0:
-        raise ValueError(f"Image {index} is empty (shape {pixels.shape}).")
-    image = _unit_float(pixels, index)
-    return image
-
-
 def _items(X):
-    """The images of ``X`` one by one as (pixels or path or PIL image) and a count."""
+    """The images of ``X``: an (N, C, H, W) array view for batch arrays, else a list
+    of paths, PIL images or single-image arrays."""
     if isinstance(X, (str, os.PathLike, Image.Image)):
         raise ValueError(
             "X is one image; pass a list of images (or a batch array), e.g. [X]."
@@ -118,12 +103,10 @@ def _items(X):
                     f"a batch of grayscale ones? Pass one image as X[None]. "
                     f"{LAYOUT_HELP}"
                 )
-            return [array[i] for i in range(len(array))]
+            return array[:, None]
         if array.ndim == 4:
             axis = channel_axis(tuple(array.shape), (1, 3), "array")
-            if axis == 3:
-                array = np.moveaxis(array, 3, 1)
-            return [array[i] for i in range(len(array))]
+            return array if axis == 1 else np.moveaxis(array, 3, 1)
         raise ValueError(f"X has shape {array.shape}. {LAYOUT_HELP}")
     try:
         items = list(X)
@@ -135,6 +118,14 @@ def _items(X):
     if not items:
         raise ValueError("X holds no image.")
     return items
+
+
+def _to_input(image: np.ndarray, size, index: int) -> np.ndarray:
+    """(C, H, W) pixels as float32 (3, H, W) in [0, 1] at ``size``."""
+    if min(image.shape) == 0:
+        raise ValueError(f"Image {index} is empty (shape {image.shape}).")
+    image = _resized(_unit_float(image, index), size)
+    return np.repeat(image, 3, axis=0) if image.shape[0] == 1 else image
 
 
 def _prepare(item, index: int, size, max_pixels):
@@ -152,24 +143,41 @@ def _prepare(item, index: int, size, max_pixels):
             f"Image {index} is a {type(item).__name__}; images are arrays, paths or "
             "PIL images."
         )
-    image = _chw(pixels, index)
+    if pixels.ndim == 2:
+        pixels = pixels[None]
+    elif pixels.ndim == 3:
+        if channel_axis(tuple(pixels.shape), (0, 2), "image") == 2:
+            pixels = np.moveaxis(pixels, 2, 0)
+    else:
+        raise ValueError(f"Image {index} has shape {pixels.shape}. {LAYOUT_HELP}")
     if original is None:
-        original = tuple(image.shape[1:])
-    image = _resized(image, size)
-    if image.shape[0] == 1:
-        image = np.repeat(image, 3, axis=0)
-    return image, original
+        original = tuple(pixels.shape[1:])
+    return _to_input(pixels, size, index), original
 
 
 def prepare_images(X, input_size, max_pixels=MAX_IMAGE_PIXELS, *, first_index=0):
     """``X`` as the exported graph's input: float32 (N, 3, H, W) in [0, 1] at
     ``input_size``, and each image's original ``(height, width)``."""
+    items = _items(X)
+    size = tuple(input_size)
+    if isinstance(items, np.ndarray):  # a batch array: (N, C, H, W)
+        sizes = [tuple(items.shape[2:])] * len(items)
+        if tuple(items.shape[2:]) == size and min(items.shape) > 0:
+            if items.dtype.kind == "f":
+                for i in range(len(items)):  # checked image by image, named
+                    _unit_float(items[i], first_index + i)
+            batch = _unit_float(items, first_index)
+            if batch.shape[1] == 1:
+                batch = np.repeat(batch, 3, axis=1)
+            return np.ascontiguousarray(batch, dtype=np.float32), sizes
+        images = [_to_input(items[i], size, first_index + i) for i in range(len(items))]
+        return np.stack(images).astype(np.float32, copy=False), sizes
     prepared = [
-        _prepare(item, first_index + i, tuple(input_size), max_pixels)
-        for i, item in enumerate(_items(X))
+        _prepare(item, first_index + i, size, max_pixels)
+        for i, item in enumerate(items)
     ]
     batch = np.stack([image for image, _ in prepared]).astype(np.float32, copy=False)
-    return batch, [size for _, size in prepared]
+    return batch, [original for _, original in prepared]
 
 
 # -- runtimes -------------------------------------------------------------------------
