@@ -520,14 +520,18 @@ def cmd_export(args) -> int:
     from ._runtime import ExportedModel
 
     model = _load_model(args.model, args)
-    calibration = None
+    calibration, skipped = None, []
     if args.precision == "int8":
         if args.calibration is None:
             raise CommandError(
                 "--precision int8 needs --calibration DIR: normal images to calibrate "
                 "the activations' int8 ranges on (16-64 are enough)"
             )
-        calibration, _ = _collect_images([args.calibration])
+        files, problems = _collect_images([args.calibration])
+        _, calibration, failed = _decoded(files, model[0])
+        skipped += problems + failed
+        if not calibration:
+            raise CommandError(f"--calibration {args.calibration}: no readable images")
     elif args.calibration is not None:
         raise CommandError("--calibration is only for --precision int8")
     t = time.perf_counter()
@@ -550,11 +554,17 @@ def cmd_export(args) -> int:
         f"{time.perf_counter() - t:.1f} s"
     )
     if args.validation is None:
-        return EXIT_OK
+        return EXIT_SKIPPED if skipped else EXIT_OK
     paths, y = _validation_set(args.validation)
-    reference = model.score_samples(paths)
+    label_of = dict(zip(paths, y if y is not None else [0] * len(paths), strict=True))
+    paths, images, failed = _decoded(paths, model[0])
+    skipped += failed
+    if not images:
+        raise CommandError(f"--validation {args.validation}: no readable images")
+    y = None if y is None else np.array([label_of[p] for p in paths])
+    reference = model.score_samples(images)
     exported = ExportedModel(path)
-    scores = exported.score_samples(paths)
+    scores = exported.score_samples(images)
     deviation = np.abs(scores - reference).max() / np.abs(reference).max()
     agree = np.mean(
         model[-1].labels_from_scores(reference) == exported.labels_from_scores(scores)
@@ -570,7 +580,18 @@ def cmd_export(args) -> int:
             f"image AUROC {after:.4f} exported, {before:.4f} Python model "
             f"(change {after - before:+.4f})"
         )
-    return EXIT_OK
+    return EXIT_SKIPPED if skipped else EXIT_OK
+
+
+def _decoded(paths, reader):
+    """The readable files among ``paths``, their decoded images, and the others
+    (listed on stderr)."""
+    used, images, failed = [], [], []
+    for batch in _file_batches(paths, reader, progress=False):
+        used += batch.paths
+        images += batch.images
+        failed += batch.failed
+    return used, images, failed
 
 
 def _mask_for(data, i: int, image):

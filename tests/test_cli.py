@@ -188,13 +188,14 @@ def test_each_file_is_decoded_once(good_dir, tmp_path, monkeypatch, capsys):
     import skdfm._images as images_module
 
     decoded = []
-    original = images_module.decode_image_file
+    original = skdfm._decode.decode_image_file
 
     def counting(path, *args):
         decoded.append(str(path))
         return original(path, *args)
 
-    monkeypatch.setattr(images_module, "decode_image_file", counting)
+    for module in (images_module, skdfm._decode):  # the pipeline's, the command's
+        monkeypatch.setattr(module, "decode_image_file", counting)
     model_path = tmp_path / "model.skdfm"
     assert (
         main(["fit", str(good_dir), "-o", str(model_path), "--random-init", *TINY]) == 3
@@ -308,7 +309,8 @@ def test_bad_command_lines_fail_before_any_image_is_read(
     def refuse(path, *args):
         raise AssertionError("an image was read")
 
-    monkeypatch.setattr(images_module, "decode_image_file", refuse)
+    for module in (images_module, skdfm._decode):
+        monkeypatch.setattr(module, "decode_image_file", refuse)
     args = ["fit", str(good_dir), "-o", str(tmp_path / "m.skdfm"), "--random-init"]
     with pytest.raises(SystemExit) as exit_info:
         main([*args, *TINY, *extra])  # later flags win over TINY's
@@ -549,3 +551,76 @@ def test_more_cells_than_the_grid_fails_before_the_features(
     assert "the feature grid (4, 4) has only 16" in captured.err  # layer2: 4x4 grid
     assert len(batches) == 1  # refused at the first batch, not after all of them
     assert "Traceback" not in captured.err
+
+
+@pytest.fixture
+def fitted_model_file(good_dir, tmp_path):
+    path = tmp_path / "model.skdfm"
+    assert main(["fit", str(good_dir), "-o", str(path), "--random-init", *TINY]) == 3
+    return path
+
+
+def test_export_then_score_without_torch_gives_the_same_table(
+    fitted_model_file, good_dir, tmp_path, capsys
+):
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("openvino")
+    capsys.readouterr()
+    onnx_path, xml_path = tmp_path / "m.onnx", tmp_path / "m.xml"
+    assert (
+        main(
+            [
+                "export",
+                str(fitted_model_file),
+                str(onnx_path),
+                "--validation",
+                str(good_dir),
+            ]
+        )
+        == 3
+    )  # broken.png skipped
+    out = capsys.readouterr().out
+    assert "exported" in out and "largest score deviation" in out
+    assert "labels agree on 100.0 %" in out
+    assert main(["export", str(fitted_model_file), str(xml_path), "--format",
+                 "openvino", "--precision", "bfloat16"]) == 0  # fmt: skip
+    capsys.readouterr()
+    tables = {}
+    for model in (fitted_model_file, onnx_path, xml_path):
+        code = main(["score", str(model), str(good_dir), "--no-progress",
+                     "--maps", str(tmp_path / f"maps-{model.suffix[1:]}")])  # fmt: skip
+        assert code == 3  # broken.png skipped, the rest scored
+        lines = capsys.readouterr().out.strip().splitlines()[1:]
+        tables[model.suffix] = [line.split("\t") for line in lines]
+    reference = tables[".skdfm"]
+    expected = np.array([float(r[1]) for r in reference])
+    for suffix, tolerance in ((".onnx", 1e-5), (".xml", 5e-2)):  # float32, bfloat16
+        assert [r[0] for r in tables[suffix]] == [r[0] for r in reference]
+        scores = np.array([float(r[1]) for r in tables[suffix]])
+        assert np.abs(scores - expected).max() <= tolerance * np.abs(expected).max()
+    assert [r[3] for r in tables[".onnx"]] == [r[3] for r in reference]
+    assert len(list((tmp_path / "maps-onnx").rglob("*.png"))) == len(reference)
+
+
+def test_export_mistakes_are_one_line_errors(
+    fitted_model_file, good_dir, tmp_path, capsys
+):
+    pytest.importorskip("onnxruntime")
+    cases = [
+        (["--precision", "int8"], "needs --calibration"),
+        (["--calibration", str(good_dir)], "only for --precision int8"),
+        (["--precision", "bfloat16"], "needs format='openvino'"),
+    ]
+    for extra, message in cases:
+        code = main(
+            ["export", str(fitted_model_file), str(tmp_path / "m.onnx"), *extra]
+        )
+        err = capsys.readouterr().err
+        assert code == 1 and message in err and "Traceback" not in err
+    code = main(["score", str(tmp_path / "absent.onnx"), str(good_dir)])
+    assert code == 1 and "No exported model file" in capsys.readouterr().err
+    (tmp_path / "noise.onnx").write_bytes(b"\x00" * 100)
+    code = main(["score", str(tmp_path / "noise.onnx"), str(good_dir)])
+    err = capsys.readouterr().err
+    assert code == 1 and "cannot be loaded by onnxruntime" in err
+    assert len(err.strip().splitlines()) == 1
