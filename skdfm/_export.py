@@ -51,8 +51,11 @@ def _require(module: str, extra: str):
         ) from error
 
 
-def _graph(transformer, detector):
-    """The torch module the exported graph is traced from."""
+def _graph(transformer, detector, offset: float):
+    """The torch module the exported graph is traced from, on the CPU (a copy of
+    the backbone: the model itself stays where it is), labelling at ``offset``."""
+    import copy
+
     import torch
     import torch.nn.functional as F
 
@@ -63,12 +66,13 @@ def _graph(transformer, detector):
     channels, rows, cols = transformer.feature_shape_
     height, width = transformer.input_size_
     score_type, image_score = detector.score_type_, detector.image_score_
-    offset = float(detector.offset_)
+    backbone = copy.deepcopy(transformer.backbone_).cpu().float()
+    backbone = backbone.to(memory_format=torch.contiguous_format)
 
     class DFMGraph(torch.nn.Module):
         def __init__(self):
             super().__init__()
-            self.backbone = transformer.backbone_
+            self.backbone = backbone
             self.register_buffer(
                 "image_mean", torch.tensor(transformer.image_mean_).view(1, 3, 1, 1)
             )
@@ -194,18 +198,29 @@ def _export_onnx(graph, transformer, destination: Path) -> None:
     names = _output_names("fre" if len(graph(example)) == 4 else "nll")
     # The exporter reports its progress on stdout: not ours to print.
     with contextlib.redirect_stdout(io.StringIO()), torch.inference_mode(False):
-        program = torch.onnx.export(
-            graph,
-            (example,),
-            input_names=["images"],
-            output_names=names,
-            dynamic_shapes={"images": {0: batch}},
-            opset_version=_OPSET,
-            dynamo=True,
-            external_data=False,
-            optimize=True,
-        )
+        try:
+            program = _torch_export(graph, example, names, batch)
+        except Exception as error:  # torch.export raises many classes
+            raise ValueError(
+                f"torch could not export this model to ONNX: {_first_line(error)}"
+            ) from None
     program.save(os.fspath(destination))
+
+
+def _torch_export(graph, example, names, batch):
+    import torch
+
+    return torch.onnx.export(
+        graph,
+        (example,),
+        input_names=["images"],
+        output_names=names,
+        dynamic_shapes={"images": {0: batch}},
+        opset_version=_OPSET,
+        dynamo=True,
+        external_data=False,
+        optimize=True,
+    )
 
 
 def _set_onnx_metadata(path: Path, metadata: dict) -> None:
@@ -256,40 +271,54 @@ def _quantize_int8(source: Path, destination: Path, calibration: np.ndarray) -> 
             op_types_to_quantize=["Conv"],
             per_channel=True,
         )
+    except Exception as error:  # the quantiser raises many classes
+        raise ValueError(f"int8 quantisation failed: {_first_line(error)}") from None
     finally:
         root.setLevel(level)
 
 
-def _threshold_in_int8_units(path: Path, calibration, metadata: dict, reference):
-    """The float32 threshold and score range mapped to the int8 graph's scores.
-
-    Quantisation moves every score (it adds its own reconstruction error), so the
-    float32 ``offset_`` would flag the wrong images. The int8 and float32 scores of
-    the calibration images are related by a least-squares line; ``offset`` and
-    ``score_range`` are carried through it, and the metadata says so.
-    """
+def _int8_scores(path: Path, calibration: np.ndarray) -> np.ndarray:
     import onnxruntime as ort
 
     session = ort.InferenceSession(os.fspath(path), providers=["CPUExecutionProvider"])
-    quantized = np.concatenate(
+    return np.concatenate(
         [
             session.run(None, {"images": calibration[i : i + 16]})[0]
             for i in range(0, len(calibration), 16)
         ]  # fmt: skip
     ).astype(np.float64)
-    if len(calibration) >= 2 and np.ptp(reference) > 0:
-        slope, intercept = np.polyfit(reference, quantized, 1)
+
+
+def _int8_threshold(metadata: dict, reference: np.ndarray, quantized: np.ndarray):
+    """The float32 threshold and score range carried to the int8 graph's scores.
+
+    Quantisation adds its own error to every score, so the float32 ``offset_``
+    would flag other images. The threshold keeps its rank among the calibration
+    images (the share of them it flags) when it falls inside their scores; outside,
+    and for the score range, a least-squares line between the two scorings carries
+    it. The metadata says which, and how well the line fits (R^2).
+    """
+    offset = metadata["offset"]
+    slope, intercept = 1.0, float(np.mean(quantized - reference))
+    r2 = float("nan")
+    if len(reference) >= 2 and np.ptp(reference) > 0:
+        fitted_slope, fitted_intercept = np.polyfit(reference, quantized, 1)
+        if np.isfinite(fitted_slope) and fitted_slope > 0:
+            slope, intercept = float(fitted_slope), float(fitted_intercept)
+        residual = quantized - (slope * reference + intercept)
+        r2 = float(1 - residual.var() / quantized.var()) if quantized.var() else r2
+    share = float(np.mean(reference < offset))
+    if reference.min() < offset < reference.max():
+        mapped, how = float(np.quantile(quantized, share)), "rank"
     else:
-        slope, intercept = 1.0, float(np.mean(quantized - reference))
-    if not (np.isfinite(slope) and slope > 0):
-        slope, intercept = 1.0, float(np.mean(quantized - reference))
-    metadata["float32_offset"] = metadata["offset"]
-    metadata["offset"] = float(slope * metadata["offset"] + intercept)
+        mapped, how = slope * offset + intercept, "line"
+    metadata["float32_offset"] = offset
+    metadata["offset"] = mapped
     metadata["score_range"] = [float(slope * v + intercept)
                                for v in metadata["score_range"]]  # fmt: skip
     metadata["threshold_note"] = (
-        f"float32 threshold mapped to int8 scores by a line fitted on "
-        f"{len(calibration)} calibration images (slope {slope:.4g})"
+        f"float32 threshold carried to int8 scores by its {how} among "
+        f"{len(reference)} calibration images (line fit R^2 {r2:.3f})"
     )
 
 
@@ -416,25 +445,77 @@ def export(model, path, *, format="onnx", precision="float32", calibration_image
     if precision == "int8":
         calibration = _calibration_array(calibration_images, transformer)
     metadata = metadata_of(transformer, detector, format=format, precision=precision)
-    graph = _graph(transformer, detector)
+    _check_precision_of(transformer)
+    graph = _graph(transformer, detector, float(detector.offset_))
     with tempfile.TemporaryDirectory(dir=folder, prefix=f".{path.name}.") as scratch:
         onnx_path = Path(scratch) / "model.onnx"
         _export_onnx(graph, transformer, onnx_path)
         if precision == "int8":
             quantized = Path(scratch) / "int8.onnx"
             _quantize_int8(onnx_path, quantized, calibration)
+            _int8_threshold(
+                metadata,
+                _reference_scores(graph, calibration),
+                _int8_scores(quantized, calibration),
+            )
+            # Again, with the graph's label at the int8 threshold (the same
+            # calibration gives the same quantisation).
+            graph = _graph(transformer, detector, metadata["offset"])
+            _export_onnx(graph, transformer, onnx_path)
+            _quantize_int8(onnx_path, quantized, calibration)
             onnx_path = quantized
-            reference = _reference_scores(graph, calibration)
-            _threshold_in_int8_units(onnx_path, calibration, metadata, reference)
         if format == "onnx":
             _set_onnx_metadata(onnx_path, metadata)
             os.replace(onnx_path, path)
             return path
-        ov_model = ov.convert_model(os.fspath(onnx_path))
-        ov_model.set_rt_info(json.dumps(metadata), [METADATA_KEY])
+        try:
+            ov_model = ov.convert_model(os.fspath(onnx_path))
+        except Exception as error:  # OpenVINO's own classes
+            raise ValueError(
+                f"OpenVINO could not convert the model: {_first_line(error)}"
+            ) from None
         xml = Path(scratch) / "model.xml"
-        ov.save_model(ov_model, os.fspath(xml), compress_to_fp16=precision == "float16")
-        # The weights first, then the description that names them.
+        compress = precision == "float16"
+        ov.save_model(ov_model, os.fspath(xml), compress_to_fp16=compress)
+        # The .xml records the digest of its .bin: a pair half-replaced by an
+        # interrupted export is refused when loaded, never run.
+        metadata["weights_sha256"] = _sha256(xml.with_suffix(".bin"))
+        ov_model.set_rt_info(json.dumps(metadata), [METADATA_KEY])
+        ov.save_model(ov_model, os.fspath(xml), compress_to_fp16=compress)
+        if _sha256(xml.with_suffix(".bin")) != metadata["weights_sha256"]:
+            raise RuntimeError("OpenVINO wrote different weights twice.")
         os.replace(xml.with_suffix(".bin"), path.with_suffix(".bin"))
         os.replace(xml, path)
     return path
+
+
+def _sha256(path: Path) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(2**20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _first_line(error: BaseException) -> str:
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return lines[0] if lines else type(error).__name__
+
+
+def _check_precision_of(transformer) -> None:
+    """Exported graphs compute the backbone in float32: say so for a transformer
+    that ran under autocast."""
+    import warnings
+
+    precision = transformer.feature_params_["precision"]
+    if precision != "float32":
+        warnings.warn(
+            f"The transformer computes features with precision={precision!r}; the "
+            "exported graph computes them in float32 (use the export's own "
+            "precision for speed), so its scores differ from the Python model's "
+            "by that rounding.",
+            UserWarning,
+            stacklevel=3,
+        )

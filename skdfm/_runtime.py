@@ -31,6 +31,9 @@ __all__ = ["RUNTIMES", "ExportedModel", "prepare_images"]
 
 RUNTIMES = ("auto", "onnxruntime", "openvino")
 _METADATA_KEY = "skdfm"
+#: Limits on a file's declared input size (16384 px a side, 64 MP): what a model can
+#: take, and no 12 GiB batch from a forged header.
+_MAX_SIDE, _MAX_INPUT_PIXELS = 2**14, 2**26
 #: OpenVINO's inference precision for each exported precision.
 _OPENVINO_HINTS = {
     "float32": "f32",
@@ -96,6 +99,10 @@ def _items(X):
         )
     if hasattr(X, "__array__") and not isinstance(X, (list, tuple)):
         array = np.asarray(X)
+        if array.dtype.kind in "OUS" and array.ndim == 1:  # paths (a Series, ...)
+            return _nonempty(array.tolist())
+        if array.ndim in (3, 4) and len(array) == 0:
+            raise ValueError("X holds no image.")
         if array.ndim == 3:
             if array.shape[-1] <= 4 or array.shape[0] == 3:
                 raise ValueError(
@@ -115,6 +122,10 @@ def _items(X):
             f"X must be images: an array, or a list of paths, PIL images or "
             f"arrays; got {type(X).__name__}."
         ) from None
+    return _nonempty(items)
+
+
+def _nonempty(items: list) -> list:
     if not items:
         raise ValueError("X holds no image.")
     return items
@@ -155,10 +166,14 @@ def _prepare(item, index: int, size, max_pixels):
     return _to_input(pixels, size, index), original
 
 
-def prepare_images(X, input_size, max_pixels=MAX_IMAGE_PIXELS, *, first_index=0):
+def prepare_images(X, input_size, max_pixels=MAX_IMAGE_PIXELS):
     """``X`` as the exported graph's input: float32 (N, 3, H, W) in [0, 1] at
     ``input_size``, and each image's original ``(height, width)``."""
-    items = _items(X)
+    return _prepare_items(_items(X), input_size, max_pixels, 0)
+
+
+def _prepare_items(items, input_size, max_pixels, first_index: int):
+    """:func:`prepare_images` of what :func:`_items` returned (or a slice of it)."""
     size = tuple(input_size)
     if isinstance(items, np.ndarray):  # a batch array: (N, C, H, W)
         sizes = [tuple(items.shape[2:])] * len(items)
@@ -208,8 +223,9 @@ def _check_metadata(path, text) -> dict:
         )
     try:
         metadata = json.loads(text)
-    except (TypeError, ValueError) as error:
-        raise ModelFileError(path, f"has unreadable skdfm metadata: {error}") from None
+    except (TypeError, ValueError, RecursionError) as error:
+        reason = "nested too deeply" if isinstance(error, RecursionError) else error
+        raise ModelFileError(path, f"has unreadable skdfm metadata: {reason}") from None
     required = {
         "input_size": list, "offset": float, "score_range": list, "score_type": str,
         "precision": str, "outputs": list, "feature_shape": list,
@@ -217,16 +233,46 @@ def _check_metadata(path, text) -> dict:
     for key, kind in required.items():
         if not isinstance(metadata, dict) or not isinstance(metadata.get(key), kind):
             raise ModelFileError(path, f"has skdfm metadata without a valid {key!r}.")
-    size = metadata["input_size"]
+    size, score_range = metadata["input_size"], metadata["score_range"]
+
+    def number(value) -> bool:
+        return (
+            isinstance(value, (int, float))
+            and not isinstance(value, bool)
+            and bool(np.isfinite(value))
+        )
+
     if not (
         len(size) == 2
-        and all(isinstance(s, Integral) and 0 < s <= 2**15 for s in size)
-        and len(metadata["score_range"]) == 2
-        and all(isinstance(v, (int, float)) for v in metadata["score_range"])
-        and np.isfinite(metadata["offset"])
+        and all(isinstance(s, int) and not isinstance(s, bool) for s in size)
+        and all(0 < s <= _MAX_SIDE for s in size)
+        and size[0] * size[1] <= _MAX_INPUT_PIXELS
+        and len(score_range) == 2
+        and all(number(v) for v in score_range)
+        and number(metadata["offset"])
+        and metadata["score_type"] in ("fre", "nll")
     ):
         raise ModelFileError(path, "has skdfm metadata with invalid sizes or scores.")
     return metadata
+
+
+def _check_graph(path, metadata: dict, inputs, outputs) -> None:
+    """The graph must be the one the metadata describes: one input ``images`` of
+    (N, 3, H, W) at the input size, the outputs of its score type."""
+    expected = 4 if metadata["score_type"] == "fre" else 2
+    height, width = metadata["input_size"]
+    if len(inputs) != 1 or len(outputs) != expected:
+        raise ModelFileError(
+            path, f"has a graph with {len(inputs)} input(s) and {len(outputs)} "
+            f"output(s); its skdfm metadata describes 1 and {expected}."
+        )  # fmt: skip
+    name, shape = inputs[0]
+    fixed = [None if not isinstance(d, int) or d < 0 else d for d in shape]
+    if name != "images" or len(shape) != 4 or fixed[1:] != [3, height, width]:
+        raise ModelFileError(
+            path, f"has a graph input {name!r} of shape {list(shape)}; its skdfm "
+            f"metadata describes 'images' of (N, 3, {height}, {width})."
+        )  # fmt: skip
 
 
 class _OnnxRuntime:
@@ -246,9 +292,21 @@ class _OnnxRuntime:
             ) from None
         meta = self.session.get_modelmeta().custom_metadata_map
         self.metadata = _check_metadata(path, meta.get(_METADATA_KEY))
+        _check_graph(
+            path,
+            self.metadata,
+            [(i.name, i.shape) for i in self.session.get_inputs()],
+            self.session.get_outputs(),
+        )
+        self.path = path
 
     def __call__(self, batch: np.ndarray) -> list[np.ndarray]:
-        return self.session.run(None, {"images": batch})
+        try:
+            return self.session.run(None, {"images": batch})
+        except Exception as error:  # onnxruntime's own classes
+            raise ModelFileError(
+                self.path, f"failed in onnxruntime: {_first_line(error)}"
+            ) from None
 
 
 class _OpenVinoRuntime:
@@ -269,6 +327,14 @@ class _OpenVinoRuntime:
         elif path.suffix.lower() == ".onnx":
             text = _onnx_metadata(path)
         self.metadata = _check_metadata(path, text)
+        _check_openvino_weights(path, self.metadata)
+        _check_graph(
+            path,
+            self.metadata,
+            [(i.get_any_name() if i.get_names() else "", _dims(i.get_partial_shape()))
+             for i in model.inputs],
+            model.outputs,
+        )  # fmt: skip
         hint = _OPENVINO_HINTS.get(self.metadata["precision"], "f32")
         try:
             self.compiled = core.compile_model(
@@ -278,10 +344,40 @@ class _OpenVinoRuntime:
             raise ModelFileError(
                 path, f"cannot be compiled by OpenVINO: {_first_line(error)}"
             ) from None
+        self.path = path
 
     def __call__(self, batch: np.ndarray) -> list[np.ndarray]:
-        result = self.compiled(batch)
+        try:
+            result = self.compiled(batch)
+        except Exception as error:  # OpenVINO's own classes
+            raise ModelFileError(
+                self.path, f"failed in OpenVINO: {_first_line(error)}"
+            ) from None
         return [result[output] for output in self.compiled.outputs]
+
+
+def _dims(shape) -> list:
+    """An OpenVINO partial shape as ints, -1 for dynamic dimensions."""
+    return [d.get_length() if d.is_static else -1 for d in shape]
+
+
+def _check_openvino_weights(path: Path, metadata: dict) -> None:
+    """The .bin must be the one the .xml was saved with (a pair half-replaced by an
+    interrupted export would otherwise load new weights under old metadata)."""
+    import hashlib
+
+    expected = metadata.get("weights_sha256")
+    if path.suffix.lower() != ".xml" or expected is None:
+        return
+    digest = hashlib.sha256()
+    with open(path.with_suffix(".bin"), "rb") as handle:
+        for block in iter(lambda: handle.read(2**20), b""):
+            digest.update(block)
+    if digest.hexdigest() != expected:
+        raise ModelFileError(
+            path, f"does not match its weights {path.with_suffix('.bin').name}: they "
+            "belong to another export (re-export the model)."
+        )  # fmt: skip
 
 
 def _onnx_metadata(path: Path):
@@ -390,11 +486,11 @@ class ExportedModel:
         items = _items(X)
         scores, grids, sizes = [], [], []
         for start in range(0, len(items), self.batch_size):
-            batch, batch_sizes = prepare_images(
+            batch, batch_sizes = _prepare_items(
                 items[start : start + self.batch_size],
                 self.input_size_,
                 self.max_image_pixels,
-                first_index=start,
+                start,
             )
             outputs = self._engine(batch)
             scores.append(np.asarray(outputs[0], dtype=np.float64))

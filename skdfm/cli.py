@@ -1023,7 +1023,17 @@ def main(argv=None) -> int:
         _check_output(parser, args.output)
     if getattr(args, "csv", None) is not None:
         _check_output(parser, args.csv, flag="--csv", model=False)
-    _check_device(parser, getattr(args, "device", None))
+    exported_model = args.command == "score" and _is_exported(args.model)
+    if not exported_model:  # exported models run on the CPU, without torch
+        _check_device(parser, getattr(args, "device", None))
+    if args.command == "export":
+        suffix = ".xml" if args.format == "openvino" else ".onnx"
+        if Path(args.out).suffix.lower() != suffix:
+            parser.error(
+                f"argument OUT: --format {args.format} writes a {suffix} file, not "
+                f"{args.out}"
+            )
+        _check_output(parser, args.out, flag="OUT", model=False)
     image_score = getattr(args, "image_score", "sum")
     if image_score != "sum" and args.score_type != "fre":
         parser.error(

@@ -23,6 +23,7 @@ from skdfm import (
     make_defect_images,
     normalized_scores,
 )
+from skdfm._runtime import prepare_images
 
 from .conftest import SMALL_BACKBONE
 
@@ -385,3 +386,186 @@ def test_import_skdfm_is_cheap():
     assert done.stdout.split("\n")[:3] == ["[]", "True", "[]"]
     with pytest.raises(AttributeError, match="no attribute 'nothing'"):
         skdfm.nothing  # noqa: B018
+
+
+def _forge(source, target, change):
+    """A copy of an exported .onnx whose skdfm metadata ``change`` edits."""
+    import onnx
+
+    proto = onnx.load(source)
+    metadata = json.loads(proto.metadata_props[0].value)
+    proto.metadata_props[0].value = change(metadata)
+    onnx.save(proto, target)
+    return target
+
+
+def test_metadata_that_does_not_fit_the_graph_is_refused(
+    data, fre_model, exported, tmp_path
+):
+    images, y = data
+    nll = export(_fit(images, y, score_type="nll"), tmp_path / "nll.onnx")
+    cases = {
+        "fre metadata on an nll graph": (
+            nll, lambda m: json.dumps({**m, "score_type": "fre"}), "output"),
+        "another input size": (
+            exported["onnx"], lambda m: json.dumps({**m, "input_size": [32, 32]}),
+            "graph input"),
+        "a huge input size": (
+            exported["onnx"],
+            lambda m: json.dumps({**m, "input_size": [32768, 32768]}), "invalid"),
+        "a NaN score range": (
+            exported["onnx"], lambda m: json.dumps({**m, "score_range": [0, "NaN"]}),
+            "invalid"),
+        "deeply nested JSON": (
+            exported["onnx"], lambda m: "[" * 100_000 + "]" * 100_000, "nested"),
+        "an unknown score type": (
+            exported["onnx"], lambda m: json.dumps({**m, "score_type": "lof"}),
+            "invalid"),
+    }  # fmt: skip
+    for what, (source, change, message) in cases.items():
+        path = _forge(source, tmp_path / "forged.onnx", change)
+        for runtime in ("onnxruntime", "openvino"):
+            with pytest.raises(ModelFileError, match=message):
+                ExportedModel(path, runtime=runtime)
+                pytest.fail(what)
+
+
+def test_an_xml_with_another_exports_weights_is_refused(data, tmp_path):
+    images, y = data
+
+    def model(seed):  # one architecture and size, other weights
+        return make_pipeline(
+            DeepFeatureTransformer(**dict(SMALL_BACKBONE, random_state=seed)),
+            DFMDetector(pca_level=5, device="cpu"),
+        ).fit(images[y == 1][:20])
+
+    first = export(model(0), tmp_path / "first.xml", format="openvino")
+    second = export(model(1), tmp_path / "second.xml", format="openvino")
+    assert first.with_suffix(".bin").stat().st_size == (
+        second.with_suffix(".bin").stat().st_size
+    )
+    (tmp_path / "mixed.xml").write_bytes(first.read_bytes())
+    (tmp_path / "mixed.bin").write_bytes(second.with_suffix(".bin").read_bytes())
+    with pytest.raises(ModelFileError, match="does not match its weights"):
+        ExportedModel(tmp_path / "mixed.xml")
+
+
+def test_every_kind_of_image_scores_as_in_the_pipeline(
+    fre_model, exported, data, tmp_path
+):
+    pandas = pytest.importorskip("pandas")
+    images, _ = data
+    runner = ExportedModel(exported["onnx"])
+    gray16 = images[:4, ..., 0].astype(np.uint16) * 257
+    paths = []
+    for i, image in enumerate(gray16):
+        Image.fromarray(image).save(tmp_path / f"g{i}.png")  # 16-bit grayscale PNG
+        paths.append(str(tmp_path / f"g{i}.png"))
+    inputs = {
+        "uint8 NHWC": images[:4],
+        "uint8 NCHW": images[:4].transpose(0, 3, 1, 2),
+        "float NHWC": images[:4] / 255.0,
+        "grayscale uint8": images[:4, ..., 0],
+        "grayscale uint16": gray16,
+        "16-bit grayscale files": paths,
+        "paths as a Series": pandas.Series(paths),
+        "mixed sizes": [images[0], images[1, :40, :50], images[2, :, :, 0]],
+        "upscaled": [im[:32, :40] for im in images[:3]],
+    }
+    for what, X in inputs.items():
+        expected = fre_model.score_samples(X)
+        assert _relative(runner.score_samples(X), expected) < RTOL, what
+    with pytest.raises(ValueError, match="holds no image"):
+        runner.score_samples(np.zeros((0, 64, 64, 3), np.uint8))
+
+
+def test_several_layers_on_an_uneven_grid_export(data, tmp_path):
+    images, y = data  # 72 px: layer3 5x5, layer2 9x9, pooled by adaptive averaging
+    model = _fit(images, y, backbone=dict(SMALL_BACKBONE, input_size=72,
+                                          layer=["layer2", "layer3"]))  # fmt: skip
+    runner = ExportedModel(export(model, tmp_path / "m.onnx"))
+    assert _relative(runner.score_samples(images), model.score_samples(images)) < RTOL
+
+
+def test_int8_labels_in_the_graph_and_the_runtime_agree(fre_model, data, tmp_path):
+    import onnxruntime as ort
+
+    images, y = data
+    normal = images[y == 1]
+    path = export(fre_model, tmp_path / "q.onnx", precision="int8",
+                  calibration_images=normal[:16])  # fmt: skip
+    runner = ExportedModel(path)
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    batch = prepare_images(images, runner.input_size_)[0]
+    graph_scores, graph_labels = session.run(None, {"images": batch})[:2]
+    np.testing.assert_array_equal(graph_labels, runner.predict(images))
+    # the threshold keeps its rank among the calibration images
+    reference = fre_model.score_samples(normal[:16])
+    share = np.mean(reference < fre_model[-1].offset_)
+    flagged = np.mean(runner.score_samples(normal[:16]) < runner.offset_)
+    assert abs(flagged - share) <= 1 / 16 + 1e-9
+    assert "rank" in runner.metadata_["threshold_note"]
+
+
+def test_an_autocast_transformer_exports_with_a_warning(data, tmp_path):
+    images, y = data
+    model = _fit(images, y, backbone=dict(SMALL_BACKBONE, precision="bfloat16"))
+    with pytest.warns(UserWarning, match="precision='bfloat16'"):
+        export(model, tmp_path / "m.onnx")
+
+
+def test_an_interrupted_openvino_export_keeps_the_previous_pair(
+    fre_model, tmp_path, monkeypatch
+):
+    import openvino
+
+    path = export(fre_model, tmp_path / "m.xml", format="openvino")
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    save = openvino.save_model
+    calls = []
+
+    def interrupted(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return save(*args, **kwargs)
+
+    monkeypatch.setattr(openvino, "save_model", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        export(fre_model, path, format="openvino")
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+    ExportedModel(path)  # still loads
+
+
+@pytest.mark.cuda
+def test_a_model_on_cuda_exports(data, tmp_path):
+    images, y = data
+    model = _fit(images, y, backbone=dict(SMALL_BACKBONE, device="cuda"))
+    runner = ExportedModel(export(model, tmp_path / "m.onnx"))
+    assert _relative(runner.score_samples(images), model.score_samples(images)) < 1e-4
+    assert model[0].device_.startswith("cuda")  # the model itself did not move
+
+
+def test_the_command_scores_an_exported_file_without_torch(exported, data, tmp_path):
+    images, _ = data
+    for i, image in enumerate(images[:3]):
+        Image.fromarray(image).save(tmp_path / f"{i}.png")
+    code = WITHOUT_TORCH.split("import numpy as np")[0] + textwrap.dedent(
+        """
+        from skdfm.cli import main
+        code = main(["score", sys.argv[1], sys.argv[2], "--no-progress",
+                     "--device", "cpu", "--maps", sys.argv[3]])
+        loaded = sorted(m for m in sys.modules
+                        if m.split(".")[0] in ("torch", "timm", "sklearn"))
+        print("loaded:", loaded, "code:", code)
+        """
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code, str(exported["openvino"]), str(tmp_path),
+         str(tmp_path / "maps")],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert "loaded: [] code: 0" in done.stdout
+    assert len(done.stdout.strip().splitlines()) == 1 + 3 + 1  # header, rows, status
+    assert len(list((tmp_path / "maps").rglob("*.png"))) == 3
