@@ -5,7 +5,7 @@ when first used, so a process that only runs an exported model
 (:class:`skdfm.ExportedModel`) never loads them.
 """
 
-from importlib import import_module
+from importlib import import_module as _import_module
 
 __version__ = "0.1.0"
 
@@ -50,10 +50,12 @@ def __getattr__(name):  # PEP 562: import the defining module on first access
         module = _LAZY[name]
     except KeyError:
         raise AttributeError(f"module 'skdfm' has no attribute {name!r}") from None
-    value = getattr(import_module(module, __name__), name)
+    value = getattr(_import_module(module, __name__), name)
     globals()[name] = value
     return value
 
 
 def __dir__():
-    return sorted({*globals(), *_LAZY})
+    return sorted(
+        {*(n for n in globals() if not n.startswith("_")), *_LAZY, "__version__"}
+    )
