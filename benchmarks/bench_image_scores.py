@@ -41,6 +41,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from machine import cpu_flags  # benchmarks/machine.py
 from PIL import Image
 from scipy import ndimage
 from sklearn.pipeline import FeatureUnion
@@ -59,16 +60,6 @@ from skdfm import (
 TEXTURES = ("brick", "grass", "gravel")
 KINDS = ("patch", "scratch", "stain")
 INPUT_SIZE = 256  # the model resizes every crop to it
-
-
-def cpu_flags() -> str:
-    try:
-        with open("/proc/cpuinfo") as handle:
-            text = handle.read()
-    except OSError:
-        return "unknown"
-    found = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f in text]
-    return " ".join(found) or "none of avx2/avx512"
 
 
 # -- data sets -------------------------------------------------------------------

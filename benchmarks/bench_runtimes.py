@@ -25,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from machine import cpu_flags  # benchmarks/machine.py
 from sklearn.base import clone
 from sklearn.pipeline import make_pipeline
 
@@ -47,17 +48,6 @@ EXPORTS = (
     ("onnxruntime int8", "onnx", ".onnx", "onnxruntime", "int8"),
     ("OpenVINO int8", "openvino", ".xml", "openvino", "int8"),
 )
-
-
-def cpu_flags() -> str:
-    try:
-        with open("/proc/cpuinfo") as handle:
-            text = handle.read()
-    except OSError:
-        return "unknown"
-    found = [f for f in ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16")
-             if f in text]  # fmt: skip
-    return " ".join(found) or "none of avx2/avx512"
 
 
 def pipeline(backbone, precision="float32"):

@@ -21,19 +21,11 @@ from pathlib import Path
 
 import joblib
 import numpy as np
+from machine import cpu_flags  # benchmarks/machine.py
 from sklearn.pipeline import make_pipeline
 
 import skdfm
 from skdfm import DeepFeatureTransformer, DFMDetector, make_defect_images
-
-
-def cpu_flags() -> str:
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return "unknown"
-    found = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f in text]
-    return " ".join(found) or "none of avx2/avx512"
 
 
 def timed(function, repeats: int) -> float:

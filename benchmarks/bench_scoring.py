@@ -28,18 +28,9 @@ import time
 
 import numpy as np
 import torch
+from machine import cpu_flags  # benchmarks/machine.py
 
 from skdfm import DFMDetector
-
-
-def cpu_flags() -> str:
-    try:
-        with open("/proc/cpuinfo") as handle:
-            text = handle.read()
-    except OSError:
-        return "unknown"
-    found = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f in text]
-    return " ".join(found) or "none of avx2/avx512"
 
 
 def two_passes(det, X, shape):

@@ -29,6 +29,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ._runtime import file_sha256, first_line, require
+
 __all__ = ["FORMATS", "PRECISIONS", "export", "metadata_of"]
 
 FORMATS = ("onnx", "openvino")
@@ -37,18 +39,6 @@ PRECISIONS = ("float32", "float16", "bfloat16", "int8")
 #: rt_info.
 METADATA_KEY = "skdfm"
 _OPSET = 18
-
-
-def _require(module: str, extra: str):
-    """Import an optional runtime, or raise naming the extra that installs it."""
-    import importlib
-
-    try:
-        return importlib.import_module(module)
-    except ImportError as error:
-        raise ImportError(
-            f"{module} is not installed: pip install 'skdfm[{extra}]'"
-        ) from error
 
 
 def _graph(transformer, detector, offset: float):
@@ -202,7 +192,7 @@ def _export_onnx(graph, transformer, destination: Path) -> None:
             program = _torch_export(graph, example, names, batch)
         except Exception as error:  # torch.export raises many classes
             raise ValueError(
-                f"torch could not export this model to ONNX: {_first_line(error)}"
+                f"torch could not export this model to ONNX: {first_line(error)}"
             ) from None
     program.save(os.fspath(destination))
 
@@ -272,7 +262,7 @@ def _quantize_int8(source: Path, destination: Path, calibration: np.ndarray) -> 
             per_channel=True,
         )
     except Exception as error:  # the quantiser raises many classes
-        raise ValueError(f"int8 quantisation failed: {_first_line(error)}") from None
+        raise ValueError(f"int8 quantisation failed: {first_line(error)}") from None
     finally:
         root.setLevel(level)
 
@@ -435,11 +425,11 @@ def export(model, path, *, format="onnx", precision="float32", calibration_image
     folder = path.parent if str(path.parent) else Path(".")
     if not folder.is_dir():
         raise FileNotFoundError(f"Cannot write {path}: no folder {folder}.")
-    _require("onnx", "onnx")
+    require("onnx", "onnx")
     if format == "openvino":
-        ov = _require("openvino", "openvino")
+        ov = require("openvino", "openvino")
     if precision == "int8":
-        _require("onnxruntime", "onnx")
+        require("onnxruntime", "onnx")
     transformer, detector = _fitted_parts(model)
     calibration = None
     if precision == "int8":
@@ -472,36 +462,21 @@ def export(model, path, *, format="onnx", precision="float32", calibration_image
             ov_model = ov.convert_model(os.fspath(onnx_path))
         except Exception as error:  # OpenVINO's own classes
             raise ValueError(
-                f"OpenVINO could not convert the model: {_first_line(error)}"
+                f"OpenVINO could not convert the model: {first_line(error)}"
             ) from None
         xml = Path(scratch) / "model.xml"
         compress = precision == "float16"
         ov.save_model(ov_model, os.fspath(xml), compress_to_fp16=compress)
         # The .xml records the digest of its .bin: a pair half-replaced by an
         # interrupted export is refused when loaded, never run.
-        metadata["weights_sha256"] = _sha256(xml.with_suffix(".bin"))
+        metadata["weights_sha256"] = file_sha256(xml.with_suffix(".bin"))
         ov_model.set_rt_info(json.dumps(metadata), [METADATA_KEY])
         ov.save_model(ov_model, os.fspath(xml), compress_to_fp16=compress)
-        if _sha256(xml.with_suffix(".bin")) != metadata["weights_sha256"]:
+        if file_sha256(xml.with_suffix(".bin")) != metadata["weights_sha256"]:
             raise RuntimeError("OpenVINO wrote different weights twice.")
         os.replace(xml.with_suffix(".bin"), path.with_suffix(".bin"))
         os.replace(xml, path)
     return path
-
-
-def _sha256(path: Path) -> str:
-    import hashlib
-
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(2**20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def _first_line(error: BaseException) -> str:
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    return lines[0] if lines else type(error).__name__
 
 
 def _check_precision_of(transformer) -> None:

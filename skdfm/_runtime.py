@@ -27,7 +27,14 @@ from ._decode import (
 from ._results import AnomalyMaps, bilinear_resize, normalize_scores, target_sizes
 from ._saving import ModelFileError
 
-__all__ = ["RUNTIMES", "ExportedModel", "prepare_images"]
+__all__ = [
+    "RUNTIMES",
+    "ExportedModel",
+    "file_sha256",
+    "first_line",
+    "prepare_images",
+    "require",
+]
 
 RUNTIMES = ("auto", "onnxruntime", "openvino")
 _METADATA_KEY = "skdfm"
@@ -198,7 +205,8 @@ def _prepare_items(items, input_size, max_pixels, first_index: int):
 # -- runtimes -------------------------------------------------------------------------
 
 
-def _import(module: str, extra: str):
+def require(module: str, extra: str):
+    """Import an optional runtime, or raise ImportError naming the extra."""
     import importlib
 
     try:
@@ -209,9 +217,21 @@ def _import(module: str, extra: str):
         ) from error
 
 
-def _first_line(error: BaseException) -> str:
+def first_line(error: BaseException) -> str:
+    """The first non-empty line of an error from a runtime (theirs run long)."""
     lines = [line.strip() for line in str(error).splitlines() if line.strip()]
     return lines[0] if lines else type(error).__name__
+
+
+def file_sha256(path) -> str:
+    """SHA-256 of a file, read a MiB at a time."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(2**20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def _check_metadata(path, text) -> dict:
@@ -279,7 +299,7 @@ class _OnnxRuntime:
     name = "onnxruntime"
 
     def __init__(self, path: Path):
-        ort = _import("onnxruntime", "onnx")
+        ort = require("onnxruntime", "onnx")
         options = ort.SessionOptions()
         options.log_severity_level = 3  # errors only
         try:
@@ -288,7 +308,7 @@ class _OnnxRuntime:
             )
         except Exception as error:  # onnxruntime raises its own exception classes
             raise ModelFileError(
-                path, f"cannot be loaded by onnxruntime: {_first_line(error)}"
+                path, f"cannot be loaded by onnxruntime: {first_line(error)}"
             ) from None
         meta = self.session.get_modelmeta().custom_metadata_map
         self.metadata = _check_metadata(path, meta.get(_METADATA_KEY))
@@ -305,7 +325,7 @@ class _OnnxRuntime:
             return self.session.run(None, {"images": batch})
         except Exception as error:  # onnxruntime's own classes
             raise ModelFileError(
-                self.path, f"failed in onnxruntime: {_first_line(error)}"
+                self.path, f"failed in onnxruntime: {first_line(error)}"
             ) from None
 
 
@@ -313,13 +333,13 @@ class _OpenVinoRuntime:
     name = "openvino"
 
     def __init__(self, path: Path):
-        ov = _import("openvino", "openvino")
+        ov = require("openvino", "openvino")
         core = ov.Core()
         try:
             model = core.read_model(os.fspath(path))
         except Exception as error:  # OpenVINO raises RuntimeError and its own
             raise ModelFileError(
-                path, f"cannot be read by OpenVINO: {_first_line(error)}"
+                path, f"cannot be read by OpenVINO: {first_line(error)}"
             ) from None
         text = None
         if model.has_rt_info([_METADATA_KEY]):
@@ -342,7 +362,7 @@ class _OpenVinoRuntime:
             )
         except Exception as error:
             raise ModelFileError(
-                path, f"cannot be compiled by OpenVINO: {_first_line(error)}"
+                path, f"cannot be compiled by OpenVINO: {first_line(error)}"
             ) from None
         self.path = path
 
@@ -351,7 +371,7 @@ class _OpenVinoRuntime:
             result = self.compiled(batch)
         except Exception as error:  # OpenVINO's own classes
             raise ModelFileError(
-                self.path, f"failed in OpenVINO: {_first_line(error)}"
+                self.path, f"failed in OpenVINO: {first_line(error)}"
             ) from None
         return [result[output] for output in self.compiled.outputs]
 
@@ -364,16 +384,10 @@ def _dims(shape) -> list:
 def _check_openvino_weights(path: Path, metadata: dict) -> None:
     """The .bin must be the one the .xml was saved with (a pair half-replaced by an
     interrupted export would otherwise load new weights under old metadata)."""
-    import hashlib
-
     expected = metadata.get("weights_sha256")
     if path.suffix.lower() != ".xml" or expected is None:
         return
-    digest = hashlib.sha256()
-    with open(path.with_suffix(".bin"), "rb") as handle:
-        for block in iter(lambda: handle.read(2**20), b""):
-            digest.update(block)
-    if digest.hexdigest() != expected:
+    if file_sha256(path.with_suffix(".bin")) != expected:
         raise ModelFileError(
             path, f"does not match its weights {path.with_suffix('.bin').name}: they "
             "belong to another export (re-export the model)."
@@ -381,12 +395,12 @@ def _check_openvino_weights(path: Path, metadata: dict) -> None:
 
 
 def _onnx_metadata(path: Path):
-    onnx = _import("onnx", "onnx")
+    onnx = require("onnx", "onnx")
     try:
         proto = onnx.load(os.fspath(path), load_external_data=False)
     except Exception as error:
         raise ModelFileError(
-            path, f"is not a readable ONNX file: {_first_line(error)}"
+            path, f"is not a readable ONNX file: {first_line(error)}"
         ) from None
     for entry in proto.metadata_props:
         if entry.key == _METADATA_KEY:
