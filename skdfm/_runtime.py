@@ -66,8 +66,9 @@ def _unit_float(pixels: np.ndarray, index: int) -> np.ndarray:
             "[0, 1]."
         )
     scale = NUMPY_SCALES[dtype]
-    if scale is not None:
-        return pixels.astype(np.float32) / np.float32(scale)
+    if scale is not None:  # one pass, into a C-ordered array (the graph's layout)
+        out = np.empty(pixels.shape, np.float32)
+        return np.divide(pixels, np.float32(scale), out=out, dtype=np.float32)
     pixels = pixels.astype(np.float32)
     if not np.isfinite(pixels).all():
         raise ValueError(f"Image {index} has NaN or infinite pixel values.")
