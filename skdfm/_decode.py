@@ -31,6 +31,7 @@ __all__ = [
     "REDUCE_ABOVE_PIXELS",
     "SIXTEEN_BIT_MODES",
     "UINT16_PIXELS",
+    "batch_channel_axis",
     "channel_axis",
     "decode_image_file",
     "one_ahead",
@@ -250,6 +251,44 @@ def read_image_size(path, max_pixels: int | None = MAX_IMAGE_PIXELS) -> tuple[in
     of :func:`read_image_file`."""
     with open_image(path, max_pixels) as image:
         return (image.height, image.width)
+
+
+def batch_channel_axis(shape: tuple[int, ...]):
+    """The channel axis (1 or 3) of a batch array of ``shape``, or None for N
+    grayscale images (N, H, W); a clear error for any other or ambiguous shape."""
+    if len(shape) == 2:
+        raise ValueError(
+            f"X is a 2-D array of shape {shape}, but images are expected: a batch of "
+            f"images needs 3 or 4 dimensions (one grayscale image: X[None]). "
+            f"{LAYOUT_HELP}"
+        )
+    if len(shape) not in (3, 4):
+        raise ValueError(
+            f"X has {len(shape)} dimensions (shape {shape}); expected 3 or 4. "
+            f"{LAYOUT_HELP}"
+        )
+    if shape[0] == 0:
+        raise ValueError("X contains no images (0 samples); at least 1 is required.")
+    if len(shape) == 3:
+        if shape[-1] <= 4:
+            raise ValueError(
+                f"Ambiguous array of shape {shape}: 3-D arrays are read as N "
+                f"grayscale images (N, H, W), but a width of {shape[-1]} looks like "
+                "the channels of one image; for one image pass X[None]."
+            )
+        if shape[0] == 3:
+            raise ValueError(
+                f"Ambiguous array of shape {shape}: three grayscale images (N, H, "
+                "W) or one colour image (C, H, W), as torchvision lays it out? Pass "
+                "one colour image as X[None] (1, 3, H, W), three grayscale images "
+                "as X[:, None] (3, 1, H, W)."
+            )
+        axis = None
+    else:
+        axis = channel_axis(shape, (1, 3), "array")
+    if min(shape) == 0:
+        raise ValueError(f"X has an empty image dimension (shape {shape}).")
+    return axis
 
 
 def pil_pixels(image: Image.Image) -> np.ndarray:

@@ -27,6 +27,7 @@ from ._decode import (
     MAX_IMAGE_PIXELS,
     NUMPY_SCALES,
     FileBatch,
+    batch_channel_axis,
     channel_axis,
     decode_image_file,
     one_ahead,
@@ -302,37 +303,7 @@ def as_image_collection(
 def _array_collection(X) -> ImageCollection:
     shape = tuple(X.shape)
     _scale_of(X.dtype, "X")
-    if X.ndim == 2:
-        raise ValueError(
-            f"X is a 2-D array of shape {shape}, but images are expected: a batch of "
-            f"images needs 3 or 4 dimensions (one grayscale image: X[None]). "
-            f"{LAYOUT_HELP}"
-        )
-    if X.ndim not in (3, 4):
-        raise ValueError(
-            f"X has {X.ndim} dimensions (shape {shape}); expected 3 or 4. {LAYOUT_HELP}"
-        )
-    if shape[0] == 0:
-        raise ValueError("X contains no images (0 samples); at least 1 is required.")
-    if X.ndim == 3:
-        if shape[-1] <= 4:
-            raise ValueError(
-                f"Ambiguous array of shape {shape}: 3-D arrays are read as N "
-                f"grayscale images (N, H, W), but a width of {shape[-1]} looks like "
-                "the channels of one image; for one image pass X[None]."
-            )
-        if shape[0] == 3:
-            raise ValueError(
-                f"Ambiguous array of shape {shape}: three grayscale images (N, H, "
-                "W) or one colour image (C, H, W), as torchvision lays it out? Pass "
-                "one colour image as X[None] (1, 3, H, W), three grayscale images "
-                "as X[:, None] (3, 1, H, W)."
-            )
-        axis = None
-    else:
-        axis = channel_axis(shape, (1, 3), "array")
-    if min(shape) == 0:
-        raise ValueError(f"X has an empty image dimension (shape {shape}).")
+    axis = batch_channel_axis(shape)
     return ImageCollection("array", X, axis)
 
 

@@ -19,6 +19,7 @@ from ._decode import (
     LAYOUT_HELP,
     MAX_IMAGE_PIXELS,
     NUMPY_SCALES,
+    batch_channel_axis,
     channel_axis,
     decode_image_file,
     original_size,
@@ -111,18 +112,10 @@ def _items(X):
             return _nonempty(array.tolist())
         if array.ndim in (3, 4) and len(array) == 0:
             raise ValueError("X holds no image.")
-        if array.ndim == 3:
-            if array.shape[-1] <= 4 or array.shape[0] == 3:
-                raise ValueError(
-                    f"Ambiguous array of shape {array.shape}: one colour image or "
-                    f"a batch of grayscale ones? Pass one image as X[None]. "
-                    f"{LAYOUT_HELP}"
-                )
+        axis = batch_channel_axis(tuple(array.shape))  # the Pipeline's rules
+        if axis is None:
             return array[:, None]
-        if array.ndim == 4:
-            axis = channel_axis(tuple(array.shape), (1, 3), "array")
-            return array if axis == 1 else np.moveaxis(array, 3, 1)
-        raise ValueError(f"X has shape {array.shape}. {LAYOUT_HELP}")
+        return array if axis == 1 else np.moveaxis(array, 3, 1)
     try:
         items = list(X)
     except TypeError:

@@ -545,10 +545,10 @@ def cmd_export(args) -> int:
         )
     except ImportError as error:
         raise CommandError(str(error)) from error
-    size = sum(
-        p.stat().st_size for p in (Path(path), Path(path).with_suffix(".bin"))
-        if p.is_file() and (p == Path(path) or args.format == "openvino")
-    )  # fmt: skip
+    files = [Path(path)]
+    if args.format == "openvino":
+        files.append(Path(path).with_suffix(".bin"))
+    size = sum(f.stat().st_size for f in files)
     print(
         f"exported {path} ({args.format}, {args.precision}, {size / 1e6:.1f} MB) in "
         f"{time.perf_counter() - t:.1f} s"
