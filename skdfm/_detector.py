@@ -13,7 +13,6 @@ from sklearn.utils import metadata_routing
 from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.validation import check_is_fitted, validate_data
 
-from ._chunks import chunk_rows
 from ._device import DeviceMixin, as_tensor, check_has_data, resolve_device
 from ._features import check_feature_shape, feature_shape_of
 from ._pca import (
@@ -21,8 +20,6 @@ from ._pca import (
     PCAFit,
     fit_pca,
     n_components_for_level,
-    new_scatter,
-    pca_from_scatter,
 )
 from ._persistence import PersistenceMixin, keep_state_on_error
 from ._scores import (
@@ -35,9 +32,15 @@ from ._scores import (
     score_projection,
     score_rows,
 )
+from ._statistics import FeatureStatistics
 from ._validation import reject_bools
 
-__all__ = ["DFMDetector", "check_contamination"]
+__all__ = [
+    "DFMDetector",
+    "check_contamination",
+    "fit_from_statistics",
+    "running_statistics",
+]
 
 _THRESHOLD_ATTRIBUTES = ("offset_", "threshold_method_", "score_range_")
 #: Attributes that partial_fit invalidates and finish_partial_fit computes.
@@ -54,9 +57,10 @@ _STREAM_DERIVED = (
     "image_score_",
     *_THRESHOLD_ATTRIBUTES,
 )
-#: Private state that is not pickled: the streaming statistics (D x D) and the
-#: fitted subspace as tensors on ``device_`` (rebuilt on load and device moves).
-_PRIVATE_STATE = ("_scatter", "_state")
+#: Private state that is not pickled: the streaming statistics (a FeatureStatistics)
+#: and the fitted subspace as tensors on ``device_`` (rebuilt on load and device
+#: moves).
+_PRIVATE_STATE = ("_statistics", "_state")
 
 
 def _as_host_array(X):
@@ -238,8 +242,10 @@ class DFMDetector(DeviceMixin, PersistenceMixin, OutlierMixin, BaseEstimator):
     of the N x N Gram matrix or of the D x D scatter matrix, whichever is smaller,
     in float64, computing every eigenvalue but only the k eigenvectors kept (on
     CPU: LAPACK tridiagonalisation in place, MRRR, blocked back-transformation).
-    ``partial_fit`` accumulates the scatter matrix batch by batch (memory D x D
-    float64, independent of the number of rows) and gives the same model.
+    ``partial_fit`` gives the same model batch by batch, choosing the same route by
+    the rows it has seen: it keeps the rows while they are no more than the
+    features (then the Gram route, as ``fit``), and past that accumulates the
+    scatter matrix (memory D x D float64, independent of the number of rows).
     Scores are computed in float64 from ``||x - mean||^2 - ||(x - mean) V||^2``
     without forming the D-dimensional reconstruction.
 
@@ -322,7 +328,11 @@ class DFMDetector(DeviceMixin, PersistenceMixin, OutlierMixin, BaseEstimator):
         """The fitted grid of the rows (``feature_shape``, else what ``X`` says),
         checked against ``image_score``; sets ``feature_shape_``."""
         names = vars(self).get("feature_names_in_")
-        carried = feature_shape_of(X, n_features, names)
+        self._set_grid(feature_shape_of(X, n_features, names), n_features)
+
+    def _set_grid(self, carried, n_features: int) -> None:
+        """``feature_shape_`` from the grid the rows say (``carried``, or None) and
+        the ``feature_shape`` parameter, which must agree."""
         shape = carried
         if self.feature_shape is not None:
             shape = check_feature_shape(self.feature_shape, n_features)
@@ -505,9 +515,13 @@ class DFMDetector(DeviceMixin, PersistenceMixin, OutlierMixin, BaseEstimator):
     def partial_fit(self, X, y=None, *, restart=False):
         """Merge a batch of rows into the running statistics (a streaming fit).
 
-        Keeps the count, mean and centred scatter of all rows seen so far in
-        float64 on ``device_`` (D x D, whatever the number of rows), merging each
-        batch with Chan et al.'s pairwise update. The components are computed from
+        Keeps what the cheaper exact route needs, chosen by the rows seen so far,
+        on ``device_``: while they are no more than the features (few images with
+        long rows, the usual DFM case), a copy of the rows, fitted at the end by
+        the Gram route as ``fit`` fits them; once they outnumber the features,
+        their count, mean and centred scatter in float64 (D x D, whatever the
+        number of rows), merging each batch with Chan et al.'s pairwise update.
+        The components are computed from
         them, with ``pca_level`` applied to the whole spectrum, by
         :meth:`finish_partial_fit`, which ``score_samples``, ``decision_function``,
         ``predict``, :func:`~skdfm.anomaly_maps` and pickling call when the
@@ -546,7 +560,7 @@ class DFMDetector(DeviceMixin, PersistenceMixin, OutlierMixin, BaseEstimator):
 
     def _partial_fit(self, X, restart: bool):
         state = vars(self)
-        first = restart or "_scatter" not in state
+        first = restart or "_statistics" not in state
         if first and not restart and "n_features_in_" in state:
             how = (
                 "loaded from a file or fitted by stream_fit, which release the "
@@ -572,22 +586,22 @@ class DFMDetector(DeviceMixin, PersistenceMixin, OutlierMixin, BaseEstimator):
         if first:
             device = resolve_device(self.device)
             self.device_ = str(device)
-            self._scatter = new_scatter(X.shape[1], device)
-        scatter = self._scatter
-        Xt = as_tensor(X, scatter.mean.device)
-        scatter.update(Xt, chunk_rows=chunk_rows(X.shape[0], X.shape[1] * 8))
+            self._statistics = FeatureStatistics(X.shape[1], device)
+        statistics = self._statistics
+        statistics.update(as_tensor(X, statistics.device))
         for name in (*_STREAM_DERIVED, "_state"):
             state.pop(name, None)
-        self.n_samples_seen_ = scatter.count
+        self.n_samples_seen_ = statistics.count
         return self
 
     def finish_partial_fit(self, *, release=False):
         """Compute the components from the statistics of :meth:`partial_fit`.
 
         The explicit end of a streaming fit: sets ``components_``, ``mean_``,
-        ``n_components_``, the variances and ``solver_ = "covariance"``. The
+        ``n_components_``, the variances and ``solver_`` (``"gram"`` while the
+        rows seen are no more than the features, else ``"covariance"``). The
         methods that need them call it for you; call it yourself to read those
-        attributes, or with ``release=True`` to free the D x D statistics once the
+        attributes, or with ``release=True`` to free the statistics once the
         last batch is in (no further ``partial_fit`` can then continue the fit).
         Calling it again without new batches recomputes nothing.
 
@@ -602,26 +616,26 @@ class DFMDetector(DeviceMixin, PersistenceMixin, OutlierMixin, BaseEstimator):
             The detector, its components set.
         """
         state = vars(self)
-        if "_scatter" not in state:
+        if "_statistics" not in state:
             if "n_samples_seen_" in state and "components_" in state:
                 return self  # finished and released already
             raise NotFittedError(
                 "finish_partial_fit needs the statistics of partial_fit; this "
                 "DFMDetector has none (it is unfitted, or was fitted with fit)."
             )
-        scatter = self._scatter
+        statistics = self._statistics
         if "components_" not in state:
             check_image_score(self.image_score, self.score_type, self.feature_shape_)
-            rule = self._component_rule(scatter.count, scatter.mean.shape[0])
-            self._set_components(pca_from_scatter(scatter, rule), scatter.count)
+            rule = self._component_rule(statistics.count, statistics.n_features)
+            self._set_components(statistics.fit(rule), statistics.count)
         if release:
-            del self._scatter
+            del self._statistics
         return self
 
     def _finish_pending_stream(self) -> None:
         """Compute the components when ``partial_fit`` has changed the statistics."""
         state = vars(self)
-        if "_scatter" in state and "components_" not in state:
+        if "_statistics" in state and "components_" not in state:
             self.finish_partial_fit()
 
     def __getattr__(self, name):
@@ -636,7 +650,7 @@ class DFMDetector(DeviceMixin, PersistenceMixin, OutlierMixin, BaseEstimator):
                 "method='contamination') on normal samples, or fit with "
                 "skdfm.stream_fit(..., threshold_batches=...)."
             )
-        if name in _STREAM_DERIVED and "_scatter" in state:
+        if name in _STREAM_DERIVED and "_statistics" in state:
             raise AttributeError(
                 f"{name} is computed from the statistics of partial_fit by "
                 "finish_partial_fit(), which score_samples, decision_function, "
@@ -722,8 +736,8 @@ class DFMDetector(DeviceMixin, PersistenceMixin, OutlierMixin, BaseEstimator):
     def _move_fitted_state(self, device: torch.device) -> None:
         if "components_" in vars(self):
             self._build_state(device)
-        if "_scatter" in vars(self):
-            self._scatter.to(device)
+        if "_statistics" in vars(self):
+            self._statistics.to(device)
 
     # -- scoring ---------------------------------------------------------------------
 
@@ -941,3 +955,50 @@ class DFMDetector(DeviceMixin, PersistenceMixin, OutlierMixin, BaseEstimator):
         tags = super().__sklearn_tags__()
         tags.input_tags.allow_nan = False
         return tags
+
+
+# -- the seam of distributed fits (skdfm.distributed) ---------------------------------
+
+
+def running_statistics(detector: DFMDetector) -> FeatureStatistics:
+    """The statistics a streaming fit of ``detector`` has gathered so far.
+
+    What a worker of a distributed fit sends back after its
+    :meth:`~DFMDetector.partial_fit` calls: the statistics, their grid set from
+    ``feature_shape_``. The detector keeps them (not a copy).
+    """
+    state = vars(detector)
+    if "_statistics" not in state:
+        raise NotFittedError(
+            "This DFMDetector holds no streaming statistics: call partial_fit first."
+        )
+    statistics = detector._statistics
+    statistics.feature_shape = detector.feature_shape_
+    return statistics
+
+
+def fit_from_statistics(
+    detector: DFMDetector, statistics: FeatureStatistics
+) -> DFMDetector:
+    """Fit ``detector`` from statistics gathered elsewhere, as one streaming fit.
+
+    Equal to :meth:`~DFMDetector.partial_fit` on every row the statistics hold
+    followed by ``finish_partial_fit(release=True)``: the components, variances and
+    ``n_samples_seen_`` are set, ``offset_`` is not. The statistics are moved to
+    the detector's device and consumed. A failure keeps the detector as it was.
+    """
+    detector._validate_params()
+    with keep_state_on_error(detector):
+        detector._forget_fit()
+        n_features = statistics.n_features
+        detector.n_features_in_ = n_features
+        shape = statistics.feature_shape
+        if shape is not None:
+            shape = check_feature_shape(shape, n_features)
+        detector._set_grid(shape, n_features)
+        device = resolve_device(detector.device)
+        detector.device_ = str(device)
+        detector._statistics = statistics.to(device)
+        detector.n_samples_seen_ = statistics.count
+        detector.finish_partial_fit(release=True)
+    return detector

@@ -22,6 +22,8 @@ __all__ = ["Scatter"]
 # Columns per block of the triangular product: large enough for efficient GEMMs,
 # small enough that the blocks above the diagonal skipped save about half the flops.
 _SYRK_BLOCK = 2048
+# Rows of the matrix copied to the host at a time when it is pickled.
+_PACK_ROWS = 512
 
 
 def lower_syrk_(out: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
@@ -93,3 +95,78 @@ class Scatter:
             self.mean.copy_(mean_b)
         lower_syrk_(self.matrix, centred)
         self.count = total
+
+    def merge(self, other: Scatter) -> Scatter:
+        """Merge another ``Scatter`` into this one (in place), exactly.
+
+        Chan, Golub and LeVeque's pairwise formula, for two sets of rows A and B:
+        ``M = M_a + M_b + n_a n_b / (n_a + n_b) * delta delta^T`` with ``delta =
+        mean_b - mean_a``, and the count-weighted mean. The result equals the
+        statistics of the rows of both up to float64 rounding, whatever the order
+        or grouping of the merges (what a tree reduction needs).
+        """
+        if other.mean.shape != self.mean.shape:
+            raise ValueError(
+                f"cannot merge statistics of {other.mean.shape[0]} features into "
+                f"statistics of {self.mean.shape[0]} features."
+            )
+        n_a, n_b = self.count, other.count
+        if n_b == 0:
+            return self
+        mean_b = other.mean.to(self.mean.device)
+        matrix_b = other.matrix.to(self.matrix.device)
+        if n_a == 0:
+            self.mean.copy_(mean_b)
+            self.matrix.copy_(matrix_b)
+            self.count = n_b
+            return self
+        total = n_a + n_b
+        delta = mean_b - self.mean
+        # Only the lower triangle is meaningful on either side; adding the whole
+        # matrices adds scratch to scratch above the diagonal.
+        self.matrix += matrix_b
+        lower_syrk_(self.matrix, ((n_a * n_b / total) ** 0.5) * delta[None])
+        self.mean += delta * (n_b / total)
+        self.count = total
+        return self
+
+    def __getstate__(self):
+        # Only the lower triangle (with the diagonal) travels: D (D + 1) / 2 values,
+        # half the bytes of the matrix, packed row by row.
+        matrix = self.matrix
+        d = matrix.shape[0]
+        packed = torch.empty(d * (d + 1) // 2, dtype=matrix.dtype, device="cpu")
+        start = 0
+        for row in range(0, d, _PACK_ROWS):
+            stop = min(row + _PACK_ROWS, d)
+            block = matrix[row:stop, :stop].cpu()
+            for i in range(stop - row):
+                length = row + i + 1
+                packed[start : start + length] = block[i, :length]
+                start += length
+        return {
+            "count": self.count,
+            "mean": self.mean,
+            "lower": packed,
+            "device": str(matrix.device),
+        }
+
+    def __setstate__(self, state):
+        packed = state["lower"]
+        d = state["mean"].shape[0]
+        if packed.shape != (d * (d + 1) // 2,):
+            raise ValueError("the packed scatter matrix does not match its mean.")
+        matrix = torch.zeros((d, d), dtype=torch.float64)
+        start = 0
+        for i in range(d):
+            matrix[i, : i + 1] = packed[start : start + i + 1]
+            start += i + 1
+        self.count = int(state["count"])
+        self.mean = state["mean"]
+        self.matrix = matrix.to(state["device"])
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the statistics as pickled (the packed lower triangle, the mean)."""
+        d = self.mean.shape[0]
+        return 8 * (d * (d + 1) // 2 + d)

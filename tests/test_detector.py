@@ -581,12 +581,21 @@ def test_meta_tensors_and_oversized_statistics_are_clear_errors(features, monkey
     for call in (DFMDetector().fit, DFMDetector().partial_fit):
         with pytest.raises(ValueError, match="'meta' device, which has a shape"):
             call(meta)
-    # D = 262 144 would need a 512 GiB scatter matrix: said before allocating
+    # D = 262 144 would need a 512 GiB scatter matrix, which 2 rows do not need
+    # (their statistics are the rows: the Gram route)
     monkeypatch.setattr(memory, "total_bytes", lambda device: 24 * 2**30)
     wide = np.zeros((2, 262_144), np.float32)
     wide[0, 0] = 1.0
-    with pytest.raises(MemoryError, match=r"D x D float64 scatter .* 512.0 GiB"):
-        DFMDetector(device="cpu").partial_fit(wide)
+    assert DFMDetector(device="cpu").partial_fit(wide).n_samples_seen_ == 2
+    # once the rows outnumber the features the scatter is needed: said before
+    # allocating it (D = 1024: 8 MiB, on a device of 6 MiB)
+    monkeypatch.setattr(memory, "total_bytes", lambda device: 6 * 2**20)
+    det = DFMDetector(device="cpu").partial_fit(
+        np.random.default_rng(0).normal(size=(1024, 1024)).astype(np.float32)
+    )
+    with pytest.raises(MemoryError, match=r"D x D float64 scatter .* 0.0 GiB"):
+        det.partial_fit(np.zeros((1, 1024), np.float32))
+    assert det.n_samples_seen_ == 1024  # the refused batch changed nothing
     with pytest.raises(MemoryError, match="N x N float64 Gram matrix of 60000"):
         DFMDetector(device="cpu", solver="gram").fit(
             np.broadcast_to(np.eye(1, 300, dtype=np.float32), (60_000, 300))

@@ -67,3 +67,53 @@ def test_scatter_on_cuda_matches_cpu():
     np.testing.assert_allclose(
         np.tril(gpu.matrix.cpu().numpy()), np.tril(cpu.matrix.numpy()), rtol=1e-10
     )
+
+
+def _scatter_of(batches):
+    scatter = Scatter(batches[0].shape[1], torch.device("cpu"))
+    for batch in batches:
+        scatter.update(torch.from_numpy(batch), chunk_rows=1000)
+    return scatter
+
+
+def test_merging_two_scatters_equals_the_statistics_of_all_rows():
+    rng = np.random.default_rng(3)
+    X = rng.normal(size=(80, 7)) * np.arange(1, 8) + 1e4  # far from the origin
+    parts = np.array_split(X, [1, 20, 20, 50])  # a 1-row part, an empty one
+    # a tree reduction: ((p0 + p1) + p2) + (p3 + p4), with p2 empty
+    left = _scatter_of([parts[0]]).merge(_scatter_of([parts[1]]))
+    left.merge(Scatter(7, torch.device("cpu")))
+    right = _scatter_of([parts[3]]).merge(_scatter_of([parts[4]]))
+    merged = Scatter(7, torch.device("cpu")).merge(left).merge(right)
+    mean, M = _two_pass(X)
+    assert merged.count == 80
+    np.testing.assert_allclose(merged.mean.numpy(), mean, rtol=1e-14)
+    np.testing.assert_allclose(
+        np.tril(merged.matrix.numpy()), np.tril(M), rtol=1e-10, atol=1e-8
+    )
+    # the order of the merges only moves the last bits
+    other = _scatter_of([parts[4]]).merge(_scatter_of([parts[0], parts[1]]))
+    other.merge(_scatter_of([parts[3]]))
+    assert other.count == 80
+    np.testing.assert_allclose(
+        np.tril(other.matrix.numpy()), np.tril(M), rtol=1e-10, atol=1e-8
+    )
+    with pytest.raises(ValueError, match="statistics of 3 features into .* 7"):
+        merged.merge(Scatter(3, torch.device("cpu")))
+
+
+def test_a_pickled_scatter_carries_the_lower_triangle_only(monkeypatch):
+    import pickle
+
+    monkeypatch.setattr("skdfm._scatter._PACK_ROWS", 3)  # several row blocks
+    scatter = _scatter_of([np.random.default_rng(4).normal(size=(30, 11))])
+    scatter.matrix += torch.full((11, 11), 123.0).triu(1)  # scratch above
+    data = pickle.dumps(scatter)
+    assert scatter.nbytes == 8 * (11 * 12 // 2 + 11)
+    assert len(data) < scatter.nbytes + 2000  # no D x D matrix travels
+    back = pickle.loads(data)
+    assert back.count == 30
+    np.testing.assert_array_equal(back.mean.numpy(), scatter.mean.numpy())
+    np.testing.assert_array_equal(
+        np.tril(back.matrix.numpy()), np.tril(scatter.matrix.numpy())
+    )

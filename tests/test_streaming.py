@@ -78,7 +78,9 @@ def test_partial_fit_equals_fit(shape, score_type):
     fitted.fit(X_train)
     assert streamed.n_samples_seen_ == shape[0]
     _assert_same_model(streamed, fitted, X_test)
-    assert streamed.solver_ == "covariance"
+    # The cheaper exact route for what was seen, as fit picks it.
+    assert streamed.solver_ == fitted.solver_
+    assert streamed.solver_ == ("gram" if shape[0] <= shape[1] else "covariance")
     np.testing.assert_allclose(
         streamed.explained_variance_ratio_, fitted.explained_variance_ratio_, rtol=1e-9
     )
@@ -105,13 +107,13 @@ def test_components_are_computed_by_an_explicit_finish(features, monkeypatch):
         det.components_  # noqa: B018
     assert not hasattr(det, "n_components_")
     calls = []
-    original = skdfm._detector.pca_from_scatter
+    original = skdfm._statistics.FeatureStatistics.fit
 
     def counting(*args):
         calls.append(1)
         return original(*args)
 
-    monkeypatch.setattr(skdfm._detector, "pca_from_scatter", counting)
+    monkeypatch.setattr(skdfm._statistics.FeatureStatistics, "fit", counting)
     assert det.finish_partial_fit() is det
     assert det.n_components_ > 0 and len(calls) == 1
     det.finish_partial_fit()
@@ -121,7 +123,7 @@ def test_components_are_computed_by_an_explicit_finish(features, monkeypatch):
     det.score_samples(X_test)  # new rows: the next use recomputes
     assert len(calls) == 2 and det.n_samples_seen_ == 160
     det.finish_partial_fit(release=True)
-    assert "_scatter" not in vars(det) and det.finish_partial_fit() is det
+    assert "_statistics" not in vars(det) and det.finish_partial_fit() is det
     with pytest.raises(NotFittedError, match="statistics of partial_fit"):
         DFMDetector(device="cpu").fit(X_train).finish_partial_fit()
 
