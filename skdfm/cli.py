@@ -234,23 +234,21 @@ def _features_of_files(transformer, files, *, progress: bool, check=None):
     return np.concatenate(parts), used, skipped
 
 
-def _write_maps(folder: str, paths, images, maps) -> None:
-    from PIL import Image
+def _write_maps(folder: str, root: str, paths, images, maps) -> None:
+    from ._map_files import map_file, write_map_overlay
 
-    from ._plotting import overlay_anomaly_map
-
-    out = Path(folder)
-    out.mkdir(parents=True, exist_ok=True)
     for path, image, amap in zip(paths, images, maps, strict=True):
-        if amap.shape != (image.height, image.width):  # a file decoded reduced
-            amap = np.asarray(
-                Image.fromarray(amap.astype(np.float32), mode="F").resize(
-                    image.size, Image.Resampling.BILINEAR
-                )
-            )
-        overlay = Image.fromarray(overlay_anomaly_map(np.asarray(image), amap))
-        with atomic_write(out / f"{Path(path).stem}_map.png") as handle:
-            overlay.save(handle, format="PNG")
+        write_map_overlay(map_file(folder, path, root), image, amap)
+
+
+def _maps_root(arguments) -> str:
+    """The folder the map tree mirrors: the deepest one holding every argument
+    (a folder argument itself, a file argument's folder)."""
+    folders = [
+        os.path.abspath(a) if os.path.isdir(a) else os.path.dirname(os.path.abspath(a))
+        for a in arguments
+    ]
+    return os.path.commonpath(folders)
 
 
 def _scores_and_maps(model, images, *, maps: bool):
@@ -454,6 +452,7 @@ def cmd_score(args) -> int:
             "--maps needs a model with score_type 'fre' (nll has no maps)"
         )
     reader = model if exported else model[0]  # its batch size and pixel limit
+    root = _maps_root(args.images)
     rows, skipped, flagged = [], list(problems), 0
     for batch in _file_batches(files, reader, progress=not args.no_progress):
         skipped.extend(batch.failed)
@@ -467,7 +466,7 @@ def cmd_score(args) -> int:
             scores = model.score_samples(batch.images)
             result = AnomalyMaps(None, scores, model.labels_from_scores(scores))
         if args.maps:  # written as each batch finishes: no map is kept
-            _write_maps(args.maps, batch.paths, batch.images, result.maps)
+            _write_maps(args.maps, root, batch.paths, batch.images, result.maps)
         normalized = normalize_scores(
             result.score_samples, detector.offset_, detector.score_range_
         )

@@ -1,6 +1,7 @@
 """The skdfm command, run in-process on tiny random-weight models (no download)."""
 
 import csv
+import os
 
 import joblib
 import numpy as np
@@ -126,9 +127,31 @@ def test_score_prints_csv_and_maps(model_file, good_dir, tmp_path, capsys):
     model = skdfm.load(model_file)
     expected = -model.score_samples(files[:3])
     np.testing.assert_allclose([float(r["anomaly_score"]) for r in rows], expected)
-    assert sorted(p.name for p in maps.iterdir()) == [
-        f"{name.rsplit('/', 1)[1][:-4]}_map.png" for name in files[:3]
-    ]
+    root = os.path.commonpath([os.path.dirname(f) for f in files[:3]])
+    assert sorted(str(p) for p in maps.rglob("*.png")) == sorted(
+        str(maps / os.path.relpath(f, root)) + "_map.png" for f in files[:3]
+    )
+
+
+def test_score_maps_mirror_the_input_tree(model_file, tmp_path, capsys):
+    # test/good/000.png and test/crack/000.png: two maps, not one overwritten
+    rng = np.random.default_rng(5)
+    for folder in ("good", "crack"):
+        (tmp_path / "test" / folder).mkdir(parents=True)
+        for name in ("000.png", "000.jpg"):
+            pixels = rng.integers(0, 256, (40, 40, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(tmp_path / "test" / folder / name)
+    maps = tmp_path / "maps"
+    code = main(
+        ["score", str(model_file), str(tmp_path / "test"), "--maps", str(maps),
+         "--device", "cpu", "--no-progress"]
+    )  # fmt: skip
+    capsys.readouterr()
+    assert code == 0
+    assert sorted(str(p.relative_to(maps)) for p in maps.rglob("*.png")) == [
+        "crack/000.jpg_map.png", "crack/000.png_map.png",
+        "good/000.jpg_map.png", "good/000.png_map.png",
+    ]  # fmt: skip
 
 
 def test_score_reports_skipped_and_bad_paths(model_file, good_dir, capsys):

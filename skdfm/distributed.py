@@ -1,0 +1,618 @@
+"""Fit and score on a Dask cluster: the same model as one machine fits, to rounding.
+
+DFM is fitted from sufficient statistics (count, mean, centred scatter, or the rows
+themselves while they are fewer than the features), and those merge exactly. So
+each partition of the images runs the backbone on its worker and sends back only
+its statistics; the statistics are merged pairwise in a tree (Chan's formula,
+:class:`~skdfm._statistics.FeatureStatistics`), and the eigendecomposition runs
+once, on the client. The fitted model equals ``fit`` (or :func:`~skdfm.stream_fit`)
+on the same images up to float64 rounding.
+
+Everything runs on Dask (``dask``, ``distributed``: ``pip install 'skdfm[dask]'``):
+its scheduler places the tasks, moves the data, and recomputes what a lost worker
+held, so a worker that dies in the middle of a fit loses no image and counts none
+twice. The model's weights are sent to every worker once
+(``Client.scatter(..., broadcast=True)``), not once per task. Without a
+``distributed.Client`` (none given and none current), Dask's local scheduler runs
+the same graph in this process.
+
+Images come as a ``dask.bag`` of image file paths (or of single image arrays / PIL
+images; :func:`image_bag` makes one from paths) or as a ``dask.array`` of images
+or, for a bare :class:`~skdfm.DFMDetector`, of feature rows (chunked along the rows
+only). Files that cannot be read are skipped and reported: by a
+:class:`SkippedImagesWarning` from :func:`fit`, in the ``error`` column of
+:func:`score`'s table.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import warnings
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ._decode import decode_image_file, one_ahead
+from ._runtime import require
+
+__all__ = ["SkippedImagesWarning", "fit", "image_bag", "score"]
+
+#: Columns of :func:`score`'s table, in order (``map`` only with ``maps_dir``).
+SCORE_COLUMNS = (
+    "partition",
+    "position",
+    "path",
+    "anomaly_score",
+    "normalized",
+    "label",
+    "error",
+)
+
+
+class SkippedImagesWarning(UserWarning):
+    """Images a distributed fit could not read and left out.
+
+    Attributes
+    ----------
+    skipped : list of (str, str)
+        ``(image, reason)`` of each: a file's path, or ``"partition P, item I"``
+        for an image given as an array.
+    """
+
+    def __init__(self, message: str, skipped: list):
+        super().__init__(message)
+        self.skipped = skipped
+
+
+# -- work done on the workers -----------------------------------------------------
+
+
+def _is_path(item) -> bool:
+    return isinstance(item, (str, os.PathLike))
+
+
+@dataclass
+class _Batch:
+    images: list  #: decoded images (PIL) or arrays, or one array block
+    positions: list  #: their positions in the partition
+    failed: list = field(default_factory=list)  #: (position, reason)
+
+
+def _decode(paths_and_positions, max_pixels) -> _Batch:
+    batch = _Batch([], [])
+    for position, path in paths_and_positions:
+        try:
+            batch.images.append(decode_image_file(path, max_pixels))
+        except (OSError, ValueError) as error:
+            batch.failed.append((position, str(error)))
+        else:
+            batch.positions.append(position)
+    return batch
+
+
+def _image_batches(items, transformer, batch_size: int):
+    """A partition's images in batches; files are decoded one batch ahead, and the
+    ones that cannot be read land in ``failed``."""
+    if isinstance(items, np.ndarray):  # a block of a dask array: one batch
+        for start in range(0, len(items), batch_size):
+            stop = min(start + batch_size, len(items))
+            yield _Batch(items[start:stop], list(range(start, stop)))
+        return
+    items = list(items)
+    paths = [_is_path(item) for item in items]
+    if any(paths) and not all(paths):
+        raise ValueError(
+            "a partition mixes image paths with image arrays; give a bag of one "
+            "kind or the other."
+        )
+    if all(paths) and items:
+        max_pixels = transformer.max_image_pixels if transformer is not None else None
+        groups = [
+            list(enumerate(items))[start : start + batch_size]
+            for start in range(0, len(items), batch_size)
+        ]
+        yield from one_ahead(lambda group: _decode(group, max_pixels), groups)
+        return
+    for start in range(0, len(items), batch_size):
+        stop = min(start + batch_size, len(items))
+        yield _Batch(items[start:stop], list(range(start, stop)))
+
+
+def _run_isolated(function, batch: _Batch):
+    """``function(batch.images)``; when a batch of separate images is refused, each
+    image alone, so that one bad array loses only itself. Returns the results and
+    the positions of the images they cover (refused ones join ``batch.failed``)."""
+    whole = isinstance(batch.images, np.ndarray)  # a block: one array, no parts
+    try:
+        return [function(batch.images)], list(batch.positions)
+    except ValueError as error:
+        if whole or len(batch.images) == 1:
+            if whole:
+                raise
+            batch.failed.append((batch.positions[0], str(error)))
+            return [], []
+    results, kept = [], []
+    for image, position in zip(batch.images, batch.positions, strict=True):
+        try:
+            results.append(function([image]))
+        except ValueError as error:
+            batch.failed.append((position, str(error)))
+        else:
+            kept.append(position)
+    return results, kept
+
+
+def _name(items, partition: int, position: int) -> str:
+    item = items[position] if not isinstance(items, np.ndarray) else None
+    if item is not None and _is_path(item):
+        return os.fspath(item)
+    return f"partition {partition}, item {position}"
+
+
+@dataclass
+class _Partial:
+    """What a partition of a fit sends back: its statistics and its skipped images."""
+
+    statistics: object  #: FeatureStatistics, or None when nothing was readable
+    skipped: list  #: (image, reason)
+
+
+def _fit_partition(items, partition, model, batch_size):
+    from sklearn.base import clone
+
+    from ._detector import running_statistics
+    from ._model import split_model
+
+    transformer, detector = split_model(model, fitted=False)
+    part = clone(detector)
+    items = items if isinstance(items, np.ndarray) else list(items)
+    skipped, seen = [], False
+    for batch in _image_batches(items, transformer, batch_size):
+        if transformer is not None:
+            rows, _ = _run_isolated(transformer.transform, batch)
+        else:
+            rows = [batch.images]
+        skipped += [(_name(items, partition, p), r) for p, r in batch.failed]
+        for block in rows:
+            part.partial_fit(block, restart=not seen)
+            seen = True
+    statistics = running_statistics(part).to("cpu") if seen else None
+    return _Partial(statistics, skipped)
+
+
+def _merge(a: _Partial, b: _Partial) -> _Partial:
+    # In place: each partial has this merge as its only consumer. A lost worker's
+    # inputs are recomputed from their lineage, never taken from a merged copy.
+    if a.statistics is None:
+        statistics = b.statistics
+    else:
+        statistics = a.statistics
+        if b.statistics is not None:
+            statistics.merge(b.statistics)
+    return _Partial(statistics, a.skipped + b.skipped)
+
+
+def _score_partition(items, partition, model, batch_size, maps_dir, root):
+    import pandas as pd
+
+    from ._map_files import map_file, write_map_overlay
+    from ._maps import anomaly_maps
+    from ._model import split_model
+    from ._results import normalize_scores
+
+    transformer, detector = split_model(model)
+    block = isinstance(items, np.ndarray)
+    items = items if block else list(items)
+    n = len(items)
+    paths = [None if block or not _is_path(i) else os.fspath(i) for i in items]
+    scores = np.full(n, np.nan)
+    errors: list = [None] * n
+    maps: list = [None] * n
+    for batch in _image_batches(items, transformer, batch_size):
+        images = batch.images
+
+        def run(images):
+            if maps_dir is not None:
+                return anomaly_maps(model, images, size="image")
+            return model.score_samples(images)
+
+        results, kept = _run_isolated(run, batch)
+        for position, reason in batch.failed:
+            errors[position] = reason
+        if maps_dir is None:
+            values = np.concatenate(results) if results else np.empty(0)
+        else:
+            values = np.concatenate([r.score_samples for r in results] or [[]])
+            by_position = dict(zip(batch.positions, images, strict=True))
+            written = [amap for result in results for amap in result.maps]
+            for position, amap in zip(kept, written, strict=True):
+                if paths[position] is not None:
+                    target = map_file(maps_dir, paths[position], root)
+                else:
+                    target = os.path.join(
+                        maps_dir,
+                        f"partition-{partition:05d}",
+                        f"item-{position:06d}_map.png",
+                    )
+                write_map_overlay(target, by_position[position], amap)
+                maps[position] = os.fspath(target)
+        scores[kept] = values
+    ok = ~np.isnan(scores)
+    labels = pd.array([None] * n, dtype="Int64")
+    labels[ok] = detector.labels_from_scores(scores[ok])
+    normalized = np.full(n, np.nan)
+    normalized[ok] = normalize_scores(
+        scores[ok], detector.offset_, detector.score_range_
+    )
+    table = {
+        "partition": np.full(n, partition, dtype=np.int64),
+        "position": np.arange(n, dtype=np.int64),
+        "path": pd.array(paths, dtype="string"),
+        "anomaly_score": -scores,
+        "normalized": normalized,
+        "label": labels,
+        "error": pd.array(errors, dtype="string"),
+    }
+    if maps_dir is not None:
+        table["map"] = pd.array(maps, dtype="string")
+    return pd.DataFrame(table)
+
+
+def _threshold_partition(items, partition, model, batch_size):
+    from ._model import split_model
+
+    transformer, _ = split_model(model)
+    items = items if isinstance(items, np.ndarray) else list(items)
+    scores, skipped = [], []
+    for batch in _image_batches(items, transformer, batch_size):
+        results, _ = _run_isolated(model.score_samples, batch)
+        scores += results
+        skipped += [(_name(items, partition, p), r) for p, r in batch.failed]
+    return (np.concatenate(scores) if scores else np.empty(0)), skipped
+
+
+# -- the client side ---------------------------------------------------------------
+
+
+def _dask():
+    require("dask", "dask")
+    import dask
+
+    return dask
+
+
+def _current_client(client):
+    """The client to run on: the one given, else the current one, else None (Dask's
+    local scheduler)."""
+    if client is not None:
+        return client
+    try:
+        from distributed import get_client
+    except ImportError:
+        return None
+    try:
+        return get_client()
+    except ValueError:  # no client in this process
+        return None
+
+
+def _partitions(images, what: str) -> list:
+    """One Delayed per partition of a bag, or per row block of an array."""
+    _dask()
+    import dask.array as da
+    import dask.bag as db
+
+    if isinstance(images, db.Bag):
+        return list(images.to_delayed())
+    if isinstance(images, da.Array):
+        if images.ndim < 2:
+            raise ValueError(
+                f"{what} is a {images.ndim}-D dask array; give feature rows (2-D) "
+                "or a batch of images (3-D or 4-D), chunked along the first axis."
+            )
+        images = images.rechunk({axis: -1 for axis in range(1, images.ndim)})
+        return list(images.to_delayed().ravel())
+    raise TypeError(
+        f"{what} must be a dask.bag (of image paths or images) or a dask.array "
+        f"(of images or feature rows), got {type(images).__name__}; "
+        "skdfm.distributed.image_bag(paths) makes a bag of files."
+    )
+
+
+def _shared(obj, client):
+    """``obj`` placed once where every task can read it: scattered to every worker
+    of a distributed client, else one key of the local graph."""
+    dask = _dask()
+    if client is not None:
+        return client.scatter(obj, broadcast=True, hash=False)
+    return dask.delayed(obj, pure=False)
+
+
+def _compute(value, client):
+    dask = _dask()
+    if client is not None:
+        return client.gather(client.compute(value))
+    return dask.compute(value)[0]
+
+
+def _tree(parts: list, combine):
+    """Pairwise tree reduction of Delayed values: depth ceil(log2(n))."""
+    dask = _dask()
+    merge = dask.delayed(combine, pure=True)
+    level = list(parts)
+    while len(level) > 1:
+        level = [
+            merge(level[i], level[i + 1]) if i + 1 < len(level) else level[i]
+            for i in range(0, len(level), 2)
+        ]
+    return level[0]
+
+
+def _batch_size(transformer, batch_size):
+    if batch_size is None:
+        return transformer.batch_size if transformer is not None else 256
+    if (
+        isinstance(batch_size, bool)
+        or not isinstance(batch_size, int)
+        or batch_size < 1
+    ):
+        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}.")
+    return batch_size
+
+
+def _warn_skipped(skipped: list, what: str) -> None:
+    if not skipped:
+        return
+    shown = "; ".join(f"{name}: {reason}" for name, reason in skipped[:10])
+    more = f"; and {len(skipped) - 10} more" if len(skipped) > 10 else ""
+    warnings.warn(
+        SkippedImagesWarning(
+            f"{len(skipped)} {what} could not be read and were left out "
+            f"(the warning's .skipped lists them all): {shown}{more}",
+            skipped,
+        ),
+        stacklevel=3,
+    )
+
+
+def image_bag(paths, *, npartitions=None, partition_size=None):
+    """A ``dask.bag`` of image file paths, ready for :func:`fit` and :func:`score`.
+
+    Parameters
+    ----------
+    paths : sequence of str or path-like
+        Image files (not read here).
+    npartitions : int, default=None
+        How many partitions (tasks); default one per 64 paths, at least 1.
+    partition_size : int, default=None
+        Paths per partition instead of ``npartitions``.
+
+    Returns
+    -------
+    dask.bag.Bag
+
+    Examples
+    --------
+    >>> from skdfm.distributed import image_bag
+    >>> image_bag([f"img{i}.png" for i in range(130)]).npartitions
+    3
+    """
+    _dask()
+    import dask.bag as db
+
+    paths = [os.fspath(p) for p in paths]
+    if not paths:
+        raise ValueError("image_bag got no paths.")
+    if npartitions is not None and partition_size is not None:
+        raise ValueError("give npartitions or partition_size, not both.")
+    if npartitions is not None:
+        partition_size = math.ceil(len(paths) / npartitions)
+    return db.from_sequence(paths, partition_size=partition_size or 64)
+
+
+def fit(
+    model,
+    images,
+    *,
+    client=None,
+    threshold_images=None,
+    contamination=None,
+    batch_size=None,
+):
+    """Fit a model on a Dask cluster; equal to fitting it on one machine.
+
+    Each partition of ``images`` runs on a worker: decoding, the backbone (for a
+    Pipeline) and the partition's statistics (see the module's notes). The
+    statistics are merged in a pairwise tree and the components are computed once,
+    here. The components, singular values and scores equal those of
+    :func:`~skdfm.stream_fit` (or ``fit``) on the same images up to float64
+    rounding, whatever the partitioning; ``n_samples_seen_`` is the number of images
+    used. The route follows what was seen: while the images are no more than the
+    features, the partitions send their rows (the Gram route), else their D x D
+    statistics (half of it: the lower triangle).
+
+    As with :func:`~skdfm.stream_fit`, the threshold takes a second pass over
+    normal images: over ``threshold_images`` (held-out good parts, or ``images``
+    again for the in-sample rule), scored on the workers, it sets ``offset_`` to
+    their ``contamination`` quantile; without it ``offset_`` stays unset and
+    :func:`~skdfm.calibrate_threshold` can set it later.
+
+    Parameters
+    ----------
+    model : DFMDetector or Pipeline
+        A ``DFMDetector`` (for feature rows) or a ``Pipeline`` of a
+        ``DeepFeatureTransformer`` and a ``DFMDetector``; refitted in place. The
+        transformer is fitted here (its weights built or loaded) and then sent to
+        every worker once.
+    images : dask.bag.Bag or dask.array.Array
+        Normal images: a bag of image paths, or of single images (arrays or PIL
+        images); or an array of images (N, H, W[, C]) or, for a bare detector,
+        of feature rows (N, D), chunked along the first axis.
+    client : distributed.Client, default=None
+        The cluster to run on; default the current client, else Dask's local
+        scheduler in this process.
+    threshold_images : dask.bag.Bag or dask.array.Array, default=None
+        Normal images for the threshold pass.
+    contamination : float in (0, 0.5], default=None
+        Share of ``threshold_images`` to flag; the detector's ``contamination``
+        when None.
+    batch_size : int, default=None
+        Images per backbone call on a worker; the transformer's ``batch_size``
+        when None.
+
+    Returns
+    -------
+    model : DFMDetector or Pipeline
+        The fitted model.
+
+    Warns
+    -----
+    SkippedImagesWarning
+        When some images could not be read; its ``skipped`` lists each with the
+        reason.
+
+    Examples
+    --------
+    >>> import dask.array as da
+    >>> import numpy as np
+    >>> from skdfm import DFMDetector
+    >>> from skdfm.distributed import fit
+    >>> rng = np.random.default_rng(0)
+    >>> X = rng.normal(size=(1000, 5)) @ rng.normal(size=(5, 40))
+    >>> det = fit(DFMDetector(pca_level=0.99, device="cpu"),
+    ...           da.from_array(X, chunks=(250, 40)))  # four partitions
+    >>> det.n_samples_seen_, det.n_components_
+    (1000, 5)
+    >>> one_machine = DFMDetector(pca_level=0.99, device="cpu").fit(X)
+    >>> np.allclose(det.score_samples(X[:5]), one_machine.score_samples(X[:5]))
+    True
+    """
+    from ._detector import check_contamination, fit_from_statistics
+    from ._model import split_model
+    from ._persistence import keep_state_on_error
+
+    try:
+        transformer, detector = split_model(model, fitted=False)
+    except ValueError as error:
+        raise ValueError(f"skdfm.distributed.fit: {error}") from None
+    if contamination is not None or threshold_images is not None:
+        contamination = check_contamination(
+            detector.contamination if contamination is None else contamination
+        )
+    size = _batch_size(transformer, batch_size)
+    parts = _partitions(images, "images")
+    threshold_parts = (
+        None
+        if threshold_images is None
+        else _partitions(threshold_images, "threshold_images")
+    )
+    client = _current_client(client)
+    dask = _dask()
+    with keep_state_on_error(*(p for p in (transformer, detector) if p is not None)):
+        if transformer is not None:
+            # Builds the backbone (only the form of X is checked): what the workers
+            # get is what this process would run.
+            transformer.fit(np.zeros((1, 32, 32, 3), np.uint8))
+        shared = _shared(model, client)
+        task = dask.delayed(_fit_partition, pure=True)
+        partials = [task(part, i, shared, size) for i, part in enumerate(parts)]
+        result = _compute(_tree(partials, _merge), client)
+        if result.statistics is None:
+            raise ValueError(
+                f"none of the images could be read ({len(result.skipped)} skipped; "
+                f"first: {result.skipped[0][0]}: {result.skipped[0][1]})"
+                if result.skipped
+                else "images holds no images."
+            )
+        fit_from_statistics(detector, result.statistics)
+        _warn_skipped(result.skipped, "training images")
+        if threshold_parts is not None:
+            shared = _shared(model, client)
+            task = dask.delayed(_threshold_partition, pure=True)
+            pieces = _compute(
+                [task(part, i, shared, size) for i, part in enumerate(threshold_parts)],
+                client,
+            )
+            scores = np.concatenate([s for s, _ in pieces])
+            _warn_skipped([x for _, s in pieces for x in s], "threshold images")
+            if not len(scores):
+                raise ValueError("none of threshold_images could be scored.")
+            detector.set_threshold(scores, contamination=contamination)
+    return model
+
+
+def score(model, images, *, client=None, maps_dir=None, root=None, batch_size=None):
+    """Score images on a Dask cluster: a lazy dask DataFrame, one row per image.
+
+    Nothing runs until the table is computed (``.compute()``, ``.to_csv(...)``,
+    ``.to_parquet(...)``); the model's weights are sent to the workers here, once.
+    Each partition of ``images`` is one partition of the table, in order.
+
+    Columns: ``partition`` and ``position`` (where the image is in ``images``),
+    ``path`` (the file, or missing for an image given as an array),
+    ``anomaly_score`` (``-score_samples``: higher is more anomalous), ``normalized``
+    (in [0, 1], 0.5 at the threshold, see :func:`~skdfm.normalized_scores`),
+    ``label`` (+1 normal, -1 anomalous), ``error`` (why an image could not be
+    scored, else missing; its scores and label are then missing too) and, with
+    ``maps_dir``, ``map`` (the overlay file written).
+
+    Parameters
+    ----------
+    model : DFMDetector or Pipeline
+        A fitted model with a threshold (``offset_``).
+    images : dask.bag.Bag or dask.array.Array
+        As for :func:`fit`.
+    client : distributed.Client, default=None
+        The cluster the model is sent to; default the current client, else Dask's
+        local scheduler. Compute the table on the same scheduler.
+    maps_dir : str or path-like, default=None
+        Write each image's anomaly map over it, as a PNG under this folder, by the
+        command's rule (:mod:`skdfm._map_files`): the file's place under ``root``
+        mirrored, its whole name kept (``crack/000.png`` ->
+        ``crack/000.png_map.png``); images given as arrays go to
+        ``partition-P/item-I_map.png``. Written by the workers, atomically (a
+        recomputed partition rewrites the same files). Needs ``score_type="fre"``.
+    root : str or path-like, default=None
+        The folder whose tree the maps mirror; default none: each file's absolute
+        path is mirrored.
+    batch_size : int, default=None
+        Images per backbone call; the transformer's ``batch_size`` when None.
+
+    Returns
+    -------
+    dask.dataframe.DataFrame
+    """
+    from ._model import split_model
+
+    transformer, detector = split_model(model)
+    detector.offset_  # noqa: B018 - a model without a threshold: said now
+    if maps_dir is not None and detector.score_type != "fre":
+        raise ValueError(
+            "maps_dir needs a model with score_type 'fre' (nll has no maps)."
+        )
+    size = _batch_size(transformer, batch_size)
+    parts = _partitions(images, "images")
+    require("pandas", "dask")
+    import dask.dataframe as dd
+    import pandas as pd
+
+    client = _current_client(client)
+    dask = _dask()
+    shared = _shared(model, client)
+    task = dask.delayed(_score_partition, pure=True)
+    folder = None if maps_dir is None else os.path.abspath(maps_dir)
+    frames = [task(part, i, shared, size, folder, root) for i, part in enumerate(parts)]
+    meta = pd.DataFrame(
+        {
+            "partition": pd.Series([], dtype="int64"),
+            "position": pd.Series([], dtype="int64"),
+            "path": pd.Series([], dtype="string"),
+            "anomaly_score": pd.Series([], dtype="float64"),
+            "normalized": pd.Series([], dtype="float64"),
+            "label": pd.Series([], dtype="Int64"),
+            "error": pd.Series([], dtype="string"),
+            **({"map": pd.Series([], dtype="string")} if folder else {}),
+        }
+    )
+    return dd.from_delayed(frames, meta=meta, verify_meta=False)
