@@ -370,6 +370,8 @@ def cmd_fit(args) -> int:
         except ValueError as error:
             raise CommandError(str(error)) from error
 
+    if args.scheduler:
+        return _fit_on_cluster(args, model, files, problems, check_image_score_fits)
     features, files, skipped = _features_of_files(
         transformer, files, progress=not args.no_progress, check=check_image_score_fits
     )
@@ -387,17 +389,7 @@ def cmd_fit(args) -> int:
         detector.fit(with_feature_shape(features[train], transformer.feature_shape_))
     except ValueError as error:
         raise CommandError(str(error)) from error
-    print(
-        f"fitted on {len(train)} images in {time.perf_counter() - t:.1f} s: "
-        f"{transformer.backbone} {_layer_text(transformer.layer_)}, "
-        f"{detector.n_features_in_} features, {detector.n_components_} components, "
-        f"image score {detector.image_score_}"
-    )
-    if not transformer.pretrained:
-        print(
-            "weights: random init (--random-init): scores are illustrative only; "
-            "pass --checkpoint FILE to use pretrained weights offline"
-        )
+    _say_fitted(model, len(train), time.perf_counter() - t)
     if len(held):
         held_scores = detector.score_samples(features[held])
         detector.set_threshold(held_scores, contamination=args.contamination)
@@ -411,6 +403,153 @@ def cmd_fit(args) -> int:
     save(model, args.output)
     print(f"saved {args.output}")
     return EXIT_SKIPPED if skipped else EXIT_OK
+
+
+def _say_fitted(model, n_images: int, seconds: float) -> None:
+    transformer, detector = model[0], model[1]
+    print(
+        f"fitted on {n_images} images in {seconds:.1f} s: "
+        f"{transformer.backbone} {_layer_text(transformer.layer_)}, "
+        f"{detector.n_features_in_} features, {detector.n_components_} components, "
+        f"image score {detector.image_score_}"
+    )
+    if not transformer.pretrained:
+        print(
+            "weights: random init (--random-init): scores are illustrative only; "
+            "pass --checkpoint FILE to use pretrained weights offline"
+        )
+
+
+def _connect(address: str):
+    """A client of the Dask scheduler at ``address``; a clear error when it cannot
+    be had (no dask installed, nothing listening)."""
+    try:
+        import dask
+        from distributed import Client
+    except ImportError as error:
+        raise CommandError(
+            "--scheduler needs dask: pip install 'skdfm[dask]'"
+        ) from error
+    try:  # Dask's own connect timeout (distributed.comm.timeouts.connect)
+        return Client(
+            address, timeout=dask.config.get("distributed.comm.timeouts.connect")
+        )
+    except (OSError, TimeoutError, ValueError) as error:
+        raise CommandError(
+            f"cannot reach the Dask scheduler at {address}: {error}"
+        ) from error
+
+
+def _cluster_skipped(caught) -> list:
+    """``(path, reason)`` of the SkippedImagesWarnings caught, each said on stderr;
+    other warnings are shown as usual."""
+    import warnings
+
+    from .distributed import SkippedImagesWarning
+
+    skipped = []
+    for record in caught:
+        if isinstance(record.message, SkippedImagesWarning):
+            for path, reason in record.message.skipped:
+                _say(f"skdfm: skipped {path}: {reason}")
+            skipped += record.message.skipped
+        else:
+            warnings.showwarning(
+                record.message, record.category, record.filename, record.lineno
+            )
+    return skipped
+
+
+def _fit_on_cluster(args, model, files, problems, check) -> int:
+    """``skdfm fit --scheduler``: the same fit, its backbone passes on the cluster.
+
+    The hold-out split is drawn over the files found (the one-machine fit draws it
+    over the readable ones), its threshold pass runs on the cluster too."""
+    import warnings
+
+    from . import save
+    from .distributed import fit, image_bag
+
+    transformer, detector = model[0], model[1]
+    if len(files) < 3:
+        raise CommandError(
+            f"{len(files)} images in {args.normal_images}; at least 3 needed"
+        )
+    # Offline weights are settled (or refused) here, before the cluster works.
+    _fit_transformer(
+        transformer, np.zeros((1, 32, 32, 3), np.uint8), allow_random=False
+    )
+    check()
+    order = np.random.default_rng(0).permutation(len(files))
+    n_hold = int(round(args.holdout * len(files)))
+    if n_hold and len(files) - n_hold < 2:
+        raise CommandError("--holdout leaves fewer than 2 images to fit on")
+    train = [files[i] for i in np.sort(order[n_hold:])]
+    held = [files[i] for i in np.sort(order[:n_hold])]
+    client = _connect(args.scheduler)
+    t = time.perf_counter()
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            fit(
+                model,
+                image_bag(train),
+                client=client,
+                threshold_images=image_bag(held or train),
+                contamination=args.contamination,
+            )
+    finally:
+        client.close()
+    skipped = list(problems) + _cluster_skipped(caught)
+    _say_fitted(model, detector.n_samples_seen_, time.perf_counter() - t)
+    print(f"cluster: {args.scheduler}")
+    if held:
+        print(
+            f"threshold: {args.contamination:.0%} quantile of {len(held)} held-out "
+            "normal images (--holdout)"
+        )
+    else:
+        print("threshold: in-sample (--holdout 0); expect more false alarms")
+    transformer.set_params(progress=not args.no_progress)  # as saved before
+    save(model, args.output)
+    print(f"saved {args.output}")
+    return EXIT_SKIPPED if skipped else EXIT_OK
+
+
+def _score_on_cluster(args, model, files, problems) -> int:
+    """``skdfm score --scheduler``: the table computed on the cluster, printed as
+    the one-machine command prints it."""
+    from .distributed import image_bag, score
+
+    client = _connect(args.scheduler)
+    try:
+        table = score(
+            model,
+            image_bag(files),
+            client=client,
+            maps_dir=args.maps,
+            root=_maps_root(args.images),
+        )
+        frame = client.compute(table).result()
+    finally:
+        client.close()
+    skipped = list(problems)
+    for path, error in zip(frame["path"], frame["error"], strict=True):
+        if isinstance(error, str):
+            _say(f"skdfm: skipped {path}: {error}")
+            skipped.append((path, error))
+    done = frame[frame["error"].isna()]
+    rows = [
+        (path, value, norm, "anomalous" if label == -1 else "normal")
+        for path, value, norm, label in zip(
+            done["path"],
+            done["anomaly_score"],
+            done["normalized"],
+            done["label"],
+            strict=True,
+        )
+    ]
+    return _print_scores(args, rows, skipped)
 
 
 def _is_exported(path: str) -> bool:
@@ -451,9 +590,13 @@ def cmd_score(args) -> int:
         raise CommandError(
             "--maps needs a model with score_type 'fre' (nll has no maps)"
         )
+    if args.scheduler:
+        if not files:
+            raise CommandError("no readable images to score")
+        return _score_on_cluster(args, model, files, problems)
     reader = model if exported else model[0]  # its batch size and pixel limit
     root = _maps_root(args.images)
-    rows, skipped, flagged = [], list(problems), 0
+    rows, skipped = [], list(problems)
     for batch in _file_batches(files, reader, progress=not args.no_progress):
         skipped.extend(batch.failed)
         if not batch.images:
@@ -480,9 +623,14 @@ def cmd_score(args) -> int:
                 strict=True,
             )
         )
-        flagged += int(np.sum(result.labels == -1))
+    return _print_scores(args, rows, skipped)
+
+
+def _print_scores(args, rows, skipped) -> int:
+    """The score table on stdout (and in --csv), the summary on stderr."""
     if not rows:
         raise CommandError("no readable images to score")
+    flagged = sum(label == "anomalous" for *_, label in rows)
     writer = csv.writer(sys.stdout, delimiter="\t")
     writer.writerow(["path", "anomaly_score", "normalized", "label"])
     for path, score, norm, label in rows:
@@ -797,6 +945,16 @@ def _add_runtime(parser) -> None:
     )
 
 
+def _add_scheduler(parser) -> None:
+    parser.add_argument(
+        "--scheduler",
+        metavar="ADDRESS",
+        help="run the backbone passes on the Dask cluster whose scheduler is at "
+        "ADDRESS (e.g. tcp://10.0.0.5:8786; needs skdfm[dask]); the files must be "
+        "readable by the workers at the same paths",
+    )
+
+
 def _add_model_options(parser, *, backbone: str, layer: str, pooling: int) -> None:
     group = parser.add_argument_group("model")
     group.add_argument(
@@ -921,6 +1079,7 @@ def _add_fit(commands) -> None:
     )
     _add_model_options(fit, backbone="resnet50", layer="layer3", pooling=4)
     _add_runtime(fit)
+    _add_scheduler(fit)
     fit.set_defaults(func=cmd_fit)
 
 
@@ -940,8 +1099,14 @@ def _add_score(commands) -> None:
     _add_allow_pickle(score)
     score.add_argument("images", nargs="+", metavar="IMAGE_OR_DIR")
     score.add_argument("--csv", metavar="FILE", help="also write the table as CSV")
-    score.add_argument("--maps", metavar="DIR", help="write anomaly-map overlays here")
+    score.add_argument(
+        "--maps",
+        metavar="DIR",
+        help="write anomaly-map overlays here, mirroring the folders of the images "
+        "(test/crack/000.png -> DIR/crack/000.png_map.png)",
+    )
     _add_runtime(score)
+    _add_scheduler(score)
     score.set_defaults(func=cmd_score)
 
 
@@ -1025,6 +1190,11 @@ def main(argv=None) -> int:
     exported_model = args.command == "score" and _is_exported(args.model)
     if not exported_model:  # exported models run on the CPU, without torch
         _check_device(parser, getattr(args, "device", None))
+    elif args.scheduler:
+        parser.error(
+            "argument --scheduler: it runs .skdfm models; score an exported model "
+            "without it"
+        )
     if args.command == "export":
         suffix = ".xml" if args.format == "openvino" else ".onnx"
         if Path(args.out).suffix.lower() != suffix:

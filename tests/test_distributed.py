@@ -282,3 +282,73 @@ def test_bad_arguments_are_clear_errors(client, fitted, image_files):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             skd.fit(_pipeline(), skd.image_bag(["missing1.png", "missing2.png"]))
+
+
+# -- the command on a cluster ------------------------------------------------------
+
+CLI_MODEL = [
+    "--backbone", "test_resnet", "--random-init", "--layer", "layer2",
+    "--input-size", "64", "--pooling-kernel-size", "2", "--device", "cpu",
+    "--no-progress",
+]  # fmt: skip
+
+
+def test_the_command_fits_and_scores_on_a_cluster(
+    client, image_files, tmp_path, capsys
+):
+    import skdfm
+    from skdfm.cli import main
+
+    root, paths, _ = image_files
+    address = client.scheduler.address
+    local, remote = tmp_path / "local.skdfm", tmp_path / "remote.skdfm"
+    good = str(root / "good")
+    assert main(["fit", good, "-o", str(local), *CLI_MODEL]) == 0
+    assert (
+        main(["fit", good, "-o", str(remote), *CLI_MODEL, "--scheduler", address]) == 0
+    )
+    out = capsys.readouterr().out
+    assert f"cluster: {address}" in out
+    a, b = skdfm.load(local), skdfm.load(remote)
+    assert b[-1].n_samples_seen_ == a[-1].n_samples_ == 24  # 30 minus 20 % held out
+    np.testing.assert_allclose(b[-1].offset_, a[-1].offset_, rtol=1e-6)
+    np.testing.assert_allclose(
+        b.score_samples(list(paths[:8])), a.score_samples(list(paths[:8])), rtol=1e-6
+    )
+    # score: the same table as on one machine, maps mirrored
+    assert (
+        main(["score", str(local), str(root), "--device", "cpu", "--no-progress"]) == 0
+    )
+    here = capsys.readouterr().out
+    maps = tmp_path / "maps"
+    code = main(
+        ["score", str(local), str(root), "--device", "cpu", "--no-progress",
+         "--scheduler", address, "--maps", str(maps)]
+    )  # fmt: skip
+    there = capsys.readouterr().out
+    assert code == 0
+    parse = [line.split("\t") for line in here.strip().splitlines()]
+    got = [line.split("\t") for line in there.strip().splitlines()]
+    assert [r[0] for r in got] == [r[0] for r in parse]
+    assert [r[3] for r in got] == [r[3] for r in parse]
+    np.testing.assert_allclose(
+        [float(r[1]) for r in got[1:]], [float(r[1]) for r in parse[1:]], rtol=1e-5
+    )
+    assert len(list(maps.rglob("*_map.png"))) == 42
+    assert {p.parent.name for p in maps.rglob("*_map.png")} == {"good", "defect"}
+
+
+def test_the_command_reports_an_unreachable_scheduler(image_files, tmp_path, capsys):
+    from skdfm.cli import main
+
+    root, _, _ = image_files
+    with dask.config.set({"distributed.comm.timeouts.connect": "2s"}):
+        code = main(
+            ["fit", str(root / "good"), "-o", str(tmp_path / "m.skdfm"), *CLI_MODEL,
+             "--scheduler", "tcp://127.0.0.1:9"]
+        )  # fmt: skip
+    assert code == 1
+    assert "cannot reach the Dask scheduler at tcp://127.0.0.1:9" in (
+        capsys.readouterr().err
+    )
+    assert not (tmp_path / "m.skdfm").exists()
