@@ -3,13 +3,47 @@
 from __future__ import annotations
 
 import hashlib
+import multiprocessing
 import threading
+import uuid
+import weakref
 from collections import OrderedDict
 
 import numpy as np
 import torch
 
-__all__ = ["FeatureCache", "weights_digest"]
+__all__ = ["FeatureCache", "adopted_caches", "weights_digest"]
+
+#: Every FeatureCache alive in this process, by token (weakly: a cache goes when no
+#: transformer holds it).
+_LIVE: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
+#: Caches a worker process received by pickle, held for the process's lifetime so
+#: that the next task's copy of the estimator finds the rows of the previous ones.
+_ADOPTED: dict = {}
+_REGISTRY_LOCK = threading.RLock()
+
+
+def _restore(token: str, max_bytes):
+    """Unpickle a FeatureCache: the live one of this token when this process has it
+    (the process that made it, or a worker that already received it), else a new
+    empty one under the same token, kept for good in a worker process."""
+    with _REGISTRY_LOCK:
+        cache = _LIVE.get(token)
+        if cache is None:
+            cache = FeatureCache(max_bytes)
+            _LIVE.pop(cache._token, None)
+            cache._token = token
+            _LIVE[token] = cache
+            if multiprocessing.parent_process() is not None:  # a worker process
+                _ADOPTED[token] = cache
+    return cache
+
+
+def adopted_caches() -> list:
+    """The caches this worker process received by pickle and keeps (see
+    :class:`FeatureCache`); empty in a main process."""
+    with _REGISTRY_LOCK:
+        return list(_ADOPTED.values())
 
 
 def weights_digest(model: torch.nn.Module) -> str:
@@ -38,10 +72,16 @@ class FeatureCache:
     however many folds and candidates it has.
 
     The cache survives :func:`sklearn.base.clone` (a deep copy returns the same
-    instance, so every candidate of a search shares it) but not pickling: a
-    pickled transformer carries an empty cache, so saved models stay small. Worker
-    processes (``n_jobs > 1`` with the default process-based backend) therefore each
-    fill their own; threads share one.
+    instance, so every candidate of a search shares it). A pickle carries no rows,
+    only which cache it is, so saved models stay small: unpickled in the process
+    that holds the cache, it is that cache; in a worker process (``n_jobs > 1``
+    with joblib's process-based backend, or a Dask worker under
+    ``joblib.parallel_backend("dask")``) the first task to receive it makes an
+    empty one, which that worker keeps for its lifetime (:func:`adopted_caches`)
+    and every later task there shares. A search on worker processes therefore runs
+    each image through the backbone at most once per layer and worker; threads
+    share the one cache. A model loaded in a new (main) process starts with an
+    empty cache.
 
     Parameters
     ----------
@@ -81,6 +121,9 @@ class FeatureCache:
         self._lock = threading.Lock()
         self.hits = 0
         self.misses = 0
+        self._token = uuid.uuid4().hex
+        with _REGISTRY_LOCK:
+            _LIVE[self._token] = self
 
     def __len__(self) -> int:
         return len(self._rows)
@@ -131,11 +174,10 @@ class FeatureCache:
         # clone() deep-copies parameters: every clone must share this store.
         return self
 
-    def __getstate__(self):
-        return {"max_bytes": self.max_bytes}
-
-    def __setstate__(self, state):
-        self.__init__(state["max_bytes"])
+    def __reduce__(self):
+        # The rows never travel: a pickle names the cache (a token), and unpickling
+        # finds or makes that cache in the receiving process.
+        return (_restore, (self._token, self.max_bytes))
 
     def __repr__(self) -> str:
         return f"FeatureCache(max_bytes={self.max_bytes})"

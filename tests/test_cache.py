@@ -87,16 +87,44 @@ def test_anything_that_changes_features_is_part_of_the_key(images, change):
     assert cache.misses == 12 and cache.hits == 0
 
 
-def test_clones_share_the_cache_and_pickles_drop_it(images):
+def test_clones_share_the_cache_and_pickles_carry_no_rows(images):
     cache = FeatureCache()
     tr = transformer(cache)
     assert clone(tr).cache is cache
     tr.fit(images).transform(images)
-    loaded = pickle.loads(pickle.dumps(tr))
-    assert loaded.cache is not cache and len(loaded.cache) == 0
+    # unpickled where the cache lives: the same cache (as a clone would)
+    assert pickle.loads(pickle.dumps(tr)).cache is cache
     assert len(pickle.dumps(tr)) < len(pickle.dumps(tr.set_params(cache=None))) + 2000
     tr.set_params(cache=cache)
     assert len(cache) == 6 and cache.n_bytes == 6 * tr.transform(images[:1]).nbytes
+
+
+def _cache_in_a_worker(data):
+    """In a worker process: unpickle a cache twice, as two tasks would."""
+    from skdfm._cache import adopted_caches
+
+    first, second = pickle.loads(data), pickle.loads(data)
+    return first is second, len(first), first in adopted_caches()
+
+
+def test_a_worker_process_keeps_one_empty_cache_per_original(images):
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    cache = FeatureCache(max_bytes=10_000)
+    transformer(cache).fit(images).transform(images)
+    data = pickle.dumps(cache)
+    # spawned, as joblib's and Dask's workers are (a forked one has the rows)
+    spawn = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(1, mp_context=spawn) as pool:
+        same, rows, adopted = pool.submit(_cache_in_a_worker, data).result()
+    assert same and rows == 0 and adopted
+    # a main process (this one) adopts nothing, and a cache goes with its users
+    from skdfm._cache import adopted_caches
+
+    assert adopted_caches() == []
+    other = pickle.loads(pickle.dumps(FeatureCache()))
+    assert other.max_bytes is None and len(other) == 0
 
 
 def test_max_bytes_evicts_least_recently_used(images):

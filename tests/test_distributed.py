@@ -352,3 +352,56 @@ def test_the_command_reports_an_unreachable_scheduler(image_files, tmp_path, cap
         capsys.readouterr().err
     )
     assert not (tmp_path / "m.skdfm").exists()
+
+
+# -- a grid search under joblib's Dask backend ---------------------------------------
+
+
+def _worker_cache_counts():
+    from skdfm._cache import adopted_caches
+
+    return [(cache.misses, cache.hits) for cache in adopted_caches()]
+
+
+def test_grid_search_runs_under_joblib_dask_with_one_cache_per_worker(
+    client, defect_images
+):
+    import joblib
+    from sklearn.model_selection import GridSearchCV
+
+    from skdfm import FeatureCache, InlierKFold, image_auroc_scorer
+
+    images, y, _ = defect_images
+
+    def search(n_jobs):
+        model = make_pipeline(
+            DeepFeatureTransformer(**SMALL_BACKBONE, cache=FeatureCache()),
+            DFMDetector(device="cpu"),
+        )
+        grid = {
+            "deepfeaturetransformer__layer": ["layer1", "layer2"],
+            "dfmdetector__pca_level": [0.9, 0.97],
+        }
+        return GridSearchCV(
+            model, grid, cv=InlierKFold(3), scoring=image_auroc_scorer,
+            refit=False, n_jobs=n_jobs,
+        )  # fmt: skip
+
+    here = search(1).fit(images, y)
+    with joblib.parallel_backend("dask"):
+        there = search(2).fit(images, y)
+    np.testing.assert_allclose(
+        there.cv_results_["mean_test_score"], here.cv_results_["mean_test_score"]
+    )
+    assert there.cv_results_["params"] == here.cv_results_["params"]
+    # 2 layers x 2 levels x 3 folds, each scoring 42 images: 504 backbone passes
+    # without a cache; with one per worker, each image runs at most once per layer
+    # on each of the 2 workers.
+    counts = [
+        c
+        for per_worker in client.run(_worker_cache_counts).values()
+        for c in per_worker
+    ]
+    misses = sum(m for m, _ in counts)
+    assert 0 < misses <= 2 * 2 * len(images)
+    assert sum(h for _, h in counts) >= 504 - misses
