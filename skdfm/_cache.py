@@ -14,36 +14,52 @@ import torch
 
 __all__ = ["FeatureCache", "adopted_caches", "weights_digest"]
 
-#: Every FeatureCache alive in this process, by token (weakly: a cache goes when no
-#: transformer holds it).
+#: How many caches received by pickle a worker process keeps alive between tasks
+#: (the most recent ones): one per search running there, a bound on what an old
+#: search can keep in a long-lived worker.
+ADOPTED_MAX = 2
+
+
+class _Store:
+    """The rows and counters of a cache: every FeatureCache of one token (clones,
+    unpickled copies in one process) reads and writes the same store."""
+
+    def __init__(self, max_bytes):
+        self.max_bytes = max_bytes
+        self.rows: OrderedDict[tuple, np.ndarray] = OrderedDict()
+        self.bytes = 0
+        self.lock = threading.Lock()
+        self.hits = 0
+        self.misses = 0
+
+
+#: The store of every cache alive in this process, by token (weakly: a store goes
+#: when no cache holds it).
 _LIVE: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
-#: Caches a worker process received by pickle, held for the process's lifetime so
-#: that the next task's copy of the estimator finds the rows of the previous ones.
-_ADOPTED: dict = {}
-_REGISTRY_LOCK = threading.RLock()
+#: Stores a worker process received by pickle, most recent last (see ADOPTED_MAX).
+_ADOPTED: OrderedDict = OrderedDict()
+_REGISTRY_LOCK = threading.Lock()
 
 
-def _restore(token: str, max_bytes):
-    """Unpickle a FeatureCache: the live one of this token when this process has it
-    (the process that made it, or a worker that already received it), else a new
-    empty one under the same token, kept for good in a worker process."""
+def _store_for(token: str, max_bytes) -> _Store:
+    """The live store of ``token`` in this process, else a new empty one, which a
+    worker process keeps alive between tasks."""
     with _REGISTRY_LOCK:
-        cache = _LIVE.get(token)
-        if cache is None:
-            cache = FeatureCache(max_bytes)
-            _LIVE.pop(cache._token, None)
-            cache._token = token
-            _LIVE[token] = cache
+        store = _LIVE.get(token)
+        if store is None:
+            store = _LIVE[token] = _Store(max_bytes)
             if multiprocessing.parent_process() is not None:  # a worker process
-                _ADOPTED[token] = cache
-    return cache
+                _ADOPTED[token] = store
+                while len(_ADOPTED) > ADOPTED_MAX:
+                    _ADOPTED.popitem(last=False)
+    return store
 
 
-def adopted_caches() -> list:
-    """The caches this worker process received by pickle and keeps (see
-    :class:`FeatureCache`); empty in a main process."""
+def adopted_caches() -> list[tuple[int, int, int]]:
+    """``(rows, hits, misses)`` of each cache this worker process received by pickle
+    and keeps between tasks (see :class:`FeatureCache`); empty in a main process."""
     with _REGISTRY_LOCK:
-        return list(_ADOPTED.values())
+        return [(len(s.rows), s.hits, s.misses) for s in _ADOPTED.values()]
 
 
 def weights_digest(model: torch.nn.Module) -> str:
@@ -77,11 +93,12 @@ class FeatureCache:
     that holds the cache, it is that cache; in a worker process (``n_jobs > 1``
     with joblib's process-based backend, or a Dask worker under
     ``joblib.parallel_backend("dask")``) the first task to receive it makes an
-    empty one, which that worker keeps for its lifetime (:func:`adopted_caches`)
-    and every later task there shares. A search on worker processes therefore runs
-    each image through the backbone at most once per layer and worker; threads
-    share the one cache. A model loaded in a new (main) process starts with an
-    empty cache.
+    empty one, which that worker keeps between tasks and every later task there
+    shares (the two most recent such caches per worker are kept; a Dask worker
+    started without a nanny is not recognised as a worker and keeps none). A search
+    on worker processes therefore runs each image through the backbone at most once
+    per layer and worker; threads share the one cache. A model loaded in a new
+    (main) process starts with an empty cache. ``max_bytes`` bounds each copy.
 
     Parameters
     ----------
@@ -116,68 +133,78 @@ class FeatureCache:
         if max_bytes is not None and max_bytes < 0:
             raise ValueError(f"max_bytes={max_bytes} must be >= 0 or None.")
         self.max_bytes = max_bytes
-        self._rows: OrderedDict[tuple, np.ndarray] = OrderedDict()
-        self._bytes = 0
-        self._lock = threading.Lock()
-        self.hits = 0
-        self.misses = 0
         self._token = uuid.uuid4().hex
-        with _REGISTRY_LOCK:
-            _LIVE[self._token] = self
+        self._store = _store_for(self._token, max_bytes)
+
+    @property
+    def hits(self) -> int:
+        return self._store.hits
+
+    @property
+    def misses(self) -> int:
+        return self._store.misses
 
     def __len__(self) -> int:
-        return len(self._rows)
+        return len(self._store.rows)
 
     @property
     def n_bytes(self) -> int:
         """Bytes of feature rows held."""
-        return self._bytes
+        return self._store.bytes
 
     def clear(self) -> None:
         """Drop every row and reset the counters."""
-        with self._lock:
-            self._rows.clear()
-            self._bytes = 0
-            self.hits = self.misses = 0
+        store = self._store
+        with store.lock:
+            store.rows.clear()
+            store.bytes = 0
+            store.hits = store.misses = 0
 
     def lookup(self, config: tuple, keys: list[tuple]) -> dict[int, np.ndarray]:
         """Rows found for ``keys`` under ``config``, by position in ``keys``."""
         found = {}
-        with self._lock:
+        store = self._store
+        with store.lock:
             for position, key in enumerate(keys):
-                row = self._rows.get((config, key))
+                row = store.rows.get((config, key))
                 if row is not None:
-                    self._rows.move_to_end((config, key))
+                    store.rows.move_to_end((config, key))
                     found[position] = row
-            self.hits += len(found)
-            self.misses += len(keys) - len(found)
+            store.hits += len(found)
+            store.misses += len(keys) - len(found)
         return found
 
     def store(self, config: tuple, keys: list[tuple], rows: np.ndarray) -> None:
         """Keep ``rows[i]`` under ``(config, keys[i])`` (copies, read-only)."""
-        with self._lock:
+        store = self._store
+        with store.lock:
             for key, row in zip(keys, rows, strict=True):
                 if key is None:
                     continue  # an unreadable file has no identity
                 row = row.copy()
                 row.setflags(write=False)
-                old = self._rows.pop((config, key), None)
+                old = store.rows.pop((config, key), None)
                 if old is not None:
-                    self._bytes -= old.nbytes
-                self._rows[(config, key)] = row
-                self._bytes += row.nbytes
-            while self.max_bytes is not None and self._bytes > self.max_bytes:
-                _, evicted = self._rows.popitem(last=False)
-                self._bytes -= evicted.nbytes
+                    store.bytes -= old.nbytes
+                store.rows[(config, key)] = row
+                store.bytes += row.nbytes
+            while self.max_bytes is not None and store.bytes > self.max_bytes:
+                _, evicted = store.rows.popitem(last=False)
+                store.bytes -= evicted.nbytes
 
     def __deepcopy__(self, memo):
         # clone() deep-copies parameters: every clone must share this store.
         return self
 
-    def __reduce__(self):
-        # The rows never travel: a pickle names the cache (a token), and unpickling
-        # finds or makes that cache in the receiving process.
-        return (_restore, (self._token, self.max_bytes))
+    def __getstate__(self):
+        # The rows never travel: a pickle names the cache (its token), and
+        # unpickling joins that cache's store in the receiving process.
+        return {"max_bytes": self.max_bytes, "token": self._token}
+
+    def __setstate__(self, state):
+        self.max_bytes = state["max_bytes"]
+        self._token = state["token"]
+        self._store = _store_for(self._token, self.max_bytes)
 
     def __repr__(self) -> str:
         return f"FeatureCache(max_bytes={self.max_bytes})"

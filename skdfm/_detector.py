@@ -35,12 +35,7 @@ from ._scores import (
 from ._statistics import FeatureStatistics
 from ._validation import reject_bools
 
-__all__ = [
-    "DFMDetector",
-    "check_contamination",
-    "fit_from_statistics",
-    "running_statistics",
-]
+__all__ = ["DFMDetector", "check_contamination"]
 
 _THRESHOLD_ATTRIBUTES = ("offset_", "threshold_method_", "score_range_")
 #: Attributes that partial_fit invalidates and finish_partial_fit computes.
@@ -152,9 +147,9 @@ class DFMDetector(DeviceMixin, PersistenceMixin, OutlierMixin, BaseEstimator):
         training rows. See Notes for why in-sample scores are optimistic.
     solver : {"auto", "gram", "covariance"}, default="auto"
         Eigenproblem that finds the components. ``"gram"`` (N x N, chosen when
-        ``n_samples <= n_features``) or ``"covariance"`` (D x D, otherwise; always
-        used by ``partial_fit``). Both are float64-accurate; they differ only in
-        cost.
+        ``n_samples <= n_features``) or ``"covariance"`` (D x D, otherwise).
+        Both are float64-accurate; they differ only in cost. ``partial_fit``
+        picks by the rows it has seen, whatever ``solver`` says.
     device : str or torch.device, default="auto"
         Where the maths runs: ``"auto"`` (the current CUDA device when available,
         else CPU), ``"cpu"``, ``"cuda"`` or ``"cuda:N"``. Resolved at fit into
@@ -632,6 +627,62 @@ class DFMDetector(DeviceMixin, PersistenceMixin, OutlierMixin, BaseEstimator):
             del self._statistics
         return self
 
+    def streaming_statistics(self) -> FeatureStatistics:
+        """The statistics :meth:`partial_fit` has gathered so far (not a copy).
+
+        What a worker of a distributed fit (:mod:`skdfm.distributed`) sends back
+        after its ``partial_fit`` calls: exact, mergeable statistics of its rows
+        (:class:`~skdfm._statistics.FeatureStatistics`), their grid set from
+        ``feature_shape_``. Merge several and fit one detector from them with
+        :meth:`fit_from_statistics`.
+
+        Returns
+        -------
+        statistics : FeatureStatistics
+        """
+        if "_statistics" not in vars(self):
+            raise NotFittedError(
+                "This DFMDetector holds no streaming statistics: call partial_fit "
+                "first (fit, and a finished stream_fit, keep none)."
+            )
+        self._statistics.feature_shape = self.feature_shape_
+        return self._statistics
+
+    def fit_from_statistics(self, statistics: FeatureStatistics):
+        """Fit from statistics gathered elsewhere, as one streaming fit.
+
+        Equal to :meth:`partial_fit` on every row ``statistics`` hold, then
+        ``finish_partial_fit(release=True)``: the components, variances and
+        ``n_samples_seen_`` are set, ``offset_`` is not (see :meth:`partial_fit`).
+        The statistics are moved to this detector's device and consumed. A failure
+        keeps the detector as it was.
+
+        Parameters
+        ----------
+        statistics : FeatureStatistics
+            From :meth:`streaming_statistics` of other detectors, merged.
+
+        Returns
+        -------
+        self : object
+            The fitted detector.
+        """
+        self._validate_params()
+        with keep_state_on_error(self):
+            self._forget_fit()
+            n_features = statistics.n_features
+            self.n_features_in_ = n_features
+            shape = statistics.feature_shape
+            if shape is not None:
+                shape = check_feature_shape(shape, n_features)
+            self._set_grid(shape, n_features)
+            device = resolve_device(self.device)
+            self.device_ = str(device)
+            self._statistics = statistics.to(device)
+            self.n_samples_seen_ = statistics.count
+            self.finish_partial_fit(release=True)
+        return self
+
     def _finish_pending_stream(self) -> None:
         """Compute the components when ``partial_fit`` has changed the statistics."""
         state = vars(self)
@@ -955,50 +1006,3 @@ class DFMDetector(DeviceMixin, PersistenceMixin, OutlierMixin, BaseEstimator):
         tags = super().__sklearn_tags__()
         tags.input_tags.allow_nan = False
         return tags
-
-
-# -- the seam of distributed fits (skdfm.distributed) ---------------------------------
-
-
-def running_statistics(detector: DFMDetector) -> FeatureStatistics:
-    """The statistics a streaming fit of ``detector`` has gathered so far.
-
-    What a worker of a distributed fit sends back after its
-    :meth:`~DFMDetector.partial_fit` calls: the statistics, their grid set from
-    ``feature_shape_``. The detector keeps them (not a copy).
-    """
-    state = vars(detector)
-    if "_statistics" not in state:
-        raise NotFittedError(
-            "This DFMDetector holds no streaming statistics: call partial_fit first."
-        )
-    statistics = detector._statistics
-    statistics.feature_shape = detector.feature_shape_
-    return statistics
-
-
-def fit_from_statistics(
-    detector: DFMDetector, statistics: FeatureStatistics
-) -> DFMDetector:
-    """Fit ``detector`` from statistics gathered elsewhere, as one streaming fit.
-
-    Equal to :meth:`~DFMDetector.partial_fit` on every row the statistics hold
-    followed by ``finish_partial_fit(release=True)``: the components, variances and
-    ``n_samples_seen_`` are set, ``offset_`` is not. The statistics are moved to
-    the detector's device and consumed. A failure keeps the detector as it was.
-    """
-    detector._validate_params()
-    with keep_state_on_error(detector):
-        detector._forget_fit()
-        n_features = statistics.n_features
-        detector.n_features_in_ = n_features
-        shape = statistics.feature_shape
-        if shape is not None:
-            shape = check_feature_shape(shape, n_features)
-        detector._set_grid(shape, n_features)
-        device = resolve_device(detector.device)
-        detector.device_ = str(device)
-        detector._statistics = statistics.to(device)
-        detector.n_samples_seen_ = statistics.count
-        detector.finish_partial_fit(release=True)
-    return detector

@@ -132,7 +132,8 @@ class Scatter:
 
     def __getstate__(self):
         # Only the lower triangle (with the diagonal) travels: D (D + 1) / 2 values,
-        # half the bytes of the matrix, packed row by row.
+        # half the bytes of the matrix, packed row by row. Unpickled statistics are
+        # on the CPU (the host that reads them may have no GPU): move them with to().
         matrix = self.matrix
         d = matrix.shape[0]
         packed = torch.empty(d * (d + 1) // 2, dtype=matrix.dtype, device="cpu")
@@ -144,12 +145,7 @@ class Scatter:
                 length = row + i + 1
                 packed[start : start + length] = block[i, :length]
                 start += length
-        return {
-            "count": self.count,
-            "mean": self.mean,
-            "lower": packed,
-            "device": str(matrix.device),
-        }
+        return {"count": self.count, "mean": self.mean.cpu(), "lower": packed}
 
     def __setstate__(self, state):
         packed = state["lower"]
@@ -163,7 +159,7 @@ class Scatter:
             start += i + 1
         self.count = int(state["count"])
         self.mean = state["mean"]
-        self.matrix = matrix.to(state["device"])
+        self.matrix = matrix  # unpickled statistics are on the CPU
 
     @property
     def nbytes(self) -> int:

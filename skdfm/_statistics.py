@@ -58,7 +58,9 @@ class FeatureStatistics:
         self.device = torch.device(device)
         self.feature_shape = feature_shape
         self.count = 0
-        self._rows: list[torch.Tensor] = []
+        # The Gram route's rows: one buffer, grown by doubling up to n_features
+        # rows, of which the first ``count`` are filled.
+        self._buffer: torch.Tensor | None = None
         self._scatter: Scatter | None = None
 
     @property
@@ -66,10 +68,24 @@ class FeatureStatistics:
         return "gram" if self._scatter is None else "covariance"
 
     @property
+    def rows(self) -> torch.Tensor | None:
+        """The rows kept on the Gram route (a view, ``(count, n_features)``), else
+        None."""
+        if self._scatter is not None or self._buffer is None:
+            return None
+        return self._buffer[: self.count]
+
+    @property
+    def scatter(self) -> Scatter | None:
+        """The scatter of the covariance route, else None."""
+        return self._scatter
+
+    @property
     def nbytes(self) -> int:
         if self._scatter is not None:
             return self._scatter.nbytes
-        return sum(rows.numel() * rows.element_size() for rows in self._rows)
+        rows = self.rows
+        return 0 if rows is None else rows.numel() * rows.element_size()
 
     def _check_rows(self, X: torch.Tensor) -> None:
         if X.ndim != 2 or X.shape[1] != self.n_features:
@@ -78,13 +94,33 @@ class FeatureStatistics:
                 f"{self.n_features} features."
             )
 
+    def _keep(self, X: torch.Tensor) -> None:
+        """Copy ``X`` after the kept rows (the total stays within n_features)."""
+        total = self.count + X.shape[0]
+        buffer = self._buffer
+        dtype = (
+            X.dtype if buffer is None else torch.promote_types(buffer.dtype, X.dtype)
+        )
+        if buffer is None or buffer.shape[0] < total or buffer.dtype != dtype:
+            capacity = max(total, 2 * (0 if buffer is None else buffer.shape[0]))
+            capacity = min(capacity, self.n_features)
+            grown = torch.empty(
+                (capacity, self.n_features), dtype=dtype, device=self.device
+            )
+            if self.count:
+                grown[: self.count] = buffer[: self.count]
+            self._buffer = buffer = grown
+        buffer[self.count : total] = X
+        self.count = total
+
     def _fold_rows(self) -> Scatter:
-        """Switch to the covariance route: the kept rows go into a new scatter."""
+        """Switch to the covariance route: the kept rows go into a new scatter
+        (checked to fit first: nothing changes when it does not)."""
         if self._scatter is None:
             scatter = new_scatter(self.n_features, self.device)
-            for rows in self._rows:
-                _update(scatter, rows)
-            self._rows = []
+            if self.count:
+                _update(scatter, self._buffer[: self.count])
+            self._buffer = None
             self._scatter = scatter
         return self._scatter
 
@@ -96,14 +132,21 @@ class FeatureStatistics:
             return self
         X = X.to(self.device)
         if self._scatter is None and self.count + X.shape[0] <= self.n_features:
-            self._rows.append(X.clone())
+            self._keep(X)
         else:
             _update(self._fold_rows(), X)
-        self.count += X.shape[0]
+            self.count += X.shape[0]
         return self
 
     def merge(self, other: FeatureStatistics) -> FeatureStatistics:
-        """Merge ``other`` into these statistics (in place), exactly."""
+        """Merge ``other`` into these statistics (in place), exactly.
+
+        ``other`` is consumed: when it holds a scatter and these statistics do not,
+        its scatter is taken over (the kept rows are merged into it) rather than a
+        new D x D matrix made. Use ``other`` no more afterwards.
+        """
+        if other is self:
+            raise ValueError("cannot merge statistics into themselves.")
         if other.n_features != self.n_features:
             raise ValueError(
                 f"cannot merge statistics of {other.n_features} features into "
@@ -123,25 +166,30 @@ class FeatureStatistics:
         if other.count == 0:
             return self
         total = self.count + other.count
-        if (
-            self._scatter is None
-            and other._scatter is None
-            and total <= self.n_features
-        ):
-            self._rows.extend(rows.to(self.device) for rows in other._rows)
-        elif other._scatter is None:
-            scatter = self._fold_rows()
-            for rows in other._rows:
-                _update(scatter, rows.to(self.device))
+        if other.scatter is None:
+            rows = other.rows.to(self.device)
+            if self._scatter is None and total <= self.n_features:
+                self._keep(rows)
+            else:
+                _update(self._fold_rows(), rows)
+                self.count = total
+            return self
+        scatter = other.scatter.to(self.device)
+        if self._scatter is None:  # take other's scatter over: no new D x D
+            if self.count:
+                _update(scatter, self._buffer[: self.count])
+            self._buffer = None
+            self._scatter = scatter
         else:
-            self._fold_rows().merge(other._scatter)
+            self._scatter.merge(scatter)
         self.count = total
         return self
 
     def to(self, device) -> FeatureStatistics:
         """Move the statistics to ``device`` (in place)."""
         self.device = torch.device(device)
-        self._rows = [rows.to(self.device) for rows in self._rows]
+        if self._buffer is not None:
+            self._buffer = self._buffer.to(self.device)
         if self._scatter is not None:
             self._scatter.to(self.device)
         return self
@@ -155,27 +203,19 @@ class FeatureStatistics:
         """
         if self.count < 2:
             raise ValueError(
-                f"partial_fit has seen {self.count} sample; at least 2 are needed "
-                "to fit the components."
+                f"The fit has seen {self.count} sample; at least 2 are needed to fit "
+                "the components."
             )
         if self._scatter is not None:
             return pca_from_scatter(self._scatter, n_components)
-        rows = self._joined_rows()
-        self._rows = [rows]  # one block from now on
-        return fit_pca(rows, n_components, solver="gram")
-
-    def _joined_rows(self) -> torch.Tensor:
-        """The kept rows as one tensor (float64 when the batches' dtypes differ)."""
-        dtype = self._rows[0].dtype
-        for rows in self._rows:
-            dtype = torch.promote_types(dtype, rows.dtype)
-        return torch.cat([rows.to(dtype) for rows in self._rows])
+        return fit_pca(self.rows, n_components, solver="gram")
 
     def __getstate__(self):
+        # Only the filled rows travel; unpickled statistics are on the CPU.
         state = dict(vars(self))
-        state["device"] = str(self.device)
-        if self._rows:  # one block travels
-            state["_rows"] = [self._joined_rows()]
+        state["device"] = "cpu"
+        if self._buffer is not None:
+            state["_buffer"] = self._buffer[: self.count].cpu()
         return state
 
     def __setstate__(self, state):

@@ -45,11 +45,13 @@ def _batches(items: Iterable, batch_size: int) -> Iterator:
 def stream_fit(
     model, batches, *, threshold_batches=None, contamination=None, batch_size=None
 ):
-    """Fit a detector or Pipeline from batches, never holding more than one batch.
+    """Fit a detector or Pipeline from batches, in memory bounded by the features.
 
     Each batch goes through the backbone (for a Pipeline) and is merged into the
-    detector's float64 statistics with :meth:`DFMDetector.partial_fit`; memory is
-    that of one batch plus the D x D statistics, whatever the number of images. The
+    detector's statistics with :meth:`DFMDetector.partial_fit`: the rows while they
+    are no more than the features (then fitted by the Gram route, as ``fit``), else
+    float64 D x D statistics. Memory is that of one batch plus at most the D x D
+    statistics, whatever the number of images. The
     components are computed once, after the last batch, and the statistics are then
     released (continue a fit with ``partial_fit`` instead). The threshold needs scores
     of normal samples, so it takes a second pass: over ``threshold_batches`` when

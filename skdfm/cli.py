@@ -18,6 +18,7 @@ import csv
 import os
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -440,19 +441,40 @@ def _connect(address: str):
         ) from error
 
 
-def _cluster_skipped(caught) -> list:
-    """``(path, reason)`` of the SkippedImagesWarnings caught, each said on stderr;
+@contextmanager
+def _cluster_errors():
+    """Failures of the cluster itself (a worker killed too often, a lost
+    connection) as a CommandError naming the cause, not a traceback."""
+    try:
+        yield
+    except (CommandError, OSError, ValueError, MemoryError, KeyboardInterrupt):
+        raise
+    except Exception as error:  # dask's own: KilledWorker, CancelledError, ...
+        module = type(error).__module__.split(".")[0]
+        if module not in ("distributed", "dask", "concurrent", "asyncio", "tornado"):
+            raise
+        raise CommandError(
+            f"the Dask cluster failed: {type(error).__name__}: {error}"
+        ) from error
+
+
+def _cluster_skipped(caught, given: dict) -> list:
+    """``(path, reason)`` of the SkippedImagesWarnings caught, each file said once
+    on stderr by the name it was given as (``given``: absolute path -> name);
     other warnings are shown as usual."""
     import warnings
 
     from .distributed import SkippedImagesWarning
 
-    skipped = []
+    skipped, said = [], set()
     for record in caught:
         if isinstance(record.message, SkippedImagesWarning):
             for path, reason in record.message.skipped:
-                _say(f"skdfm: skipped {path}: {reason}")
-            skipped += record.message.skipped
+                path = given.get(path, path)
+                if path not in said:  # --holdout 0 reads the files twice
+                    said.add(path)
+                    _say(f"skdfm: skipped {path}: {reason}")
+                    skipped.append((path, reason))
         else:
             warnings.showwarning(
                 record.message, record.category, record.filename, record.lineno
@@ -488,19 +510,23 @@ def _fit_on_cluster(args, model, files, problems, check) -> int:
     held = [files[i] for i in np.sort(order[:n_hold])]
     client = _connect(args.scheduler)
     t = time.perf_counter()
+    # The workers read the files: absolute paths, whatever their working folder.
+    # Without a held-out set the threshold is the in-sample one of fit(), at the
+    # detector's contamination, as on one machine.
     try:
-        with warnings.catch_warnings(record=True) as caught:
+        with warnings.catch_warnings(record=True) as caught, _cluster_errors():
             warnings.simplefilter("always")
             fit(
                 model,
-                image_bag(train),
+                image_bag([os.path.abspath(p) for p in train]),
                 client=client,
-                threshold_images=image_bag(held or train),
-                contamination=args.contamination,
+                threshold_images=image_bag([os.path.abspath(p) for p in held or train]),
+                contamination=args.contamination if held else detector.contamination,
             )
     finally:
         client.close()
-    skipped = list(problems) + _cluster_skipped(caught)
+    given = {os.path.abspath(p): p for p in files}  # said as they were given
+    skipped = list(problems) + _cluster_skipped(caught, given)
     _say_fitted(model, detector.n_samples_seen_, time.perf_counter() - t)
     print(f"cluster: {args.scheduler}")
     if held:
@@ -523,32 +549,32 @@ def _score_on_cluster(args, model, files, problems) -> int:
 
     client = _connect(args.scheduler)
     try:
-        table = score(
-            model,
-            image_bag(files),
-            client=client,
-            maps_dir=args.maps,
-            root=_maps_root(args.images),
-        )
-        frame = client.compute(table).result()
+        with _cluster_errors():
+            table = score(
+                model,
+                image_bag([os.path.abspath(p) for p in files]),  # read by workers
+                client=client,
+                maps_dir=args.maps,
+                root=_maps_root(args.images),
+            )
+            frame = client.compute(table).result()
     finally:
         client.close()
-    skipped = list(problems)
-    for path, error in zip(frame["path"], frame["error"], strict=True):
+    skipped, rows = list(problems), []
+    # One table row per file, in order: the paths are printed as they were given.
+    for path, value, norm, label, error in zip(
+        files,
+        frame["anomaly_score"],
+        frame["normalized"],
+        frame["label"],
+        frame["error"],
+        strict=True,
+    ):
         if isinstance(error, str):
             _say(f"skdfm: skipped {path}: {error}")
             skipped.append((path, error))
-    done = frame[frame["error"].isna()]
-    rows = [
-        (path, value, norm, "anomalous" if label == -1 else "normal")
-        for path, value, norm, label in zip(
-            done["path"],
-            done["anomaly_score"],
-            done["normalized"],
-            done["label"],
-            strict=True,
-        )
-    ]
+        else:
+            rows.append((path, value, norm, "anomalous" if label == -1 else "normal"))
     return _print_scores(args, rows, skipped)
 
 

@@ -28,12 +28,14 @@ from __future__ import annotations
 
 import math
 import os
+import threading
 import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from ._decode import decode_image_file, one_ahead
+from ._device import resolve_device
 from ._runtime import require
 
 __all__ = ["SkippedImagesWarning", "fit", "image_bag", "score"]
@@ -150,6 +152,30 @@ def _name(items, partition: int, position: int) -> str:
     return f"partition {partition}, item {position}"
 
 
+_MOVE_LOCK = threading.Lock()
+
+
+def _here(part):
+    """A fitted part on this worker's own device when its ``device`` is "auto" (it
+    was unpickled on the device the client resolved); moved once per worker."""
+    if part is None or part.device != "auto":
+        return part
+    with _MOVE_LOCK:
+        device = str(resolve_device("auto"))
+        if part.device_ != device:
+            part.to_device("auto")
+    return part
+
+
+def _assemble(transformer, detector):
+    """The model the tasks run: the detector alone, or both parts in a Pipeline."""
+    if transformer is None:
+        return detector
+    from sklearn.pipeline import make_pipeline
+
+    return make_pipeline(transformer, detector)
+
+
 @dataclass
 class _Partial:
     """What a partition of a fit sends back: its statistics and its skipped images."""
@@ -158,13 +184,10 @@ class _Partial:
     skipped: list  #: (image, reason)
 
 
-def _fit_partition(items, partition, model, batch_size):
+def _fit_partition(items, partition, transformer, detector, batch_size):
     from sklearn.base import clone
 
-    from ._detector import running_statistics
-    from ._model import split_model
-
-    transformer, detector = split_model(model, fitted=False)
+    transformer = _here(transformer)
     part = clone(detector)
     items = items if isinstance(items, np.ndarray) else list(items)
     skipped, seen = [], False
@@ -177,7 +200,7 @@ def _fit_partition(items, partition, model, batch_size):
         for block in rows:
             part.partial_fit(block, restart=not seen)
             seen = True
-    statistics = running_statistics(part).to("cpu") if seen else None
+    statistics = part.streaming_statistics().to("cpu") if seen else None
     return _Partial(statistics, skipped)
 
 
@@ -193,22 +216,24 @@ def _merge(a: _Partial, b: _Partial) -> _Partial:
     return _Partial(statistics, a.skipped + b.skipped)
 
 
-def _score_partition(items, partition, model, batch_size, maps_dir, root):
+def _score_partition(
+    items, partition, transformer, detector, batch_size, maps_dir, root
+):
     import pandas as pd
 
     from ._map_files import map_file, write_map_overlay
     from ._maps import anomaly_maps
-    from ._model import split_model
     from ._results import normalize_scores
 
-    transformer, detector = split_model(model)
+    transformer, detector = _here(transformer), _here(detector)
+    model = _assemble(transformer, detector)
     block = isinstance(items, np.ndarray)
     items = items if block else list(items)
     n = len(items)
     paths = [None if block or not _is_path(i) else os.fspath(i) for i in items]
     scores = np.full(n, np.nan)
     errors: list = [None] * n
-    maps: list = [None] * n
+    map_files: list = [None] * n
     for batch in _image_batches(items, transformer, batch_size):
         images = batch.images
 
@@ -236,7 +261,7 @@ def _score_partition(items, partition, model, batch_size, maps_dir, root):
                         f"item-{position:06d}_map.png",
                     )
                 write_map_overlay(target, by_position[position], amap)
-                maps[position] = os.fspath(target)
+                map_files[position] = os.fspath(target)
         scores[kept] = values
     ok = ~np.isnan(scores)
     labels = pd.array([None] * n, dtype="Int64")
@@ -255,14 +280,13 @@ def _score_partition(items, partition, model, batch_size, maps_dir, root):
         "error": pd.array(errors, dtype="string"),
     }
     if maps_dir is not None:
-        table["map"] = pd.array(maps, dtype="string")
+        table["map"] = pd.array(map_files, dtype="string")
     return pd.DataFrame(table)
 
 
-def _threshold_partition(items, partition, model, batch_size):
-    from ._model import split_model
-
-    transformer, _ = split_model(model)
+def _threshold_partition(items, partition, transformer, detector, batch_size):
+    transformer, detector = _here(transformer), _here(detector)
+    model = _assemble(transformer, detector)
     items = items if isinstance(items, np.ndarray) else list(items)
     scores, skipped = [], []
     for batch in _image_batches(items, transformer, batch_size):
@@ -384,7 +408,9 @@ def image_bag(paths, *, npartitions=None, partition_size=None):
     paths : sequence of str or path-like
         Image files (not read here).
     npartitions : int, default=None
-        How many partitions (tasks); default one per 64 paths, at least 1.
+        About how many partitions (tasks): the paths are split into partitions of
+        ``ceil(len(paths) / npartitions)``, which can make fewer. Default: 64 paths
+        per partition.
     partition_size : int, default=None
         Paths per partition instead of ``npartitions``.
 
@@ -428,9 +454,12 @@ def fit(
     here. The components, singular values and scores equal those of
     :func:`~skdfm.stream_fit` (or ``fit``) on the same images up to float64
     rounding, whatever the partitioning; ``n_samples_seen_`` is the number of images
-    used. The route follows what was seen: while the images are no more than the
-    features, the partitions send their rows (the Gram route), else their D x D
-    statistics (half of it: the lower triangle).
+    used. What travels follows what each partition saw: a partition of no more
+    images than features sends its rows (the Gram route), a larger one its D x D
+    statistics (half of it: the lower triangle); merges keep the rows while the
+    total stays within the features, so small data ends on the Gram route as
+    ``fit`` would. Image paths are read by the workers: give absolute paths (or
+    paths valid in the workers' working directory).
 
     As with :func:`~skdfm.stream_fit`, the threshold takes a second pass over
     normal images: over ``threshold_images`` (held-out good parts, or ``images``
@@ -456,7 +485,7 @@ def fit(
         Normal images for the threshold pass.
     contamination : float in (0, 0.5], default=None
         Share of ``threshold_images`` to flag; the detector's ``contamination``
-        when None.
+        when None. Only with ``threshold_images``.
     batch_size : int, default=None
         Images per backbone call on a worker; the transformer's ``batch_size``
         when None.
@@ -488,7 +517,7 @@ def fit(
     >>> np.allclose(det.score_samples(X[:5]), one_machine.score_samples(X[:5]))
     True
     """
-    from ._detector import check_contamination, fit_from_statistics
+    from ._detector import check_contamination
     from ._model import split_model
     from ._persistence import keep_state_on_error
 
@@ -496,7 +525,13 @@ def fit(
         transformer, detector = split_model(model, fitted=False)
     except ValueError as error:
         raise ValueError(f"skdfm.distributed.fit: {error}") from None
-    if contamination is not None or threshold_images is not None:
+    if contamination is not None and threshold_images is None:
+        raise ValueError(
+            "contamination sets the threshold from the scores of threshold_images; "
+            "pass threshold_images too (held-out normal images, or images again "
+            "for the in-sample rule)."
+        )
+    if threshold_images is not None:
         contamination = check_contamination(
             detector.contamination if contamination is None else contamination
         )
@@ -514,9 +549,13 @@ def fit(
             # Builds the backbone (only the form of X is checked): what the workers
             # get is what this process would run.
             transformer.fit(np.zeros((1, 32, 32, 3), np.uint8))
-        shared = _shared(model, client)
+        # The weights travel once: the transformer is placed on every worker for
+        # both passes; the unfitted detector is a few parameters.
+        weights = None if transformer is None else _shared(transformer, client)
         task = dask.delayed(_fit_partition, pure=True)
-        partials = [task(part, i, shared, size) for i, part in enumerate(parts)]
+        partials = [
+            task(part, i, weights, detector, size) for i, part in enumerate(parts)
+        ]
         result = _compute(_tree(partials, _merge), client)
         if result.statistics is None:
             raise ValueError(
@@ -525,13 +564,16 @@ def fit(
                 if result.skipped
                 else "images holds no images."
             )
-        fit_from_statistics(detector, result.statistics)
+        detector.fit_from_statistics(result.statistics)
         _warn_skipped(result.skipped, "training images")
         if threshold_parts is not None:
-            shared = _shared(model, client)
+            fitted = _shared(detector, client)  # the components, once
             task = dask.delayed(_threshold_partition, pure=True)
             pieces = _compute(
-                [task(part, i, shared, size) for i, part in enumerate(threshold_parts)],
+                [
+                    task(part, i, weights, fitted, size)
+                    for i, part in enumerate(threshold_parts)
+                ],
                 client,
             )
             scores = np.concatenate([s for s, _ in pieces])
@@ -599,10 +641,16 @@ def score(model, images, *, client=None, maps_dir=None, root=None, batch_size=No
 
     client = _current_client(client)
     dask = _dask()
-    shared = _shared(model, client)
+    weights = None if transformer is None else _shared(transformer, client)
+    fitted = _shared(detector, client)
     task = dask.delayed(_score_partition, pure=True)
+    # Absolute here: a worker's working directory is not this one.
     folder = None if maps_dir is None else os.path.abspath(maps_dir)
-    frames = [task(part, i, shared, size, folder, root) for i, part in enumerate(parts)]
+    root = None if root is None else os.path.abspath(root)
+    frames = [
+        task(part, i, weights, fitted, size, folder, root)
+        for i, part in enumerate(parts)
+    ]
     meta = pd.DataFrame(
         {
             "partition": pd.Series([], dtype="int64"),

@@ -92,8 +92,9 @@ def test_clones_share_the_cache_and_pickles_carry_no_rows(images):
     tr = transformer(cache)
     assert clone(tr).cache is cache
     tr.fit(images).transform(images)
-    # unpickled where the cache lives: the same cache (as a clone would)
-    assert pickle.loads(pickle.dumps(tr)).cache is cache
+    # unpickled where the cache lives: the same rows and counters (as a clone)
+    loaded = pickle.loads(pickle.dumps(tr)).cache
+    assert len(loaded) == len(cache) == 6 and loaded.misses == cache.misses
     assert len(pickle.dumps(tr)) < len(pickle.dumps(tr.set_params(cache=None))) + 2000
     tr.set_params(cache=cache)
     assert len(cache) == 6 and cache.n_bytes == 6 * tr.transform(images[:1]).nbytes
@@ -103,8 +104,12 @@ def _cache_in_a_worker(data):
     """In a worker process: unpickle a cache twice, as two tasks would."""
     from skdfm._cache import adopted_caches
 
-    first, second = pickle.loads(data), pickle.loads(data)
-    return first is second, len(first), first in adopted_caches()
+    first = pickle.loads(data)
+    empty = len(first)
+    first.store(("config",), [("key",)], np.zeros((1, 4), np.float32))
+    del first  # the task is over; the worker keeps the rows for the next one
+    second = pickle.loads(data)
+    return empty, len(second), second.max_bytes, adopted_caches()
 
 
 def test_a_worker_process_keeps_one_empty_cache_per_original(images):
@@ -117,14 +122,18 @@ def test_a_worker_process_keeps_one_empty_cache_per_original(images):
     # spawned, as joblib's and Dask's workers are (a forked one has the rows)
     spawn = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(1, mp_context=spawn) as pool:
-        same, rows, adopted = pool.submit(_cache_in_a_worker, data).result()
-    assert same and rows == 0 and adopted
-    # a main process (this one) adopts nothing, and a cache goes with its users
+        empty, rows, max_bytes, adopted = pool.submit(_cache_in_a_worker, data).result()
+    assert (empty, rows, max_bytes, adopted) == (0, 1, 10_000, [(1, 0, 0)])
+    # a main process (this one) adopts nothing: a cache unpickled here that is
+    # not alive here starts empty, and goes with its last user
     from skdfm._cache import adopted_caches
 
-    assert adopted_caches() == []
-    other = pickle.loads(pickle.dumps(FeatureCache()))
-    assert other.max_bytes is None and len(other) == 0
+    data = pickle.dumps(FeatureCache())
+    first = pickle.loads(data)
+    first.store(("config",), [("key",)], np.zeros((1, 4), np.float32))
+    assert adopted_caches() == [] and len(pickle.loads(data)) == 1
+    del first
+    assert len(pickle.loads(data)) == 0
 
 
 def test_max_bytes_evicts_least_recently_used(images):

@@ -63,7 +63,8 @@ def _assert_same_model(got, want, X):
 def test_without_a_client_the_local_scheduler_runs_the_same_fit(image_files):
     _, paths, y = image_files
     good = paths[y == 1]
-    assert distributed.client._get_global_client() is None  # no cluster yet
+    with pytest.raises(ValueError):  # no cluster, no client yet
+        distributed.default_client()
     model = skd.fit(_pipeline(), skd.image_bag(good[:20], npartitions=3))
     want = _pipeline().fit(list(good[:20]))
     assert model[-1].n_samples_seen_ == 20
@@ -91,7 +92,7 @@ def client():
 def test_fit_on_the_cluster_equals_fit_on_one_machine(client, image_files):
     _, paths, y = image_files
     good = paths[y == 1]
-    train = skd.image_bag(good[:20], npartitions=5)  # uneven: 4 paths each
+    train = skd.image_bag(good[:20], partition_size=7)  # uneven: 7, 7 and 6
     model = skd.fit(_pipeline(), train, client=client)
     want = _pipeline().fit(list(good[:20]))
     assert model[-1].n_samples_seen_ == 20
@@ -272,7 +273,12 @@ def test_bad_arguments_are_clear_errors(client, fitted, image_files):
     with pytest.raises(ValueError, match="model must be a DFMDetector"):
         skd.fit(object(), skd.image_bag(paths))
     with pytest.raises(ValueError, match="contamination"):
-        skd.fit(_pipeline(), skd.image_bag(paths), contamination=0.9)
+        skd.fit(
+            _pipeline(), skd.image_bag(paths), threshold_images=skd.image_bag(paths),
+            contamination=0.9,
+        )  # fmt: skip
+    with pytest.raises(ValueError, match="pass threshold_images too"):
+        skd.fit(_pipeline(), skd.image_bag(paths), contamination=0.1)
     with pytest.raises(ValueError, match="batch_size must be a positive int"):
         skd.fit(_pipeline(), skd.image_bag(paths), batch_size=0)
     unthresholded = stream_fit(_pipeline(), list(paths[:5]))
@@ -338,6 +344,34 @@ def test_the_command_fits_and_scores_on_a_cluster(
     assert {p.parent.name for p in maps.rglob("*_map.png")} == {"good", "defect"}
 
 
+def test_the_command_on_a_cluster_takes_relative_paths_and_holdout_0(
+    client, image_files, tmp_path, monkeypatch, capsys
+):
+    import skdfm
+    from skdfm.cli import main
+
+    root, _, _ = image_files
+    monkeypatch.chdir(root)  # the workers run elsewhere: "good" is not theirs
+    address = client.scheduler.address
+    local, remote = tmp_path / "local.skdfm", tmp_path / "remote.skdfm"
+    base = ["fit", "good", "--holdout", "0", *CLI_MODEL]
+    assert main([*base, "-o", str(local)]) == 0
+    assert main([*base, "-o", str(remote), "--scheduler", address]) == 0
+    capsys.readouterr()
+    a, b = skdfm.load(local), skdfm.load(remote)
+    assert b[-1].n_samples_seen_ == a[-1].n_samples_ == 30
+    # the in-sample threshold at the detector's contamination, as on one machine
+    np.testing.assert_allclose(b[-1].offset_, a[-1].offset_, rtol=1e-6)
+    two = [f"good/{name}" for name in sorted(os.listdir("good"))[:2]]
+    code = main(
+        ["score", str(remote), *two, "missing.png", "--scheduler", address,
+         "--device", "cpu"]
+    )  # fmt: skip
+    out, err = capsys.readouterr()
+    assert code == 3 and "skipped missing.png" in err
+    assert [line.split("\t")[0] for line in out.strip().splitlines()] == ["path", *two]
+
+
 def test_the_command_reports_an_unreachable_scheduler(image_files, tmp_path, capsys):
     from skdfm.cli import main
 
@@ -360,7 +394,7 @@ def test_the_command_reports_an_unreachable_scheduler(image_files, tmp_path, cap
 def _worker_cache_counts():
     from skdfm._cache import adopted_caches
 
-    return [(cache.misses, cache.hits) for cache in adopted_caches()]
+    return [(misses, hits) for _, hits, misses in adopted_caches()]
 
 
 def test_grid_search_runs_under_joblib_dask_with_one_cache_per_worker(

@@ -28,3 +28,9 @@ def test_every_public_name_is_in_the_reference():
         name for name in skdfm.__all__ if name != "__version__" and name not in api
     ]
     assert not missing
+    import skdfm.distributed
+
+    section = api.split("currentmodule:: skdfm.distributed")[1].split("currentmodule")[
+        0
+    ]
+    assert [n for n in skdfm.distributed.__all__ if n not in section] == []

@@ -106,11 +106,12 @@ def test_a_pickled_scatter_carries_the_lower_triangle_only(monkeypatch):
     import pickle
 
     monkeypatch.setattr("skdfm._scatter._PACK_ROWS", 3)  # several row blocks
-    scatter = _scatter_of([np.random.default_rng(4).normal(size=(30, 11))])
-    scatter.matrix += torch.full((11, 11), 123.0).triu(1)  # scratch above
+    scatter = _scatter_of([np.random.default_rng(4).normal(size=(30, 120))])
+    scatter.matrix += torch.full((120, 120), 123.0).triu(1)  # scratch above
     data = pickle.dumps(scatter)
-    assert scatter.nbytes == 8 * (11 * 12 // 2 + 11)
-    assert len(data) < scatter.nbytes + 2000  # no D x D matrix travels
+    assert scatter.nbytes == 8 * (120 * 121 // 2 + 120)
+    full = 8 * 120 * 120
+    assert len(data) < scatter.nbytes + 2000 < full  # no D x D matrix travels
     back = pickle.loads(data)
     assert back.count == 30
     np.testing.assert_array_equal(back.mean.numpy(), scatter.mean.numpy())

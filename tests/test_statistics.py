@@ -92,5 +92,8 @@ def test_statistics_that_do_not_match_are_not_merged():
         )
     with pytest.raises(ValueError, match=r"rows of shape \(3, 7\)"):
         _statistics().update(torch.zeros(3, 7))
+    with pytest.raises(ValueError, match="into themselves"):
+        one = _statistics(_rows(3, 0))
+        one.merge(one)
     with pytest.raises(ValueError, match="seen 1 sample; at least 2"):
         _statistics(_rows(1, 0)).fit(_rule)
