@@ -24,8 +24,7 @@ class _Store:
     """The rows and counters of a cache: every FeatureCache of one token (clones,
     unpickled copies in one process) reads and writes the same store."""
 
-    def __init__(self, max_bytes):
-        self.max_bytes = max_bytes
+    def __init__(self):
         self.rows: OrderedDict[tuple, np.ndarray] = OrderedDict()
         self.bytes = 0
         self.lock = threading.Lock()
@@ -41,14 +40,15 @@ _ADOPTED: OrderedDict = OrderedDict()
 _REGISTRY_LOCK = threading.Lock()
 
 
-def _store_for(token: str, max_bytes) -> _Store:
+def _store_for(token: str, *, received: bool) -> _Store:
     """The live store of ``token`` in this process, else a new empty one, which a
-    worker process keeps alive between tasks."""
+    worker process keeps alive between tasks when it ``received`` the cache by
+    pickle (not for caches it makes itself)."""
     with _REGISTRY_LOCK:
         store = _LIVE.get(token)
         if store is None:
-            store = _LIVE[token] = _Store(max_bytes)
-            if multiprocessing.parent_process() is not None:  # a worker process
+            store = _LIVE[token] = _Store()
+            if received and multiprocessing.parent_process() is not None:
                 _ADOPTED[token] = store
                 while len(_ADOPTED) > ADOPTED_MAX:
                     _ADOPTED.popitem(last=False)
@@ -134,15 +134,23 @@ class FeatureCache:
             raise ValueError(f"max_bytes={max_bytes} must be >= 0 or None.")
         self.max_bytes = max_bytes
         self._token = uuid.uuid4().hex
-        self._store = _store_for(self._token, max_bytes)
+        self._store = _store_for(self._token, received=False)
 
     @property
     def hits(self) -> int:
         return self._store.hits
 
+    @hits.setter
+    def hits(self, value: int) -> None:
+        self._store.hits = value
+
     @property
     def misses(self) -> int:
         return self._store.misses
+
+    @misses.setter
+    def misses(self, value: int) -> None:
+        self._store.misses = value
 
     def __len__(self) -> int:
         return len(self._store.rows)
@@ -204,7 +212,7 @@ class FeatureCache:
     def __setstate__(self, state):
         self.max_bytes = state["max_bytes"]
         self._token = state["token"]
-        self._store = _store_for(self._token, self.max_bytes)
+        self._store = _store_for(self._token, received=True)
 
     def __repr__(self) -> str:
         return f"FeatureCache(max_bytes={self.max_bytes})"

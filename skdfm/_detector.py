@@ -628,13 +628,14 @@ class DFMDetector(DeviceMixin, PersistenceMixin, OutlierMixin, BaseEstimator):
         return self
 
     def streaming_statistics(self) -> FeatureStatistics:
-        """The statistics :meth:`partial_fit` has gathered so far (not a copy).
+        """Hand over the statistics :meth:`partial_fit` has gathered.
 
         What a worker of a distributed fit (:mod:`skdfm.distributed`) sends back
         after its ``partial_fit`` calls: exact, mergeable statistics of its rows
         (:class:`~skdfm._statistics.FeatureStatistics`), their grid set from
-        ``feature_shape_``. Merge several and fit one detector from them with
-        :meth:`fit_from_statistics`.
+        ``feature_shape_``. The detector gives them up and is left unfitted, so
+        that no two owners change one set of statistics. Merge several and fit one
+        detector from them with :meth:`fit_from_statistics`.
 
         Returns
         -------
@@ -645,8 +646,10 @@ class DFMDetector(DeviceMixin, PersistenceMixin, OutlierMixin, BaseEstimator):
                 "This DFMDetector holds no streaming statistics: call partial_fit "
                 "first (fit, and a finished stream_fit, keep none)."
             )
-        self._statistics.feature_shape = self.feature_shape_
-        return self._statistics
+        statistics = self._statistics
+        statistics.feature_shape = self.feature_shape_
+        self._forget_fit()
+        return statistics
 
     def fit_from_statistics(self, statistics: FeatureStatistics):
         """Fit from statistics gathered elsewhere, as one streaming fit.
@@ -654,8 +657,8 @@ class DFMDetector(DeviceMixin, PersistenceMixin, OutlierMixin, BaseEstimator):
         Equal to :meth:`partial_fit` on every row ``statistics`` hold, then
         ``finish_partial_fit(release=True)``: the components, variances and
         ``n_samples_seen_`` are set, ``offset_`` is not (see :meth:`partial_fit`).
-        The statistics are moved to this detector's device and consumed. A failure
-        keeps the detector as it was.
+        The statistics are moved to this detector's device and consumed (use them
+        no more). A failure keeps the detector as it was.
 
         Parameters
         ----------

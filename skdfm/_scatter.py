@@ -41,6 +41,14 @@ def lower_syrk_(out: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def _row_blocks(d: int):
+    """``(first row, stop, mask)`` of each block of rows of a d x d matrix; the mask
+    marks the lower triangle (with the diagonal) of ``matrix[first:stop, :stop]``."""
+    for row in range(0, d, _PACK_ROWS):
+        stop = min(row + _PACK_ROWS, d)
+        yield row, stop, torch.ones(stop - row, stop, dtype=torch.bool).tril(row)
+
+
 class Scatter:
     """Count, mean and centred scatter of rows seen so far, merged batch by batch.
 
@@ -66,9 +74,10 @@ class Scatter:
         )
 
     def to(self, device: torch.device) -> Scatter:
-        """Move the statistics to ``device`` (in place)."""
-        self.mean = self.mean.to(device)
-        self.matrix = self.matrix.to(device)
+        """Move the statistics to ``device`` (in place; a failed move changes
+        nothing)."""
+        mean, matrix = self.mean.to(device), self.matrix.to(device)
+        self.mean, self.matrix = mean, matrix
         return self
 
     def update(self, X: torch.Tensor, chunk_rows: int) -> Scatter:
@@ -138,13 +147,10 @@ class Scatter:
         d = matrix.shape[0]
         packed = torch.empty(d * (d + 1) // 2, dtype=matrix.dtype, device="cpu")
         start = 0
-        for row in range(0, d, _PACK_ROWS):
-            stop = min(row + _PACK_ROWS, d)
-            block = matrix[row:stop, :stop].cpu()
-            for i in range(stop - row):
-                length = row + i + 1
-                packed[start : start + length] = block[i, :length]
-                start += length
+        for row, stop, mask in _row_blocks(d):
+            values = matrix[row:stop, :stop][mask.to(matrix.device)]  # row-major
+            packed[start : start + values.numel()] = values.cpu()
+            start += values.numel()
         return {"count": self.count, "mean": self.mean.cpu(), "lower": packed}
 
     def __setstate__(self, state):
@@ -154,9 +160,11 @@ class Scatter:
             raise ValueError("the packed scatter matrix does not match its mean.")
         matrix = torch.zeros((d, d), dtype=torch.float64)
         start = 0
-        for i in range(d):
-            matrix[i, : i + 1] = packed[start : start + i + 1]
-            start += i + 1
+        for row, stop, mask in _row_blocks(d):
+            block = matrix[row:stop, :stop]
+            n = int(mask.sum())
+            block[mask] = packed[start : start + n]  # fills row-major, as packed
+            start += n
         self.count = int(state["count"])
         self.mean = state["mean"]
         self.matrix = matrix  # unpickled statistics are on the CPU

@@ -115,7 +115,7 @@ class FeatureStatistics:
 
     def _fold_rows(self) -> Scatter:
         """Switch to the covariance route: the kept rows go into a new scatter
-        (checked to fit first: nothing changes when it does not)."""
+        (``new_scatter`` checks it fits first: nothing changes when it does not)."""
         if self._scatter is None:
             scatter = new_scatter(self.n_features, self.device)
             if self.count:
@@ -186,12 +186,13 @@ class FeatureStatistics:
         return self
 
     def to(self, device) -> FeatureStatistics:
-        """Move the statistics to ``device`` (in place)."""
-        self.device = torch.device(device)
-        if self._buffer is not None:
-            self._buffer = self._buffer.to(self.device)
+        """Move the statistics to ``device`` (in place; the filled rows only). A
+        failed move changes nothing."""
+        device = torch.device(device)
+        buffer = None if self._buffer is None else self._buffer[: self.count].to(device)
         if self._scatter is not None:
-            self._scatter.to(self.device)
+            self._scatter.to(device)
+        self._buffer, self.device = buffer, device
         return self
 
     def fit(self, n_components: ComponentRule) -> PCAFit:
@@ -214,8 +215,8 @@ class FeatureStatistics:
         # Only the filled rows travel; unpickled statistics are on the CPU.
         state = dict(vars(self))
         state["device"] = "cpu"
-        if self._buffer is not None:
-            state["_buffer"] = self._buffer[: self.count].cpu()
+        if self._buffer is not None:  # a copy: a view would pickle its whole storage
+            state["_buffer"] = self._buffer[: self.count].to("cpu", copy=True)
         return state
 
     def __setstate__(self, state):

@@ -354,7 +354,6 @@ def cmd_demo(args) -> int:
 
 
 def cmd_fit(args) -> int:
-    from . import save
     from ._features import with_feature_shape
     from ._scores import check_image_score
 
@@ -394,13 +393,25 @@ def cmd_fit(args) -> int:
     if len(held):
         held_scores = detector.score_samples(features[held])
         detector.set_threshold(held_scores, contamination=args.contamination)
+    return _save_fitted(args, model, len(held), skipped)
+
+
+def _save_fitted(args, model, n_held: int, skipped) -> int:
+    """Say how the threshold was set, save the model, and the exit code."""
+    from . import save
+
+    if n_held:
         print(
-            f"threshold: {args.contamination:.0%} quantile of {len(held)} held-out "
+            f"threshold: {args.contamination:.0%} quantile of {n_held} held-out "
             "normal images (--holdout)"
         )
     else:
-        print("threshold: in-sample (--holdout 0); expect more false alarms")
-    transformer.set_params(progress=not args.no_progress)  # as saved before
+        print(
+            f"threshold: in-sample {model[-1].contamination:.0%} quantile of the "
+            "training images (--holdout 0; --contamination applies to held-out "
+            "images); expect more false alarms"
+        )
+    model[0].set_params(progress=not args.no_progress)  # as saved before
     save(model, args.output)
     print(f"saved {args.output}")
     return EXIT_SKIPPED if skipped else EXIT_OK
@@ -489,7 +500,6 @@ def _fit_on_cluster(args, model, files, problems, check) -> int:
     over the readable ones), its threshold pass runs on the cluster too."""
     import warnings
 
-    from . import save
     from .distributed import fit, image_bag
 
     transformer, detector = model[0], model[1]
@@ -529,17 +539,7 @@ def _fit_on_cluster(args, model, files, problems, check) -> int:
     skipped = list(problems) + _cluster_skipped(caught, given)
     _say_fitted(model, detector.n_samples_seen_, time.perf_counter() - t)
     print(f"cluster: {args.scheduler}")
-    if held:
-        print(
-            f"threshold: {args.contamination:.0%} quantile of {len(held)} held-out "
-            "normal images (--holdout)"
-        )
-    else:
-        print("threshold: in-sample (--holdout 0); expect more false alarms")
-    transformer.set_params(progress=not args.no_progress)  # as saved before
-    save(model, args.output)
-    print(f"saved {args.output}")
-    return EXIT_SKIPPED if skipped else EXIT_OK
+    return _save_fitted(args, model, len(held), skipped)
 
 
 def _score_on_cluster(args, model, files, problems) -> int:

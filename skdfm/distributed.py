@@ -205,8 +205,10 @@ def _fit_partition(items, partition, transformer, detector, batch_size):
 
 
 def _merge(a: _Partial, b: _Partial) -> _Partial:
-    # In place: each partial has this merge as its only consumer. A lost worker's
-    # inputs are recomputed from their lineage, never taken from a merged copy.
+    # In place (no D x D copy): each partial has this merge as its only consumer,
+    # and a lost worker's inputs are recomputed from their lineage. This assumes a
+    # merge task that failed is not re-run on its stored inputs: do not compute
+    # this graph with retries=.
     if a.statistics is None:
         statistics = b.statistics
     else:

@@ -229,7 +229,7 @@ def test_each_file_is_decoded_once(good_dir, tmp_path, monkeypatch, capsys):
     assert main([*args, "--no-progress", "--batch-size", "5"]) == 3
     # scores, maps and overlays from one decode of each file (13, one unreadable)
     assert sorted(decoded) == sorted(str(p) for p in good_dir.rglob("*.png"))
-    assert len(list((tmp_path / "maps").iterdir())) == 12
+    assert len(list((tmp_path / "maps").rglob("*_map.png"))) == 12  # sub/ mirrored
     assert "scored 12 images" in capsys.readouterr().err
 
 
@@ -468,7 +468,7 @@ def test_images_decoded_at_a_reduced_scale_keep_their_maps_and_masks(
     files = sorted(str(p) for p in (root / "test").rglob("*.png"))
     assert main(["score", str(model_file), *files, "--maps", str(maps),
                  "--no-progress"]) == 0  # fmt: skip
-    shown = Image.open(next(maps.iterdir()))
+    shown = Image.open(next(maps.rglob("*_map.png")))
     assert shown.size[0] < 64  # the overlay is at the decoded (reduced) size
 
 

@@ -366,3 +366,27 @@ def test_partial_fit_refuses_a_batch_of_another_grid(features):
         det.partial_fit(with_feature_shape(X[60:].copy(), (3, 10, 10)))
     det.partial_fit(X[60:])  # plain rows: the grid of the fit is kept
     assert det.finish_partial_fit().feature_shape_ == (12, 5, 5)
+
+
+def test_statistics_of_several_detectors_merge_into_one_fit(features):
+    X_train, X_test = features
+    parts = [DFMDetector(device="cpu").partial_fit(b) for b in np.split(X_train, 3)]
+    handed = [part.streaming_statistics() for part in parts]
+    # handing over leaves a detector unfitted: no two owners of one statistics
+    assert not hasattr(parts[0], "n_features_in_")
+    with pytest.raises(NotFittedError, match="call partial_fit first"):
+        parts[0].streaming_statistics()
+    merged = handed[0].merge(handed[1]).merge(handed[2])
+    det = DFMDetector(device="cpu", pca_level=0.95).fit_from_statistics(merged)
+    want = DFMDetector(device="cpu", pca_level=0.95).fit(X_train)
+    assert det.n_samples_seen_ == 120 and det.solver_ == "gram"
+    np.testing.assert_allclose(
+        det.score_samples(X_test), want.score_samples(X_test), rtol=1e-6
+    )
+    # a grid that contradicts the detector's feature_shape is refused, and the
+    # detector stays as it was
+    stats = DFMDetector(device="cpu").partial_fit(X_train[:10]).streaming_statistics()
+    stats.feature_shape = (12, 5, 5)
+    with pytest.raises(ValueError, match="feature_shape"):
+        det.set_params(feature_shape=(3, 10, 10)).fit_from_statistics(stats)
+    assert det.n_samples_seen_ == 120
