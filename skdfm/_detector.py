@@ -145,6 +145,18 @@ class DFMDetector(DeviceMixin, PersistenceMixin, OutlierMixin, BaseEstimator):
         Expected proportion of outliers in the training set: ``offset_`` is that
         percentile of the training scores, so ``predict`` flags that share of the
         training rows. See Notes for why in-sample scores are optimistic.
+    threshold_cv : int >= 2 or None, default=None
+        How ``fit`` scores the training rows for ``offset_``. None: with the
+        model fitted on them (scikit-learn's in-sample rule; it flags far more
+        than ``contamination`` of new normal rows, see Notes). An int k: by
+        cross-fitting, each row scored by a model fitted on the other k - 1 folds
+        (rows ``i, i + k, i + 2k, ...`` form fold ``i``) with as many components
+        as the fitted model, so the threshold flags about ``contamination`` of new
+        normal rows (a little less: each fold's model saw fewer rows; more folds
+        come closer, see the thresholds guide). The components are still
+        fitted on every row; no extra images and no second backbone pass are
+        needed, only k more eigenproblems of (k - 1) / k of the rows.
+        ``threshold_method_`` records which was used.
     solver : {"auto", "gram", "covariance"}, default="auto"
         Eigenproblem that finds the components. ``"gram"`` (N x N, chosen when
         ``n_samples <= n_features``) or ``"covariance"`` (D x D, otherwise).
@@ -191,8 +203,10 @@ class DFMDetector(DeviceMixin, PersistenceMixin, OutlierMixin, BaseEstimator):
         ``100 * contamination`` percentile of the training scores, until
         :func:`~skdfm.calibrate_threshold` replaces it.
     threshold_method_ : str
-        How ``offset_`` was set: ``"contamination"`` (by ``fit``, or by
-        :func:`~skdfm.calibrate_threshold` on held-out normal samples) or ``"f1"``.
+        How ``offset_`` was set: ``"contamination"`` (by ``fit`` on in-sample
+        scores, or by :func:`~skdfm.calibrate_threshold` on held-out normal
+        samples), ``"contamination, k-fold cross-fit"`` (``fit`` with
+        ``threshold_cv=k``) or ``"f1"``.
     score_range_ : tuple of (float, float)
         ``(min, max)`` of the scores ``offset_`` was taken from; the scale of
         :func:`~skdfm.normalized_scores`.
@@ -221,11 +235,12 @@ class DFMDetector(DeviceMixin, PersistenceMixin, OutlierMixin, BaseEstimator):
     ``n_components_`` (with ``n_samples <= n_components_ + 1`` the training FRE is
     zero). The default ``offset_`` is taken from in-sample scores, as scikit-learn's
     detectors do, and then flags far more than ``contamination`` of new normal
-    images. To calibrate honestly, score normal images that were not used for
-    fitting (a held-out split) and take the threshold from those scores, e.g.
-    ``np.percentile(det.score_samples(X_holdout), 1)``, or use a labelled validation
-    set: :func:`~skdfm.calibrate_threshold` does either. Ranking metrics such as
-    ROC AUC on ``score_samples`` are unaffected.
+    images. ``threshold_cv=5`` takes it from cross-fitted scores instead (each
+    training row scored by a model that did not see it), with no extra images.
+    Or score normal images that were not used for fitting (a held-out split) and
+    take the threshold from those scores, or use a labelled validation set:
+    :func:`~skdfm.calibrate_threshold` does either. Ranking metrics such as ROC AUC
+    on ``score_samples`` are unaffected.
 
     The Gaussian of ``"nll"`` is centred at the training mean with the biased
     (``1/N``) covariance of the projected training rows, ``diag(s^2 / N)``;
@@ -290,6 +305,7 @@ class DFMDetector(DeviceMixin, PersistenceMixin, OutlierMixin, BaseEstimator):
         ],
         "feature_shape": [tuple, list, None],
         "contamination": [Interval(Real, 0, 0.5, closed="right")],
+        "threshold_cv": [Interval(Integral, 2, None, closed="left"), None],
         "solver": [StrOptions({"auto", "gram", "covariance"})],
         "device": [str, torch.device],
     }
@@ -302,6 +318,7 @@ class DFMDetector(DeviceMixin, PersistenceMixin, OutlierMixin, BaseEstimator):
         image_score="sum",
         feature_shape=None,
         contamination=0.1,
+        threshold_cv=None,
         solver="auto",
         device="auto",
     ):
@@ -310,13 +327,16 @@ class DFMDetector(DeviceMixin, PersistenceMixin, OutlierMixin, BaseEstimator):
         self.image_score = image_score
         self.feature_shape = feature_shape
         self.contamination = contamination
+        self.threshold_cv = threshold_cv
         self.solver = solver
         self.device = device
 
     # -- validation ------------------------------------------------------------------
 
     def _validate_params(self):
-        reject_bools(self, ("pca_level", "contamination", "image_score"))
+        reject_bools(
+            self, ("pca_level", "contamination", "image_score", "threshold_cv")
+        )
         super()._validate_params()
 
     def _resolve_grid(self, X, n_features: int):
@@ -442,8 +462,60 @@ class DFMDetector(DeviceMixin, PersistenceMixin, OutlierMixin, BaseEstimator):
                 train_scores = -self._to_host(
                     score_projection(z, sq_norm, self._state, self.score_type)
                 )
-            self.set_threshold(train_scores, contamination=self.contamination)
+            if self.threshold_cv is None:
+                self.set_threshold(train_scores, contamination=self.contamination)
+            else:
+                self.set_threshold(
+                    self._cross_fitted_scores(Xt),
+                    contamination=self.contamination,
+                    method=f"contamination, {self.threshold_cv}-fold cross-fit",
+                )
         return self
+
+    def _cross_fitted_scores(self, Xt: torch.Tensor) -> np.ndarray:
+        """``score_samples`` of each training row by a model fitted without its
+        fold (rows ``i::k`` are fold ``i``), with this fit's ``pca_level`` rule."""
+        k = self.threshold_cv
+        n, d = Xt.shape
+        if n < 2 * k:
+            raise ValueError(
+                f"threshold_cv={k} needs at least {2 * k} samples (2 per fold to "
+                f"fit on), got {n}."
+            )
+        grid = self.feature_shape_
+        scores = np.empty(n)
+        rows = torch.arange(n, device=Xt.device)
+        # Each fold's model keeps as many components as this fit's model (when its
+        # rows allow): it stands in for this model, so its size should match;
+        # re-applying pca_level to a fold's spectrum keeps fewer, and the held-out
+        # scores then overstate what this model gives new rows (measured in
+        # docs/thresholds.rst).
+        keep = self.n_components_
+        for fold in range(k):
+            held = rows[fold::k]
+            kept = rows[rows % k != fold]
+            train = Xt[kept]
+            most = min(train.shape[0] - 1, d - (1 if self.score_type == "fre" else 0))
+
+            def same_size(eigenvalues, total, rank_tol, most=most):
+                rank = int(np.count_nonzero(eigenvalues > rank_tol))
+                return min(keep, most, rank)
+
+            pca = fit_pca(train, same_size, self.solver)
+            state = ScoringState(
+                pca.mean,
+                pca.components,
+                gaussian_variances(pca.singular_values, train.shape[0]),
+            )
+            fold_scores, _ = score_rows(
+                Xt[held],
+                state,
+                self.score_type,
+                grid_shape=grid,
+                image_score=self.image_score,
+            )
+            scores[held.cpu().numpy()] = -self._to_host(fold_scores)
+        return scores
 
     def _component_rule(self, n_samples: int, n_features: int) -> ComponentRule:
         """The :data:`~skdfm._pca.ComponentRule` of ``pca_level``; raises when an

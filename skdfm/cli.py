@@ -791,52 +791,121 @@ def _mask_for(data, i: int, image):
 
 
 def cmd_evaluate(args) -> int:
-    from sklearn.metrics import f1_score
+    import json
 
-    from . import aupro, image_auroc, load_mvtec, pixel_auroc
+    from . import load_mvtec
+    from ._evaluation import evaluation_metrics
+    from ._results import normalize_scores
 
     model = _load_model(args.model, args)
     try:
         data = load_mvtec(args.category, load_masks=False, missing_masks="none")
     except (FileNotFoundError, ValueError) as error:
         raise CommandError(str(error)) from error
-    has_maps = model[-1].score_type == "fre"
+    detector = model[-1]
+    has_maps = detector.score_type == "fre"
+    # Without a ground_truth folder the evaluation is of images only (no message);
+    # with one, a defective image whose mask is missing or unusable is left out of
+    # the pixel metrics only, and said.
+    has_masks = (Path(args.category) / "ground_truth").is_dir()
     index = {path: i for i, path in enumerate(data.paths)}
-    keep, masks, scores, labels, maps, skipped = [], [], [], [], [], []
+    keep, scores, labels, masks, maps, skipped = [], [], [], [], [], []
     for batch in _file_batches(data.paths, model[0], progress=not args.no_progress):
         skipped.extend(batch.failed)
-        images = []
-        for path, image in zip(batch.paths, batch.images, strict=True):
-            mask = _mask_for(data, index[path], image)
-            if isinstance(mask, str):  # an image without a usable mask: skipped
-                _say(f"skdfm: skipped {path}: {mask}")
-                skipped.append((path, mask))
-                continue
-            keep.append(index[path])
-            masks.append(mask)
-            images.append(image)
-        if not images:
+        if not batch.images:
             continue
-        result = _scores_and_maps(model, images, maps=has_maps)
+        result = _scores_and_maps(model, batch.images, maps=has_maps)
+        for j, (path, image) in enumerate(zip(batch.paths, batch.images, strict=True)):
+            keep.append(index[path])
+            mask = None
+            if has_maps and has_masks:
+                mask = _mask_for(data, index[path], image)
+                if isinstance(mask, str):
+                    _say(f"skdfm: no pixel metrics for {path}: {mask}")
+                    skipped.append((path, mask))
+                    mask = None
+            masks.append(mask)
+            maps.append(None if mask is None else result.maps[j])
         scores.append(result.score_samples)
         labels.append(result.labels)
-        if has_maps:
-            maps.extend(result.maps)
     if not keep:
         raise CommandError(f"no readable images in {args.category}")
     y, scores, labels = data.y[keep], np.concatenate(scores), np.concatenate(labels)
-    f1 = f1_score(y == -1, labels == -1)
-    print(f"images: {len(keep)} ({int((y == -1).sum())} defective)")
-    print(f"image AUROC: {image_auroc(y, scores):.4f}")
-    if has_maps:
-        print(f"pixel AUROC: {pixel_auroc(masks, maps):.4f}")
-        print(f"AUPRO (FPR <= 0.3): {aupro(masks, maps):.4f}")
+    kinds = [data.defect_type[i] for i in keep]
+    metrics = evaluation_metrics(y, scores, labels, kinds, masks, maps)
+    if not has_maps:
+        pixel_note = "n/a (score_type 'nll' has no anomaly maps)"
+    elif not has_masks:
+        pixel_note = f"n/a (no ground_truth folder in {args.category})"
     else:
-        print("pixel AUROC, AUPRO: n/a (score_type 'nll' has no anomaly maps)")
-    print(
-        f"image F1 at the model's threshold ({model[-1].threshold_method_}): {f1:.4f}"
-    )
+        pixel_note = "n/a (no usable masks with defective pixels)"
+    _print_evaluation(metrics, detector.threshold_method_, pixel_note)
+    if args.json:
+        report = {
+            "model": os.path.abspath(args.model),
+            "category": os.path.abspath(args.category),
+            "threshold_method": detector.threshold_method_,
+            **metrics,
+            "skipped": [{"path": p, "reason": r} for p, r in skipped],
+        }
+        with atomic_write(args.json, "w") as handle:
+            json.dump(report, handle, indent=2)
+    if args.csv:
+        normalized = normalize_scores(scores, detector.offset_, detector.score_range_)
+        with atomic_write(args.csv, "w") as handle:
+            out = csv.writer(handle)
+            out.writerow(
+                ["path", "defect_type", "truth", "anomaly_score", "normalized",
+                 "label"]
+            )  # fmt: skip
+            for i, k in enumerate(keep):
+                out.writerow(
+                    [data.paths[k], kinds[i],
+                     "defective" if y[i] == -1 else "good", f"{-scores[i]:.6g}",
+                     f"{normalized[i]:.4f}",
+                     "anomalous" if labels[i] == -1 else "normal"]
+                )  # fmt: skip
     return EXIT_SKIPPED if skipped else EXIT_OK
+
+
+def _print_evaluation(metrics, threshold_method: str, pixel_note: str) -> None:
+    """The metrics as a person reads them: overall, then one line per defect."""
+
+    def number(values, name):
+        return f"{values[name]:.4f}" if name in values else "n/a"
+
+    overall = metrics["overall"]
+    print(f"images: {overall['images']} ({overall['defective']} defective)")
+    print(f"image AUROC: {number(overall, 'image_auroc')}")
+    print(f"image AUPR: {number(overall, 'image_aupr')}")
+    if "pixel_auroc" in overall:
+        print(
+            f"pixel AUROC: {overall['pixel_auroc']:.4f} (over "
+            f"{overall['pixel_images']} images with masks)"
+        )
+        print(f"pixel AUPR: {overall['pixel_aupr']:.4f}")
+        print(f"AUPRO (FPR <= 0.3): {overall['aupro']:.4f}")
+    else:
+        print(f"pixel AUROC, pixel AUPR, AUPRO: {pixel_note}")
+    print(
+        f"image F1 at the model's threshold ({threshold_method}): "
+        f"{overall['f1']:.4f} (precision {overall['precision']:.4f}, recall "
+        f"{overall['recall']:.4f}, {overall['flagged']} flagged)"
+    )
+    if not metrics["per_defect"]:
+        return
+    print("per defect type (each against the good images):")
+    header = ["defect", "images", "image AUROC", "image AUPR", "recall"]
+    header += ["pixel AUROC", "AUPRO"]
+    rows = [
+        [kind, str(m["defective"]), number(m, "image_auroc"),
+         number(m, "image_aupr"), f"{m['recall']:.4f}",
+         number(m, "pixel_auroc"), number(m, "aupro")]
+        for kind, m in metrics["per_defect"].items()
+    ]  # fmt: skip
+    widths = [max(len(r[c]) for r in [header, *rows]) for c in range(len(header))]
+    for row in [header, *rows]:
+        print("  " + "  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)))
 
 
 # -- argument parsing --------------------------------------------------------------
@@ -1174,13 +1243,27 @@ def _add_export(commands) -> None:
 def _add_evaluate(commands) -> None:
     evaluate = commands.add_parser(
         "evaluate",
-        help="image/pixel AUROC, AUPRO and F1 on an MVTec-style category",
-        description="Evaluate a saved model on <category>/test and "
-        "<category>/ground_truth (the MVTec AD layout).",
+        help="image/pixel AUROC and AUPR, AUPRO and F1 on an MVTec-style category",
+        description="Evaluate a saved model on <category>/test: image metrics of "
+        "every readable image, pixel metrics where <category>/ground_truth has "
+        "masks, overall and per defect type.",
     )
     evaluate.add_argument("model", metavar="MODEL", help="model file from 'skdfm fit'")
     _add_allow_pickle(evaluate)
-    evaluate.add_argument("category", metavar="CATEGORY_DIR")
+    evaluate.add_argument(
+        "category",
+        metavar="CATEGORY_DIR",
+        help="a category in the MVTec AD layout: test/<defect>/*.png (good for "
+        "normal images) and, for pixel metrics, ground_truth/<defect>/*_mask.png",
+    )
+    evaluate.add_argument(
+        "--json",
+        metavar="FILE",
+        help="also write every metric, overall and per defect type, as JSON",
+    )
+    evaluate.add_argument(
+        "--csv", metavar="FILE", help="also write each image's score and label as CSV"
+    )
     _add_runtime(evaluate)
     evaluate.set_defaults(func=cmd_evaluate)
 
@@ -1213,6 +1296,8 @@ def main(argv=None) -> int:
         _check_output(parser, args.output)
     if getattr(args, "csv", None) is not None:
         _check_output(parser, args.csv, flag="--csv", model=False)
+    if getattr(args, "json", None) is not None:
+        _check_output(parser, args.json, flag="--json", model=False)
     exported_model = args.command == "score" and _is_exported(args.model)
     if not exported_model:  # exported models run on the CPU, without torch
         _check_device(parser, getattr(args, "device", None))

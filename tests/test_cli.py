@@ -173,7 +173,10 @@ def test_evaluate_an_mvtec_category(model_file, tmp_path, capsys):
     capsys.readouterr()
     assert main(["evaluate", str(model_file), str(root), "--no-progress"]) == 0
     out = capsys.readouterr().out
-    for line in ("image AUROC: ", "pixel AUROC: ", "AUPRO (FPR <= 0.3): ", "F1 at"):
+    for line in (
+        "image AUROC: ", "image AUPR: ", "pixel AUROC: ", "pixel AUPR: ",
+        "AUPRO (FPR <= 0.3): ", "F1 at", "per defect type", "scratch", "hole",
+    ):  # fmt: skip
         assert line in out
     assert main(["evaluate", str(model_file), str(tmp_path)]) == 1
 
@@ -381,17 +384,65 @@ def test_evaluate_skips_every_unreadable_file_and_keeps_the_rest(
     code = main(["evaluate", str(model_file), str(root), "--no-progress"])
     captured = capsys.readouterr()
     assert code == 3
+    assert "skipped " in captured.err and "good/001.png: Cannot decode" in captured.err
     for reason in (
-        "good/001.png: Cannot decode",
         "scratch/000.png: unreadable mask",
         "scratch/001.png: its mask",
         "hole/000.png: no ground-truth mask",
     ):
-        assert reason in captured.err
-    # what is left (test/good/000 and test/hole/001) is still evaluated in full
-    assert "images: 2 (1 defective)" in captured.out
-    for line in ("image AUROC: ", "pixel AUROC: ", "AUPRO (FPR <= 0.3): "):
-        assert line in captured.out
+        assert f"no pixel metrics for {root}/test/{reason}" in captured.err
+    # an image without a usable mask still counts for the image metrics; the
+    # pixel metrics take the two images with masks (good/000 and hole/001)
+    assert "images: 5 (4 defective)" in captured.out
+    assert "pixel AUROC: " in captured.out and "over 2 images with masks" in (
+        captured.out
+    )
+    assert "AUPRO (FPR <= 0.3): " in captured.out
+
+
+def test_evaluate_without_masks_reports_image_metrics_per_defect(
+    model_file, tmp_path, capsys
+):
+    import json
+    import shutil
+
+    root = write_mvtec_tree(tmp_path / "bottle", size=(64, 64))
+    shutil.rmtree(root / "ground_truth")  # a category without masks
+    report, table = tmp_path / "metrics.json", tmp_path / "scores.csv"
+    capsys.readouterr()
+    code = main(
+        ["evaluate", str(model_file), str(root), "--no-progress", "--json",
+         str(report), "--csv", str(table)]
+    )  # fmt: skip
+    captured = capsys.readouterr()
+    assert code == 0 and captured.err == ""
+    assert "images: 5 (3 defective)" in captured.out
+    assert "pixel AUROC, pixel AUPR, AUPRO: n/a (no ground_truth folder" in (
+        captured.out
+    )
+    assert "per defect type" in captured.out
+    metrics = json.loads(report.read_text())
+    assert set(metrics["per_defect"]) == {"hole", "scratch"}
+    assert metrics["per_defect"]["scratch"]["images"] == 4  # 2 good + 2 scratch
+    assert "pixel_auroc" not in metrics["overall"]
+    # the numbers are those of the model's own scores
+    model = skdfm.load(model_file)
+    data = skdfm.load_mvtec(root, load_masks=False, missing_masks="none")
+    scores = model.score_samples(data.paths)
+    assert metrics["overall"]["image_auroc"] == pytest.approx(
+        skdfm.image_auroc(data.y, scores)
+    )
+    from sklearn.metrics import average_precision_score
+
+    assert metrics["overall"]["image_aupr"] == pytest.approx(
+        average_precision_score(data.y == -1, -scores)
+    )
+    rows = list(csv.DictReader(table.open()))
+    assert [r["path"] for r in rows] == data.paths
+    np.testing.assert_allclose(
+        [float(r["anomaly_score"]) for r in rows], -scores, rtol=1e-5
+    )
+    assert {r["defect_type"] for r in rows} == {"good", "hole", "scratch"}
 
 
 def test_files_over_the_pixel_limit_are_skipped_and_named(

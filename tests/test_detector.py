@@ -167,6 +167,44 @@ def test_in_sample_scores_are_optimistic(features):
     assert np.mean(det.predict(X_test) == -1) > 0.5
 
 
+def test_cross_fitted_threshold_holds_on_new_rows(features):
+    # The in-sample threshold of the test above flags most new normal rows; the
+    # cross-fitted one flags about contamination of them, from the same rows.
+    X = make_features(1120, 300)
+    X_train, X_new = X[:120], X[120:]
+    flagged = {}
+    for cv in (None, 5):
+        det = DFMDetector(pca_level=0.99, device="cpu", threshold_cv=cv).fit(X_train)
+        flagged[cv] = np.mean(det.predict(X_new) == -1)
+    assert flagged[None] > 0.5
+    assert 0.03 <= flagged[5] <= 0.15  # contamination 0.1, 1000 new rows
+    assert det.threshold_method_ == "contamination, 5-fold cross-fit"
+    # the same components as without it: only offset_ changes
+    plain = DFMDetector(pca_level=0.99, device="cpu").fit(X_train)
+    np.testing.assert_array_equal(det.components_, plain.components_)
+    # each row's score is that of a model fitted on the other folds
+    scores = np.empty(120)
+    for fold in range(5):  # with as many components as the fitted model
+        other = DFMDetector(pca_level=min(det.n_components_, 95), device="cpu")
+        other.fit(np.delete(X_train, np.s_[fold::5], axis=0))
+        scores[fold::5] = other.score_samples(X_train[fold::5])
+    assert det.offset_ == pytest.approx(np.percentile(scores, 10), rel=1e-9)
+    assert det.score_range_ == pytest.approx((scores.min(), scores.max()), rel=1e-9)
+
+
+@pytest.mark.parametrize(
+    "params, error",
+    [
+        (dict(threshold_cv=1), "threshold_cv"),
+        (dict(threshold_cv=True), "threshold_cv"),
+        (dict(threshold_cv=61), "threshold_cv=61 needs at least 122 samples"),
+    ],
+)
+def test_bad_threshold_cv_is_refused(features, params, error):
+    with pytest.raises(ValueError, match=error):
+        DFMDetector(device="cpu", **params).fit(features[0])
+
+
 def _bf16(X):
     return torch.from_numpy(X).to(torch.bfloat16)
 
