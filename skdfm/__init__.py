@@ -24,6 +24,7 @@ _LAZY = {
     "anomaly_maps": "._maps",
     "aupro": "._metrics",
     "aupro_scorer": "._model_selection",
+    "calibrate_pixel_threshold": "._thresholds",
     "calibrate_threshold": "._thresholds",
     "check_outlier_labels": "._metrics",
     "export": "._export",

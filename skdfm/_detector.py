@@ -51,6 +51,8 @@ _STREAM_DERIVED = (
     "score_type_",
     "image_score_",
     *_THRESHOLD_ATTRIBUTES,
+    "pixel_threshold_",
+    "pixel_threshold_method_",
 )
 #: Private state that is not pickled: the streaming statistics (a FeatureStatistics)
 #: and the fitted subspace as tensors on ``device_`` (rebuilt on load and device
@@ -207,6 +209,13 @@ class DFMDetector(DeviceMixin, PersistenceMixin, OutlierMixin, BaseEstimator):
         scores, or by :func:`~skdfm.calibrate_threshold` on held-out normal
         samples), ``"contamination, k-fold cross-fit"`` (``fit`` with
         ``threshold_cv=k``) or ``"f1"``.
+    pixel_threshold_ : float
+        Anomaly-map value at or above which a pixel is predicted defective; set
+        by :func:`~skdfm.calibrate_pixel_threshold` (and by ``skdfm fit``), absent
+        until then.
+    pixel_threshold_method_ : str
+        How ``pixel_threshold_`` was chosen: ``"contamination"`` (a quantile of
+        normal images' map values) or ``"f1"`` (F1-adaptive on masks).
     score_range_ : tuple of (float, float)
         ``(min, max)`` of the scores ``offset_`` was taken from; the scale of
         :func:`~skdfm.normalized_scores`.
@@ -801,6 +810,7 @@ class DFMDetector(DeviceMixin, PersistenceMixin, OutlierMixin, BaseEstimator):
     def __setstate__(self, state):
         state.setdefault("image_score", "sum")  # saved before image_score
         state.setdefault("feature_shape", None)
+        state.setdefault("threshold_cv", None)  # saved before threshold_cv
         if "components_" in state and "score_type_" not in state:  # skdfm 0.1.0
             state["score_type_"] = state.get("score_type", "fre")
         if "n_features_in_" in state:
@@ -844,6 +854,11 @@ class DFMDetector(DeviceMixin, PersistenceMixin, OutlierMixin, BaseEstimator):
             isinstance(self.offset_, Real) and np.isfinite(self.offset_)
         ):
             raise ValueError(f"offset_={self.offset_!r} is not a finite number.")
+        pixel = vars(self).get("pixel_threshold_", 0.0)
+        if not (isinstance(pixel, Real) and np.isfinite(pixel) and pixel >= 0) or (
+            not isinstance(vars(self).get("pixel_threshold_method_", ""), str)
+        ):
+            raise ValueError(f"pixel_threshold_={pixel!r} is not a threshold.")
         shape = vars(self).get("feature_shape_")
         if shape is not None:
             self.feature_shape_ = shape = check_feature_shape(shape, d)
@@ -1033,6 +1048,41 @@ class DFMDetector(DeviceMixin, PersistenceMixin, OutlierMixin, BaseEstimator):
         self.offset_ = float(offset)
         self.threshold_method_ = method
         self.score_range_ = (float(scores.min()), float(scores.max()))
+        return self
+
+    def set_pixel_threshold(self, threshold, *, method):
+        """Set the anomaly-map threshold ``pixel_threshold_`` (in place).
+
+        Map pixels at or above it are predicted defective: the ``masks`` of
+        :func:`~skdfm.anomaly_maps`, and the middle of the colour scale of the
+        command's overlays. :func:`~skdfm.calibrate_pixel_threshold` chooses it.
+
+        Parameters
+        ----------
+        threshold : float >= 0
+            In anomaly-map units (higher = more anomalous).
+        method : str
+            How it was chosen, recorded as ``pixel_threshold_method_``.
+
+        Returns
+        -------
+        self : object
+        """
+        check_is_fitted(self)
+        if self.score_type_ != "fre":
+            raise ValueError(
+                "A pixel threshold needs score_type 'fre' (nll has no maps)."
+            )
+        threshold = float(threshold)
+        if not (np.isfinite(threshold) and threshold >= 0) or not isinstance(
+            method, str
+        ):
+            raise ValueError(
+                "set_pixel_threshold needs a finite threshold >= 0 and a method; "
+                f"got {threshold!r}, {method!r}."
+            )
+        self.pixel_threshold_ = threshold
+        self.pixel_threshold_method_ = method
         return self
 
     def decision_function(self, X):

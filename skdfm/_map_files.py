@@ -17,9 +17,17 @@ import numpy as np
 
 from ._files import atomic_write
 
-__all__ = ["map_file", "write_map_overlay"]
+__all__ = [
+    "colour_scale",
+    "map_caption",
+    "map_file",
+    "mask_file",
+    "write_map_overlay",
+    "write_mask",
+]
 
 MAP_SUFFIX = "_map.png"
+MASK_SUFFIX = "_mask.png"
 
 
 def map_file(folder, image_path, root=None) -> Path:
@@ -37,10 +45,71 @@ def map_file(folder, image_path, root=None) -> Path:
     return Path(folder) / relative.parent / (relative.name + MAP_SUFFIX)
 
 
-def write_map_overlay(target, image, anomaly_map) -> None:
+def mask_file(folder, image_path, root=None) -> Path:
+    """The predicted-mask file of ``image_path``: as :func:`map_file`, ending in
+    ``_mask.png``."""
+    path = map_file(folder, image_path, root)
+    return path.with_name(path.name[: -len(MAP_SUFFIX)] + MASK_SUFFIX)
+
+
+def _font(size: int):
+    from PIL import ImageFont
+
+    try:
+        return ImageFont.load_default(size=size)
+    except TypeError:  # Pillow < 10.1: one bitmap size
+        return ImageFont.load_default()
+
+
+def _legend(width: int, scale, caption: str | None):
+    """The strip under an overlay: the caption, and the colour bar of ``scale``
+    (``(low, high, threshold)``, None for a per-image scale) with its values."""
+    from PIL import Image, ImageDraw
+
+    from ._plotting import overlay_anomaly_map
+
+    size = max(10, min(16, width // 24))
+    bar_height = size
+    strip = Image.new("RGB", (width, 3 * size + bar_height + 8), "white")
+    draw = ImageDraw.Draw(strip)
+    draw.text((4, 2), caption or "", fill="black", font=_font(size))
+    top = size + 6
+    gradient = np.tile(np.linspace(0.0, 1.0, width), (bar_height, 1))
+    colours = overlay_anomaly_map(
+        np.ones((bar_height, width, 3)), gradient, vmin=0.0, vmax=1.0, alpha=1.0
+    )
+    strip.paste(Image.fromarray(colours), (0, top))
+    y = top + bar_height + 1
+    if scale is None:
+        draw.text((4, y), "colours: this image's own range", fill="black",
+                  font=_font(size))  # fmt: skip
+        return strip
+    low, high, threshold = scale
+    ticks = [(low, f"{low:.3g}"), (high, f"{high:.3g}")]
+    if threshold is not None:
+        ticks.insert(1, (threshold, f"pixel threshold {threshold:.3g}"))
+    for value, text in ticks:
+        x = int(round((value - low) / (high - low) * (width - 1))) if high > low else 0
+        draw.line([(x, top), (x, top + bar_height)], fill="black", width=1)
+        length = draw.textlength(text, font=_font(size))
+        draw.text(
+            (min(max(0, x - length / 2), width - length), y),
+            text, fill="black", font=_font(size),
+        )  # fmt: skip
+    return strip
+
+
+def write_map_overlay(target, image, anomaly_map, *, scale=None, caption=None) -> None:
     """Write ``anomaly_map`` blended over ``image`` (a PIL image or an array) as a
-    PNG at ``target`` (its folders made), atomically; a map of another size than
-    the image (a file decoded at a reduced scale) is resized to it first."""
+    PNG at ``target`` (its folders made), atomically, with a legend under it.
+
+    ``scale`` is ``(low, high, threshold)``: the map values drawn coldest and
+    hottest, the same for every image of a model so that colours compare, and the
+    pixel threshold marked on the colour bar; None scales each image to its own
+    range (and says so). ``caption`` (e.g. the image score and label) is written
+    above the colour bar. A map of another size than the image (a file decoded at
+    a reduced scale) is resized to it first.
+    """
     from PIL import Image
 
     from ._plotting import overlay_anomaly_map
@@ -56,8 +125,42 @@ def write_map_overlay(target, image, anomaly_map) -> None:
                 (width, height), Image.Resampling.BILINEAR
             )
         )
-    overlay = Image.fromarray(overlay_anomaly_map(pixels, amap))
+    low, high = (None, None) if scale is None else scale[:2]
+    overlay = Image.fromarray(overlay_anomaly_map(pixels, amap, vmin=low, vmax=high))
+    legend = _legend(width, scale, caption)
+    picture = Image.new("RGB", (width, height + legend.height), "white")
+    picture.paste(overlay, (0, 0))
+    picture.paste(legend, (0, height))
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     with atomic_write(target) as handle:
-        overlay.save(handle, format="PNG")
+        picture.save(handle, format="PNG")
+
+
+def write_mask(target, mask) -> None:
+    """A predicted mask as a black-and-white PNG (255 = defective), atomically."""
+    from PIL import Image
+
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_write(target) as handle:
+        Image.fromarray(np.asarray(mask, bool).astype(np.uint8) * 255).save(
+            handle, format="PNG"
+        )
+
+
+def map_caption(score: float, label: int, offset: float) -> str:
+    """What an overlay says: the anomaly score against the threshold, the label
+    (``score`` and ``offset`` in ``score_samples`` units)."""
+    verdict = "ANOMALOUS" if label == -1 else "normal"
+    return f"anomaly score {-score:.4g} (threshold {-offset:.4g}): {verdict}"
+
+
+def colour_scale(detector):
+    """The one colour scale of a model's overlays, ``(0, 2 t, t)`` around its pixel
+    threshold ``t`` (a defect's pixels are red, good ones blue to green), or None
+    without a pixel threshold."""
+    threshold = getattr(detector, "pixel_threshold_", None)
+    if threshold is None or threshold <= 0:
+        return None
+    return (0.0, 2.0 * threshold, threshold)

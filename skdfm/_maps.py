@@ -9,7 +9,7 @@ from ._model import split_model
 from ._results import AnomalyMaps, target_sizes
 from ._scores import check_has_grid
 
-__all__ = ["AnomalyMaps", "anomaly_maps", "upsample"]
+__all__ = ["AnomalyMaps", "anomaly_maps", "predicted_masks", "upsample"]
 
 
 def upsample(grid: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
@@ -54,8 +54,10 @@ def anomaly_maps(model, X, *, size="image", feature_shape=None) -> AnomalyMaps:
     -------
     result : AnomalyMaps
         ``maps`` (an (n, H, W) float64 array, or a list of 2-D arrays when images
-        differ in size), ``score_samples`` (equal to ``model.score_samples(X)``)
-        and ``labels`` (equal to ``model.predict(X)``).
+        differ in size), ``score_samples`` (equal to ``model.score_samples(X)``),
+        ``labels`` (equal to ``model.predict(X)``) and ``masks``, the predicted
+        defect masks ``maps >= pixel_threshold_`` (None until the detector has a
+        pixel threshold: :func:`~skdfm.calibrate_pixel_threshold`).
 
     Raises
     ------
@@ -115,4 +117,16 @@ def anomaly_maps(model, X, *, size="image", feature_shape=None) -> AnomalyMaps:
             index = [i for i, t in enumerate(targets) if t == target]
             for i, m in zip(index, upsample(grid[index], target).cpu(), strict=True):
                 maps[i] = m.numpy()
-    return AnomalyMaps(maps, score_samples, detector.labels_from_scores(score_samples))
+    labels = detector.labels_from_scores(score_samples)
+    return AnomalyMaps(maps, score_samples, labels, predicted_masks(detector, maps))
+
+
+def predicted_masks(detector, maps):
+    """``maps >= pixel_threshold_`` (bool, as ``maps`` is laid out), or None when
+    the detector has no pixel threshold."""
+    threshold = getattr(detector, "pixel_threshold_", None)
+    if threshold is None:
+        return None
+    if isinstance(maps, list):
+        return [m >= threshold for m in maps]
+    return maps >= threshold

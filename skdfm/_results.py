@@ -20,6 +20,9 @@ class AnomalyMaps(NamedTuple):
     score_samples: np.ndarray
     #: (n,) int, equal to ``model.predict(X)`` (+1 normal, -1 anomalous)
     labels: np.ndarray
+    #: predicted defect masks, ``maps >= pixel_threshold_`` (laid out as ``maps``),
+    #: or None when the model has no pixel threshold
+    masks: np.ndarray | list[np.ndarray] | None = None
 
 
 def target_sizes(size, input_size, image_sizes, n: int):

@@ -54,7 +54,8 @@ _FITTED = {
             "explained_variance_ratio_", "singular_values_", "n_samples_",
             "solver_", "device_", "offset_", "threshold_method_", "score_range_",
             "n_features_in_", "feature_names_in_", "n_samples_seen_",
-            "score_type_", "image_score_", "feature_shape_",
+            "score_type_", "image_score_", "feature_shape_", "pixel_threshold_",
+            "pixel_threshold_method_",
         }
     ),
     "skdfm.DeepFeatureTransformer": frozenset(

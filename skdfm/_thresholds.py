@@ -19,7 +19,12 @@ from ._metrics import check_labels_and_scores, check_outlier_labels
 from ._model import split_model
 from ._results import normalize_scores
 
-__all__ = ["calibrate_threshold", "f1_adaptive_threshold", "normalized_scores"]
+__all__ = [
+    "calibrate_pixel_threshold",
+    "calibrate_threshold",
+    "f1_adaptive_threshold",
+    "normalized_scores",
+]
 
 
 def _just_above(value: float) -> float:
@@ -149,6 +154,97 @@ def calibrate_threshold(model, X, y=None, *, method="f1", contamination=0.01):
     if len(normal) == 0:
         raise ValueError("method='contamination' needs normal samples (y == 1).")
     detector.set_threshold(normal, contamination=contamination)
+    return model
+
+
+def pixel_threshold_of(maps, masks=None, *, pixel_contamination=0.001):
+    """``(threshold, method)`` from anomaly maps: F1-adaptive over the pixels of
+    ``masks`` when given, else the ``1 - pixel_contamination`` quantile of the
+    maps' values (all of normal images)."""
+    values = np.concatenate([np.asarray(m, np.float64).ravel() for m in maps])
+    if masks is None:
+        if not 0 < pixel_contamination < 1:
+            raise ValueError(
+                f"pixel_contamination={pixel_contamination!r} must be in (0, 1)."
+            )
+        return float(np.quantile(values, 1 - pixel_contamination)), "contamination"
+    if len(masks) != len(maps):
+        raise ValueError(f"{len(maps)} images but {len(masks)} masks.")
+    truth = []
+    for i, (mask, amap) in enumerate(zip(masks, maps, strict=True)):
+        mask = np.asarray(mask)
+        if mask.shape != np.shape(amap):
+            raise ValueError(
+                f"mask {i} has shape {mask.shape} but its image's map is "
+                f"{np.shape(amap)}: masks are at the images' own size."
+            )
+        truth.append(mask.astype(bool).ravel())
+    truth = np.concatenate(truth)
+    if not truth.any():
+        raise ValueError(
+            "the masks have no defective pixel: F1 needs some; with good images "
+            "only, pass no masks (a quantile of their maps)."
+        )
+    # anomalib's F1-adaptive pixel threshold: at the distinct map values, the one
+    # of the highest F1 (the first maximum of the increasing thresholds, as
+    # anomalib takes it: the lowest threshold among ties)
+    precision, recall, thresholds = precision_recall_curve(truth, values)
+    f1 = 2 * precision * recall / np.maximum(precision + recall, 1e-300)
+    return float(thresholds[int(np.argmax(f1[:-1]))]), "f1"
+
+
+def calibrate_pixel_threshold(model, X, masks=None, *, pixel_contamination=0.001):
+    """Set the anomaly-map threshold that predicts defect masks.
+
+    Computes the anomaly maps of ``X`` at the images' size (one backbone pass) and
+    sets the detector's ``pixel_threshold_``: with ``masks``, anomalib's
+    F1-adaptive threshold over all their pixels; without, the
+    ``1 - pixel_contamination`` quantile of the map values of ``X``, which must
+    then be good images not used for fitting (about that share of their pixels
+    is then flagged). :func:`~skdfm.anomaly_maps` then returns predicted masks,
+    and the command's overlays are coloured on one scale centred there.
+
+    Parameters
+    ----------
+    model : Pipeline or DFMDetector
+        A fitted model with ``score_type="fre"``.
+    X : images (or feature rows, for a bare detector with a grid)
+        Validation images, not used for fitting.
+    masks : sequence of 2-D arrays, default=None
+        Ground truth of ``X`` (True on defective pixels), at each image's size.
+    pixel_contamination : float in (0, 1), default=0.001
+        Share of good pixels flagged, without ``masks``.
+
+    Returns
+    -------
+    model : Pipeline or DFMDetector
+        The same model, with ``pixel_threshold_`` and ``pixel_threshold_method_``.
+
+    Examples
+    --------
+    >>> from sklearn.pipeline import make_pipeline
+    >>> from skdfm import (DeepFeatureTransformer, DFMDetector, anomaly_maps,
+    ...                    calibrate_pixel_threshold, make_defect_images)
+    >>> images, y, masks = make_defect_images(20, 6, image_size=64, random_state=0)
+    >>> model = make_pipeline(
+    ...     DeepFeatureTransformer(backbone="resnet18", pretrained=False,
+    ...                            input_size=64, device="cpu", random_state=0),
+    ...     DFMDetector(pca_level=0.9, device="cpu"),
+    ... ).fit(images[y == 1][:14])
+    >>> _ = calibrate_pixel_threshold(model, images[14:], masks[14:])
+    >>> model[-1].pixel_threshold_method_
+    'f1'
+    >>> anomaly_maps(model, images[:2]).masks.shape
+    (2, 64, 64)
+    """
+    from ._maps import anomaly_maps
+
+    _, detector = split_model(model)
+    maps = anomaly_maps(model, X, size="image").maps
+    threshold, method = pixel_threshold_of(
+        maps, masks, pixel_contamination=pixel_contamination
+    )
+    detector.set_pixel_threshold(threshold, method=method)
     return model
 
 

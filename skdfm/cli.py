@@ -28,6 +28,8 @@ from ._files import Terminated, atomic_write, terminate_as_exception
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_SKIPPED = 0, 1, 2, 3
 EXIT_INTERRUPTED, EXIT_TERMINATED = 130, 143
+#: Share of the good images' map pixels above the pixel threshold ``skdfm fit`` sets.
+PIXEL_CONTAMINATION = 0.001
 PICKLE_SUFFIXES = frozenset({".joblib", ".pkl", ".pickle"})
 EXPORTED_SUFFIXES = frozenset({".onnx", ".xml"})
 
@@ -235,11 +237,28 @@ def _features_of_files(transformer, files, *, progress: bool, check=None):
     return np.concatenate(parts), used, skipped
 
 
-def _write_maps(folder: str, root: str, paths, images, maps) -> None:
-    from ._map_files import map_file, write_map_overlay
+def _write_maps(folder: str, root: str, paths, images, result, detector) -> None:
+    """Overlays on the model's one colour scale, each saying its score and label."""
+    from ._map_files import colour_scale, map_caption, map_file, write_map_overlay
 
-    for path, image, amap in zip(paths, images, maps, strict=True):
-        write_map_overlay(map_file(folder, path, root), image, amap)
+    scale = colour_scale(detector)
+    for path, image, amap, score, label in zip(
+        paths, images, result.maps, result.score_samples, result.labels, strict=True
+    ):
+        write_map_overlay(
+            map_file(folder, path, root),
+            image,
+            amap,
+            scale=scale,
+            caption=map_caption(score, label, detector.offset_),
+        )
+
+
+def _write_masks(folder: str, root: str, paths, masks) -> None:
+    from ._map_files import mask_file, write_mask
+
+    for path, mask in zip(paths, masks, strict=True):
+        write_mask(mask_file(folder, path, root), mask)
 
 
 def _maps_root(arguments) -> str:
@@ -393,7 +412,34 @@ def cmd_fit(args) -> int:
     if len(held):
         held_scores = detector.score_samples(features[held])
         detector.set_threshold(held_scores, contamination=args.contamination)
+    if detector.score_type == "fre":
+        rows = features[held] if len(held) else features[train]
+        _set_pixel_threshold(
+            model, with_feature_shape(rows, transformer.feature_shape_)
+        )
+        print(
+            f"pixel threshold: {detector.pixel_threshold_:.4g}, the "
+            f"{1 - PIXEL_CONTAMINATION:.1%} quantile of the maps of "
+            + (f"{len(held)} held-out" if len(held) else "the training")
+            + " images (their predicted masks and the overlays' colour scale)"
+        )
     return _save_fitted(args, model, len(held), skipped)
+
+
+def _set_pixel_threshold(model, rows) -> None:
+    """The pixel threshold from the maps (at input size) of normal feature rows."""
+    from ._maps import upsample
+    from ._thresholds import pixel_threshold_of
+
+    transformer, detector = model[0], model[-1]
+    maps = []
+    for start in range(0, len(rows), 64):  # a few MiB of maps at a time
+        _, grid = detector.score_samples_with_grid(rows[start : start + 64])
+        maps.extend(upsample(grid, transformer.input_size_).cpu().numpy())
+    threshold, method = pixel_threshold_of(
+        maps, pixel_contamination=PIXEL_CONTAMINATION
+    )
+    detector.set_pixel_threshold(threshold, method=method)
 
 
 def _save_fitted(args, model, n_held: int, skipped) -> int:
@@ -616,7 +662,14 @@ def cmd_score(args) -> int:
         raise CommandError(
             "--maps needs a model with score_type 'fre' (nll has no maps)"
         )
+    if args.masks and (exported or getattr(detector, "pixel_threshold_", None) is None):
+        raise CommandError(
+            "--masks needs a .skdfm model with a pixel threshold (skdfm fit sets "
+            "one; in Python: skdfm.calibrate_pixel_threshold)"
+        )
     if args.scheduler:
+        if args.masks:
+            raise CommandError("--masks is written on one machine, not --scheduler")
         if not files:
             raise CommandError("no readable images to score")
         return _score_on_cluster(args, model, files, problems)
@@ -628,14 +681,18 @@ def cmd_score(args) -> int:
         if not batch.images:
             continue
         if not exported:
-            result = _scores_and_maps(model, batch.images, maps=bool(args.maps))
+            result = _scores_and_maps(
+                model, batch.images, maps=bool(args.maps or args.masks)
+            )
         elif args.maps:
             result = model.anomaly_maps(batch.images)
         else:
             scores = model.score_samples(batch.images)
             result = AnomalyMaps(None, scores, model.labels_from_scores(scores))
         if args.maps:  # written as each batch finishes: no map is kept
-            _write_maps(args.maps, root, batch.paths, batch.images, result.maps)
+            _write_maps(args.maps, root, batch.paths, batch.images, result, detector)
+        if args.masks:
+            _write_masks(args.masks, root, batch.paths, result.masks)
         normalized = normalize_scores(
             result.score_samples, detector.offset_, detector.score_range_
         )
@@ -1199,6 +1256,12 @@ def _add_score(commands) -> None:
         metavar="DIR",
         help="write anomaly-map overlays here, mirroring the folders of the images "
         "(test/crack/000.png -> DIR/crack/000.png_map.png)",
+    )
+    score.add_argument(
+        "--masks",
+        metavar="DIR",
+        help="write predicted defect masks here (white = map at or above the "
+        "model's pixel threshold), named as --maps names overlays",
     )
     _add_runtime(score)
     _add_scheduler(score)

@@ -223,7 +223,7 @@ def _score_partition(
 ):
     import pandas as pd
 
-    from ._map_files import map_file, write_map_overlay
+    from ._map_files import colour_scale, map_caption, map_file, write_map_overlay
     from ._maps import anomaly_maps
     from ._results import normalize_scores
 
@@ -252,8 +252,15 @@ def _score_partition(
         else:
             values = np.concatenate([r.score_samples for r in results] or [[]])
             by_position = dict(zip(batch.positions, images, strict=True))
-            written = [amap for result in results for amap in result.maps]
-            for position, amap in zip(kept, written, strict=True):
+            written = [
+                (amap, score, label)
+                for result in results
+                for amap, score, label in zip(
+                    result.maps, result.score_samples, result.labels, strict=True
+                )
+            ]
+            scale = colour_scale(detector)
+            for position, (amap, score, label) in zip(kept, written, strict=True):
                 if paths[position] is not None:
                     target = map_file(maps_dir, paths[position], root)
                 else:
@@ -262,7 +269,13 @@ def _score_partition(
                         f"partition-{partition:05d}",
                         f"item-{position:06d}_map.png",
                     )
-                write_map_overlay(target, by_position[position], amap)
+                write_map_overlay(
+                    target,
+                    by_position[position],
+                    amap,
+                    scale=scale,
+                    caption=map_caption(score, label, detector.offset_),
+                )
                 map_files[position] = os.fspath(target)
         scores[kept] = values
     ok = ~np.isnan(scores)

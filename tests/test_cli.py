@@ -133,6 +133,49 @@ def test_score_prints_csv_and_maps(model_file, good_dir, tmp_path, capsys):
     )
 
 
+def test_fit_sets_a_pixel_threshold_and_score_writes_masks_and_legends(
+    model_file, good_dir, tmp_path, capsys
+):
+    model = skdfm.load(model_file)
+    threshold = model[-1].pixel_threshold_
+    assert threshold > 0 and model[-1].pixel_threshold_method_ == "contamination"
+    files = sorted(str(p) for p in good_dir.glob("*.png") if p.name != "broken.png")
+    maps, masks = tmp_path / "maps", tmp_path / "masks"
+    capsys.readouterr()
+    code = main(
+        ["score", str(model_file), *files[:3], "--maps", str(maps), "--masks",
+         str(masks), "--device", "cpu", "--no-progress"]
+    )  # fmt: skip
+    assert code == 0
+    result = skdfm.anomaly_maps(model, files[:3])
+    for path, predicted in zip(files[:3], result.masks, strict=True):
+        name = os.path.basename(path)
+        written = np.asarray(Image.open(masks / f"{name}_mask.png")) > 0
+        np.testing.assert_array_equal(written, predicted)
+        # the overlay: the image on top, a legend (caption, colour bar) under it
+        overlay = Image.open(maps / f"{name}_map.png")
+        assert overlay.width == predicted.shape[1]
+        assert overlay.height > predicted.shape[0]
+    # one colour scale for the model: equal map values, equal colours, whatever
+    # the image's own range (here a flat map at the threshold in two images)
+    from skdfm._map_files import colour_scale, write_map_overlay
+
+    scale = colour_scale(model[-1])
+    assert scale == (0.0, 2 * threshold, threshold)
+    gray = np.full((40, 40, 3), 128, np.uint8)
+    hot = np.full((40, 40), threshold)
+    hot[0, 0] = 0.0  # a different range in the second map
+    write_map_overlay(tmp_path / "a.png", gray, np.full((40, 40), threshold),
+                      scale=scale)  # fmt: skip
+    write_map_overlay(tmp_path / "b.png", gray, hot, scale=scale)
+    a, b = (np.asarray(Image.open(tmp_path / f"{n}.png"))[5:40] for n in "ab")
+    np.testing.assert_array_equal(a[:, 5:], b[:, 5:])
+    # a model without a pixel threshold (exported, or saved before): a clear error
+    assert main(["score", str(model_file), files[0], "--masks", str(masks),
+                 "--scheduler", "tcp://x:1"]) == 1  # fmt: skip
+    assert "--masks is written on one machine" in capsys.readouterr().err
+
+
 def test_score_maps_mirror_the_input_tree(model_file, tmp_path, capsys):
     # test/good/000.png and test/crack/000.png: two maps, not one overwritten
     rng = np.random.default_rng(5)

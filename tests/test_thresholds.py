@@ -171,3 +171,69 @@ def test_thresholds_of_a_max_image_score_are_in_its_units(
     )
     normalized = normalized_scores(model, X_val)
     assert ((normalized >= 0) & (normalized <= 1)).all()
+
+
+# -- pixel threshold ----------------------------------------------------------------
+
+
+def test_pixel_threshold_predicts_masks_and_persists(
+    fitted_pipeline, defect_images, tmp_path
+):
+    import skdfm
+    from skdfm import anomaly_maps, calibrate_pixel_threshold
+
+    images, y, masks = defect_images
+    model = copy.deepcopy(fitted_pipeline)
+    assert anomaly_maps(model, images[:2]).masks is None  # none until calibrated
+    # F1-adaptive on masks: the threshold of the best pixel F1 (brute force)
+    calibrate_pixel_threshold(model, images[20:], masks[20:])
+    detector = model[-1]
+    assert detector.pixel_threshold_method_ == "f1"
+    maps = anomaly_maps(model, images[20:]).maps
+    truth = masks[20:].ravel().astype(bool)
+    values = maps.ravel()
+    # F1 of "value >= t" at every distinct t, counted independently: sort by
+    # value, count the defective pixels at or above each threshold
+    order = np.argsort(-values, kind="stable")
+    ranked, hits = values[order], np.cumsum(truth[order])
+    ends = np.flatnonzero(np.r_[ranked[1:] != ranked[:-1], True])  # last of a tie
+    tp, flagged = hits[ends], ends + 1
+    f1 = 2 * tp / (flagged + truth.sum())
+    best = ranked[ends][np.flatnonzero(f1 == f1.max())[-1]]  # anomalib: lowest
+    assert f1_score(truth, values >= best) == pytest.approx(f1.max())
+    assert detector.pixel_threshold_ == pytest.approx(best)
+    result = anomaly_maps(model, images[20:])
+    np.testing.assert_array_equal(result.masks, result.maps >= best)
+    # good images only: a quantile of their pixels
+    calibrate_pixel_threshold(model, images[y == 1][20:], pixel_contamination=0.01)
+    good_maps = anomaly_maps(model, images[y == 1][20:]).maps
+    assert detector.pixel_threshold_method_ == "contamination"
+    assert np.mean(good_maps >= detector.pixel_threshold_) == pytest.approx(
+        0.01, abs=0.002
+    )
+    # saved and loaded with the model
+    skdfm.save(model, tmp_path / "m.skdfm")
+    loaded = skdfm.load(tmp_path / "m.skdfm")
+    assert loaded[-1].pixel_threshold_ == detector.pixel_threshold_
+    np.testing.assert_array_equal(
+        anomaly_maps(loaded, images[:3]).masks, anomaly_maps(model, images[:3]).masks
+    )
+
+
+def test_bad_pixel_thresholds_are_refused(fitted_pipeline, defect_images):
+    from skdfm import calibrate_pixel_threshold
+
+    images, y, masks = defect_images
+    model = copy.deepcopy(fitted_pipeline)
+    with pytest.raises(ValueError, match="no defective pixel"):
+        calibrate_pixel_threshold(model, images[:3], masks[y == 1][:3])
+    with pytest.raises(ValueError, match="3 images but 2 masks"):
+        calibrate_pixel_threshold(model, images[:3], masks[:2])
+    with pytest.raises(ValueError, match="pixel_contamination"):
+        calibrate_pixel_threshold(model, images[:3], pixel_contamination=1.5)
+    with pytest.raises(ValueError, match="finite threshold >= 0"):
+        model[-1].set_pixel_threshold(-1.0, method="by hand")
+    nll = copy.deepcopy(model)
+    nll[-1].set_params(score_type="nll").fit(model[0].transform(images[y == 1]))
+    with pytest.raises(ValueError, match="fre"):
+        nll[-1].set_pixel_threshold(1.0, method="by hand")
