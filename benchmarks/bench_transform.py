@@ -27,6 +27,7 @@ import time
 import numpy as np
 import timm
 import torch
+from machine import cpu_flags
 
 from skdfm import DeepFeatureTransformer
 
@@ -52,6 +53,7 @@ def main() -> None:
     )
     args = parser.parse_args()
 
+    print(f"CPU flags: {cpu_flags()}")
     print(
         f"torch {torch.__version__}, timm {timm.__version__}, "
         f"{torch.get_num_threads()} threads, device {args.device}, "

@@ -52,53 +52,6 @@ def mask_file(folder, image_path, root=None) -> Path:
     return path.with_name(path.name[: -len(MAP_SUFFIX)] + MASK_SUFFIX)
 
 
-def _font(size: int):
-    from PIL import ImageFont
-
-    try:
-        return ImageFont.load_default(size=size)
-    except TypeError:  # Pillow < 10.1: one bitmap size
-        return ImageFont.load_default()
-
-
-def _legend(width: int, scale, caption: str | None):
-    """The strip under an overlay: the caption, and the colour bar of ``scale``
-    (``(low, high, threshold)``, None for a per-image scale) with its values."""
-    from PIL import Image, ImageDraw
-
-    from ._plotting import overlay_anomaly_map
-
-    size = max(10, min(16, width // 24))
-    bar_height = size
-    strip = Image.new("RGB", (width, 3 * size + bar_height + 8), "white")
-    draw = ImageDraw.Draw(strip)
-    draw.text((4, 2), caption or "", fill="black", font=_font(size))
-    top = size + 6
-    gradient = np.tile(np.linspace(0.0, 1.0, width), (bar_height, 1))
-    colours = overlay_anomaly_map(
-        np.ones((bar_height, width, 3)), gradient, vmin=0.0, vmax=1.0, alpha=1.0
-    )
-    strip.paste(Image.fromarray(colours), (0, top))
-    y = top + bar_height + 1
-    if scale is None:
-        draw.text((4, y), "colours: this image's own range", fill="black",
-                  font=_font(size))  # fmt: skip
-        return strip
-    low, high, threshold = scale
-    ticks = [(low, f"{low:.3g}"), (high, f"{high:.3g}")]
-    if threshold is not None:
-        ticks.insert(1, (threshold, f"pixel threshold {threshold:.3g}"))
-    for value, text in ticks:
-        x = int(round((value - low) / (high - low) * (width - 1))) if high > low else 0
-        draw.line([(x, top), (x, top + bar_height)], fill="black", width=1)
-        length = draw.textlength(text, font=_font(size))
-        draw.text(
-            (min(max(0, x - length / 2), width - length), y),
-            text, fill="black", font=_font(size),
-        )  # fmt: skip
-    return strip
-
-
 def write_map_overlay(target, image, anomaly_map, *, scale=None, caption=None) -> None:
     """Write ``anomaly_map`` blended over ``image`` (a PIL image or an array) as a
     PNG at ``target`` (its folders made), atomically, with a legend under it.
@@ -112,7 +65,7 @@ def write_map_overlay(target, image, anomaly_map, *, scale=None, caption=None) -
     """
     from PIL import Image
 
-    from ._plotting import overlay_anomaly_map
+    from ._plotting import colour_bar, overlay_anomaly_map
 
     pixels = np.asarray(image)
     height, width = (
@@ -127,7 +80,7 @@ def write_map_overlay(target, image, anomaly_map, *, scale=None, caption=None) -
         )
     low, high = (None, None) if scale is None else scale[:2]
     overlay = Image.fromarray(overlay_anomaly_map(pixels, amap, vmin=low, vmax=high))
-    legend = _legend(width, scale, caption)
+    legend = colour_bar(width, scale, caption)
     picture = Image.new("RGB", (width, height + legend.height), "white")
     picture.paste(overlay, (0, 0))
     picture.paste(legend, (0, height))

@@ -2,10 +2,17 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 from scipy import ndimage
 
-__all__ = ["anomaly_map_grid", "overlay_anomaly_map", "plot_anomaly_maps"]
+__all__ = [
+    "anomaly_map_grid",
+    "colour_bar",
+    "overlay_anomaly_map",
+    "plot_anomaly_maps",
+]
 
 
 def _heat(values: np.ndarray) -> np.ndarray:
@@ -16,6 +23,10 @@ def _heat(values: np.ndarray) -> np.ndarray:
 
 
 def _as_rgb(image) -> np.ndarray:
+    if isinstance(image, (str, os.PathLike)):  # a file, as anomaly_maps reads it
+        from ._decode import decode_image_file
+
+        image = decode_image_file(image)
     image = np.asarray(image)
     if image.ndim == 3 and image.shape[0] in (1, 3) and image.shape[-1] not in (1, 3):
         image = np.moveaxis(image, 0, -1)  # (C, H, W)
@@ -34,8 +45,9 @@ def overlay_anomaly_map(image, anomaly_map, *, vmin=None, vmax=None, alpha=0.5):
 
     Parameters
     ----------
-    image : array of shape (H, W), (H, W, 3) or (3, H, W)
-        uint8, uint16, or floats in [0, 1].
+    image : array of shape (H, W), (H, W, 3) or (3, H, W), PIL image, or path
+        uint8, uint16, or floats in [0, 1]; a file is decoded as
+        :func:`~skdfm.anomaly_maps` decodes it.
     anomaly_map : array of shape (H, W)
         Higher = more anomalous, at the image's size (see
         :func:`~skdfm.anomaly_maps`).
@@ -70,6 +82,53 @@ def overlay_anomaly_map(image, anomaly_map, *, vmin=None, vmax=None, alpha=0.5):
     return np.round(blended * 255).astype(np.uint8)
 
 
+def _font(size: int):
+    from PIL import ImageFont
+
+    try:
+        return ImageFont.load_default(size=size)
+    except TypeError:  # Pillow < 10.1: one bitmap size
+        return ImageFont.load_default()
+
+
+def colour_bar(width: int, scale, caption: str | None = None):
+    """A legend strip ``width`` pixels wide (a PIL image): ``caption``, and the
+    colour bar of ``scale`` = ``(low, high, threshold)`` with those values marked
+    (``threshold`` may be None), or a note that each image has its own scale when
+    ``scale`` is None."""
+    from PIL import Image, ImageDraw
+
+    size = max(10, min(16, width // 24))
+    bar_height = size
+    strip = Image.new("RGB", (width, 3 * size + bar_height + 8), "white")
+    draw = ImageDraw.Draw(strip)
+    draw.text((4, 2), caption or "", fill="black", font=_font(size))
+    top = size + 6
+    gradient = np.tile(np.linspace(0.0, 1.0, width), (bar_height, 1))
+    colours = overlay_anomaly_map(
+        np.ones((bar_height, width, 3)), gradient, vmin=0.0, vmax=1.0, alpha=1.0
+    )
+    strip.paste(Image.fromarray(colours), (0, top))
+    y = top + bar_height + 1
+    if scale is None:
+        draw.text((4, y), "colours: this image's own range", fill="black",
+                  font=_font(size))  # fmt: skip
+        return strip
+    low, high, threshold = scale
+    ticks = [(low, f"{low:.3g}"), (high, f"{high:.3g}")]
+    if threshold is not None:
+        ticks.insert(1, (threshold, f"pixel threshold {threshold:.3g}"))
+    for value, text in ticks:
+        x = int(round((value - low) / (high - low) * (width - 1))) if high > low else 0
+        draw.line([(x, top), (x, top + bar_height)], fill="black", width=1)
+        length = draw.textlength(text, font=_font(size))
+        draw.text(
+            (min(max(0, x - length / 2), width - length), y),
+            text, fill="black", font=_font(size),
+        )  # fmt: skip
+    return strip
+
+
 def _shared_range(maps, vmin, vmax) -> tuple[float, float]:
     """One colour scale for all maps: the given limits, else the range of all."""
     low = min(m.min() for m in maps) if vmin is None else vmin
@@ -82,17 +141,25 @@ def _outline(mask: np.ndarray) -> np.ndarray:
     return mask & ~ndimage.binary_erosion(mask, border_value=0)
 
 
-def anomaly_map_grid(images, maps, *, masks=None, vmin=None, vmax=None):
+def anomaly_map_grid(
+    images, maps, *, masks=None, vmin=None, vmax=None, titles=None, threshold=None
+):
     """One picture of images (top row) over their map overlays (bottom row).
 
     Defect masks, when given, are outlined in green on the overlays. All maps
     share one colour scale (``vmin``/``vmax``, default the range of all maps), so
     a hot normal image and a hot defect look alike. Images must share one size.
+    With ``titles``, each column gets its title above it (a line break splits it)
+    and a colour bar of the scale goes under the picture, ``threshold`` (a
+    pixel threshold, map units) marked on it.
 
     Returns
     -------
     grid : ndarray of shape (2 * H, n * W, 3), uint8
+        Taller by the title band and the colour bar with ``titles``.
     """
+    from PIL import Image, ImageDraw
+
     maps = [np.asarray(m, dtype=np.float64) for m in maps]
     low, high = _shared_range(maps, vmin, vmax)
     top, bottom = [], []
@@ -103,7 +170,21 @@ def anomaly_map_grid(images, maps, *, masks=None, vmin=None, vmax=None):
             overlay[_outline(masks[i])] = (0, 255, 0)
         top.append(rgb)
         bottom.append(overlay)
-    return np.concatenate([np.concatenate(top, 1), np.concatenate(bottom, 1)], 0)
+    grid = np.concatenate([np.concatenate(top, 1), np.concatenate(bottom, 1)], 0)
+    if titles is None:
+        return grid
+    width, column = grid.shape[1], top[0].shape[1]
+    size = max(10, min(14, column // 10))
+    lines = max(str(t).count("\n") + 1 for t in titles)
+    band = Image.new("RGB", (width, lines * (size + 3) + 6), "white")
+    draw = ImageDraw.Draw(band)
+    for i, title in enumerate(titles):
+        draw.multiline_text(
+            (i * column + 4, 3), str(title), fill="black", font=_font(size),
+            spacing=3,
+        )  # fmt: skip
+    legend = colour_bar(width, (low, high, threshold))
+    return np.concatenate([np.asarray(band), grid, np.asarray(legend)], 0)
 
 
 def plot_anomaly_maps(
@@ -117,7 +198,7 @@ def plot_anomaly_maps(
 
     Parameters
     ----------
-    images : sequence of images (H, W[, 3])
+    images : sequence of images (H, W[, 3]) or of image file paths
     maps : sequence of 2-D arrays
         Maps at each image's size (``anomaly_maps(model, X).maps``).
     masks : sequence of 2-D bool arrays, default=None

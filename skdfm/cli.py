@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import math
 import os
 import sys
 import time
@@ -86,7 +87,8 @@ def _file_batches(paths: list[str], transformer, *, progress: bool):
         total=-(-len(paths) // batch_size),
         desc="images",
         unit="batch",
-        disable=not progress,
+        # a bar only on a terminal: in a log file its carriage returns are noise
+        disable=not progress or not sys.stderr.isatty(),
     )
     for batch in batches:
         for path, reason in batch.failed:
@@ -150,7 +152,9 @@ def _load_model(path: str, args):
         transformer.set_params(batch_size=args.batch_size)
     if args.max_image_pixels is not None:
         transformer.set_params(max_image_pixels=_max_pixels(args))
-    transformer.set_params(progress=False)  # the command shows one bar of its own
+    # the command shows one bar of its own; on a GPU, features go to the detector
+    # without a host copy
+    transformer.set_params(progress=False, output="torch")
     return model
 
 
@@ -322,24 +326,33 @@ def _demo_report(truth, masks, result) -> None:
     print(f"F1 at the threshold calibrated on the validation images: {f1:.3f}")
 
 
-def _demo_picture(path: Path, images, truth, masks, result) -> None:
+def _demo_picture(path: Path, images, truth, masks, result, threshold) -> None:
     from PIL import Image
 
     from ._plotting import anomaly_map_grid
 
     show = np.r_[np.flatnonzero(truth == 1)[:3], np.flatnonzero(truth == -1)[:5]]
+    titles = [
+        f"{'good part' if truth[i] == 1 else 'defective part'}\n"
+        f"score {-result.score_samples[i]:.3g}: "
+        f"{'FLAGGED' if result.labels[i] == -1 else 'passed'}"
+        for i in show
+    ]
     picture = anomaly_map_grid(
         images[show],
         result.maps[show],
         masks=masks[show],
-        vmax=float(np.percentile(result.maps, 99.9)),  # one hot defect sets no scale
+        vmin=0.0,  # the model's scale: the pixel threshold in the middle
+        vmax=2.0 * threshold,
+        titles=titles,
+        threshold=threshold,
     )
     with atomic_write(path) as handle:
         Image.fromarray(picture).save(handle, format="PNG")
 
 
 def cmd_demo(args) -> int:
-    from . import anomaly_maps, calibrate_threshold, save
+    from . import anomaly_maps, calibrate_pixel_threshold, calibrate_threshold, save
 
     start = time.perf_counter()
     out = Path(args.out)
@@ -357,15 +370,22 @@ def cmd_demo(args) -> int:
         f"{time.perf_counter() - t:.1f} s on {transformer.device_}"
     )
     calibrate_threshold(model, images[val], y[val], method="f1")
+    calibrate_pixel_threshold(model, images[val], masks[val])
     result = anomaly_maps(model, images[test])
     _demo_report(y[test], masks[test], result)
     model_path = out / "model.skdfm"
+    model[0].set_params(output="numpy")  # saved as a Python user builds it
     save(model, model_path)
     picture_path = out / "anomaly_maps.png"
-    _demo_picture(picture_path, images[test], y[test], masks[test], result)
+    _demo_picture(
+        picture_path, images[test], y[test], masks[test], result,
+        detector.pixel_threshold_,
+    )  # fmt: skip
     print(f"saved {model_path} ({model_path.stat().st_size / 1e6:.1f} MB)")
     print(
-        f"saved {picture_path} (top: images; bottom: anomaly maps, defects "
+        f"saved {picture_path} (columns: held-out good then defective parts, "
+        "each titled with its score and verdict; top: images; bottom: anomaly "
+        "maps on one colour scale, pixel threshold in the middle, true defects "
         "outlined in green)"
     )
     print(f"wall time: {time.perf_counter() - start:.1f} s")
@@ -446,6 +466,13 @@ def _save_fitted(args, model, n_held: int, skipped) -> int:
     """Say how the threshold was set, save the model, and the exit code."""
     from . import save
 
+    if n_held and n_held * args.contamination < 1:
+        _say(
+            f"skdfm: warning: the {args.contamination:.0%} quantile of {n_held} "
+            "held-out images is just their most anomalous score; hold out at least "
+            f"{math.ceil(1 / args.contamination)} images (--holdout), or raise "
+            "--contamination"
+        )
     if n_held:
         print(
             f"threshold: {args.contamination:.0%} quantile of {n_held} held-out "
@@ -457,7 +484,9 @@ def _save_fitted(args, model, n_held: int, skipped) -> int:
             "training images (--holdout 0; --contamination applies to held-out "
             "images); expect more false alarms"
         )
-    model[0].set_params(progress=not args.no_progress)  # as saved before
+    # Saved as a Python user builds it: numpy features (the command's own torch
+    # output only saves a host copy on a GPU), the progress bar as asked.
+    model[0].set_params(progress=not args.no_progress, output="numpy")
     save(model, args.output)
     print(f"saved {args.output}")
     return EXIT_SKIPPED if skipped else EXIT_OK
@@ -1227,7 +1256,10 @@ def _add_fit(commands) -> None:
         "--contamination",
         type=_share(0.0, 0.5, low_closed=False, high_closed=True),
         default=0.01,
-        help="share of held-out good images allowed above the threshold (default 0.01)",
+        help="share of held-out good images allowed above the threshold (default "
+        "0.01, for a production line; DFMDetector's own default, 0.1, is "
+        "scikit-learn's; --holdout 0 uses it). A held-out set needs at least "
+        "1/contamination images for the quantile to mean more than its maximum",
     )
     _add_model_options(fit, backbone="resnet50", layer="layer3", pooling=4)
     _add_runtime(fit)
@@ -1249,7 +1281,12 @@ def _add_score(commands) -> None:
         "from 'skdfm export' (run without torch)",
     )
     _add_allow_pickle(score)
-    score.add_argument("images", nargs="+", metavar="IMAGE_OR_DIR")
+    score.add_argument(
+        "images",
+        nargs="+",
+        metavar="IMAGE_OR_DIR",
+        help="image files, or folders searched recursively for images",
+    )
     score.add_argument("--csv", metavar="FILE", help="also write the table as CSV")
     score.add_argument(
         "--maps",

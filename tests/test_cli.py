@@ -133,6 +133,21 @@ def test_score_prints_csv_and_maps(model_file, good_dir, tmp_path, capsys):
     )
 
 
+def test_a_saved_model_behaves_like_one_built_in_python(model_file, good_dir):
+    model = skdfm.load(model_file)
+    files = sorted(str(p) for p in good_dir.glob("*.png") if p.name != "broken.png")
+    features = model[0].transform(files[:2])
+    assert isinstance(features, np.ndarray) and model[0].output == "numpy"
+
+
+def test_a_small_held_out_set_is_warned_about(good_dir, tmp_path, capsys):
+    args = ["fit", str(good_dir), "-o", str(tmp_path / "m.skdfm"), *TINY]
+    assert main([*args, "--random-init"]) == 3  # broken.png is skipped
+    err = capsys.readouterr().err
+    assert "the 1% quantile of 2 held-out images is just their most anomalous" in err
+    assert "hold out at least 100 images" in err
+
+
 def test_fit_sets_a_pixel_threshold_and_score_writes_masks_and_legends(
     model_file, good_dir, tmp_path, capsys
 ):

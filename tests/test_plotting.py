@@ -59,3 +59,50 @@ def test_plot_without_matplotlib_says_how_to_install(monkeypatch):
     monkeypatch.setitem(sys.modules, "matplotlib.pyplot", None)
     with pytest.raises(ImportError, match=r"skdfm\[plot\]"):
         plot_anomaly_maps([np.zeros((2, 2))], [np.zeros((2, 2))])
+
+
+def test_maps_are_drawn_over_image_files_too(fitted_pipeline, defect_images, tmp_path):
+    from PIL import Image
+
+    from skdfm import anomaly_map_grid, anomaly_maps, overlay_anomaly_map
+
+    images, _, masks = defect_images
+    paths = []
+    for i in range(3):
+        paths.append(str(tmp_path / f"{i}.png"))
+        Image.fromarray(images[i]).save(paths[-1])
+    result = anomaly_maps(fitted_pipeline, paths)
+    from_files = anomaly_map_grid(paths, result.maps, masks=masks[:3])
+    np.testing.assert_array_equal(
+        from_files, anomaly_map_grid(images[:3], result.maps, masks=masks[:3])
+    )
+    np.testing.assert_array_equal(
+        overlay_anomaly_map(paths[0], result.maps[0]),
+        overlay_anomaly_map(images[0], result.maps[0]),
+    )
+    # titled: a band above, a colour bar below, the grid itself unchanged
+    titled = anomaly_map_grid(
+        paths, result.maps, titles=["a\nb", "c", "d"], vmin=0, vmax=1, threshold=0.5
+    )
+    plain = anomaly_map_grid(paths, result.maps, vmin=0, vmax=1)
+    assert titled.shape[1] == plain.shape[1] and titled.shape[0] > plain.shape[0]
+    rows = [
+        r for r in range(titled.shape[0] - plain.shape[0] + 1)
+        if np.array_equal(titled[r : r + plain.shape[0]], plain)
+    ]  # fmt: skip
+    assert len(rows) == 1 and 0 < rows[0] < titled.shape[0] - plain.shape[0]
+
+
+def test_plot_anomaly_maps_takes_paths(fitted_pipeline, defect_images, tmp_path):
+    pytest.importorskip("matplotlib")
+    from PIL import Image
+
+    from skdfm import anomaly_maps, plot_anomaly_maps
+
+    images, _, masks = defect_images
+    paths = [str(tmp_path / f"{i}.png") for i in range(2)]
+    for path, image in zip(paths, images[:2], strict=True):
+        Image.fromarray(image).save(path)
+    figure = plot_anomaly_maps(paths, anomaly_maps(fitted_pipeline, paths).maps,
+                               masks=masks[:2])  # fmt: skip
+    assert len(figure.axes) == 2
