@@ -22,6 +22,7 @@ __all__ = [
     "map_caption",
     "map_file",
     "mask_file",
+    "overlay_picture",
     "write_map_overlay",
     "write_mask",
 ]
@@ -52,21 +53,18 @@ def mask_file(folder, image_path, root=None) -> Path:
     return path.with_name(path.name[: -len(MAP_SUFFIX)] + MASK_SUFFIX)
 
 
-def write_map_overlay(target, image, anomaly_map, *, scale=None, caption=None) -> None:
-    """Write ``anomaly_map`` blended over ``image`` (a PIL image or an array) as a
-    PNG at ``target`` (its folders made), atomically, with a legend under it.
-
-    ``scale`` is ``(low, high, threshold)``: the map values drawn coldest and
-    hottest, the same for every image of a model so that colours compare, and the
-    pixel threshold marked on the colour bar; None scales each image to its own
-    range (and says so). ``caption`` (e.g. the image score and label) is written
-    above the colour bar. A map of another size than the image (a file decoded at
-    a reduced scale) is resized to it first.
-    """
+def overlay_picture(image, anomaly_map, *, scale=None, caption=None, mask=None):
+    """``anomaly_map`` blended over ``image`` (a PIL image or an array) with a
+    legend under it, as a PIL image; see :func:`write_map_overlay`. ``mask`` (the
+    true defect, when known) is outlined in green."""
     from PIL import Image
 
-    from ._plotting import colour_bar, overlay_anomaly_map
+    from ._plotting import anomaly_map_grid, colour_bar, overlay_anomaly_map
 
+    if isinstance(image, (str, os.PathLike)):
+        from ._decode import decode_image_file
+
+        image = decode_image_file(image)
     pixels = np.asarray(image)
     height, width = (
         (image.height, image.width) if isinstance(image, Image.Image) else None
@@ -79,11 +77,30 @@ def write_map_overlay(target, image, anomaly_map, *, scale=None, caption=None) -
             )
         )
     low, high = (None, None) if scale is None else scale[:2]
-    overlay = Image.fromarray(overlay_anomaly_map(pixels, amap, vmin=low, vmax=high))
+    if mask is None:
+        blended = overlay_anomaly_map(pixels, amap, vmin=low, vmax=high)
+    else:  # the bottom row of a one-image grid: the overlay with the outline
+        grid = anomaly_map_grid([pixels], [amap], masks=[mask], vmin=low, vmax=high)
+        blended = grid[height:]
     legend = colour_bar(width, scale, caption)
     picture = Image.new("RGB", (width, height + legend.height), "white")
-    picture.paste(overlay, (0, 0))
+    picture.paste(Image.fromarray(blended), (0, 0))
     picture.paste(legend, (0, height))
+    return picture
+
+
+def write_map_overlay(target, image, anomaly_map, *, scale=None, caption=None) -> None:
+    """Write ``anomaly_map`` blended over ``image`` (a PIL image or an array) as a
+    PNG at ``target`` (its folders made), atomically, with a legend under it.
+
+    ``scale`` is ``(low, high, threshold)``: the map values drawn coldest and
+    hottest, the same for every image of a model so that colours compare, and the
+    pixel threshold marked on the colour bar; None scales each image to its own
+    range (and says so). ``caption`` (e.g. the image score and label) is written
+    above the colour bar. A map of another size than the image (a file decoded at
+    a reduced scale) is resized to it first.
+    """
+    picture = overlay_picture(image, anomaly_map, scale=scale, caption=caption)
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     with atomic_write(target) as handle:

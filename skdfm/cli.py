@@ -926,6 +926,10 @@ def cmd_evaluate(args) -> int:
     else:
         pixel_note = "n/a (no usable masks with defective pixels)"
     _print_evaluation(metrics, detector.threshold_method_, pixel_note)
+    if args.report:
+        _write_evaluation_report(
+            args, model, data, keep, (y, scores, labels, kinds), metrics, masks
+        )
     if args.json:
         report = {
             "model": os.path.abspath(args.model),
@@ -952,6 +956,71 @@ def cmd_evaluate(args) -> int:
                      "anomalous" if labels[i] == -1 else "normal"]
                 )  # fmt: skip
     return EXIT_SKIPPED if skipped else EXIT_OK
+
+
+def _write_evaluation_report(args, model, data, keep, results, metrics, masks):
+    """``--report DIR``: the HTML page, with the worst mistakes drawn again (one
+    small second pass over at most 8 images)."""
+    from . import anomaly_maps
+    from ._map_files import colour_scale, overlay_picture
+    from ._report import write_report
+    from ._runtime import require
+
+    try:
+        require("matplotlib", "plot")
+    except ImportError as error:
+        raise CommandError(
+            f"--report draws its plots with matplotlib: {error}"
+        ) from None
+    y, scores, labels, kinds = results
+    detector = model[-1]
+    anomaly = -scores
+    good, bad = np.flatnonzero(y == 1), np.flatnonzero(y == -1)
+    flagged_good = good[labels[good] == -1]
+    passed_bad = bad[labels[bad] == 1]
+
+    def worst(pool, fallback, key):  # the mistakes, else the closest calls
+        pool = pool if len(pool) else fallback
+        return pool[np.argsort(key(pool), kind="stable")][:4]
+
+    worst_fp = worst(flagged_good, good, lambda p: -anomaly[p])
+    worst_fn = worst(passed_bad, bad, lambda p: anomaly[p])
+    picked = [*worst_fp, *worst_fn]
+    paths = [data.paths[keep[i]] for i in picked]
+    pictures = []
+    if picked and detector.score_type == "fre":
+        result = anomaly_maps(model, paths, size="image")
+        scale = colour_scale(detector)
+        for j, i in enumerate(picked):
+            caption = (
+                f"{kinds[i]}: anomaly score {anomaly[i]:.4g} "
+                f"({'flagged' if labels[i] == -1 else 'passed'})"
+            )
+            picture = overlay_picture(
+                paths[j], result.maps[j], scale=scale, caption=caption,
+                mask=masks[i] if masks[i] is not None and masks[i].any() else None,
+            )  # fmt: skip
+            pictures.append((np.asarray(picture), f"{paths[j]}"))
+    cases = pictures
+    notes = [
+        f"Model: {os.path.abspath(args.model)}; category: "
+        f"{os.path.abspath(args.category)}.",
+        f"Threshold: {-detector.offset_:.4g} ({detector.threshold_method_}); maps on "
+        "one colour scale, the pixel threshold in its middle, true defects "
+        "outlined in green.",
+    ]
+    path = write_report(
+        args.report,
+        title=f"skdfm evaluation: {os.path.basename(os.path.abspath(args.category))}",
+        metrics=metrics,
+        y=y,
+        scores=scores,
+        offset=detector.offset_,
+        false_positives=cases[: len(worst_fp)],
+        false_negatives=cases[len(worst_fp) :],
+        notes=notes,
+    )
+    print(f"report: {path}")
 
 
 def _print_evaluation(metrics, threshold_method: str, pixel_note: str) -> None:
@@ -1363,6 +1432,13 @@ def _add_evaluate(commands) -> None:
     )
     evaluate.add_argument(
         "--csv", metavar="FILE", help="also write each image's score and label as CSV"
+    )
+    evaluate.add_argument(
+        "--report",
+        metavar="DIR",
+        help="also write DIR/report.html: one self-contained page with the metrics, "
+        "ROC and precision-recall curves, the score histogram with the threshold "
+        "and the worst mistakes over their maps (needs matplotlib)",
     )
     _add_runtime(evaluate)
     evaluate.set_defaults(func=cmd_evaluate)

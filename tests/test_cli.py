@@ -756,3 +756,32 @@ def test_export_mistakes_are_one_line_errors(
     err = capsys.readouterr().err
     assert code == 1 and "cannot be loaded by onnxruntime" in err
     assert len(err.strip().splitlines()) == 1
+
+
+def test_evaluate_report_is_one_self_contained_page(model_file, tmp_path, capsys):
+    import base64
+    import io
+    import re
+
+    pytest.importorskip("matplotlib")
+    root = write_mvtec_tree(tmp_path / "bottle", size=(64, 64))
+    capsys.readouterr()
+    code = main(
+        ["evaluate", str(model_file), str(root), "--no-progress", "--report",
+         str(tmp_path / "report")]
+    )  # fmt: skip
+    assert code == 0
+    page = (tmp_path / "report" / "report.html").read_text()
+    assert list((tmp_path / "report").iterdir()) == [
+        tmp_path / "report" / "report.html"
+    ]
+    for section in ("Metrics", "Curves and scores", "Worst false positives",
+                    "Worst false negatives", "scratch", "hole"):  # fmt: skip
+        assert section in page
+    # nothing to fetch: no script, no link, every picture inline and a real PNG
+    assert "<script" not in page and "href=" not in page
+    sources = re.findall(r"src='([^']*)'", page)
+    assert len(sources) >= 3 + 4  # three plots, the cases
+    for source in sources:
+        assert source.startswith("data:image/png;base64,")
+        Image.open(io.BytesIO(base64.b64decode(source.split(",", 1)[1]))).verify()
