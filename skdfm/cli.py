@@ -265,6 +265,26 @@ def _write_masks(folder: str, root: str, paths, masks) -> None:
         write_mask(mask_file(folder, path, root), mask)
 
 
+def _refuse_overwriting(args, files) -> None:
+    """Maps and masks never replace files silently: one that exists (an earlier
+    run's) stops the command before any image is read, unless --overwrite."""
+    from ._map_files import map_file, mask_file
+
+    if args.overwrite:
+        return
+    root = _maps_root(args.images)
+    for folder, name in ((args.maps, map_file), (args.masks, mask_file)):
+        if not folder:
+            continue
+        for path in files:
+            target = name(folder, path, root)
+            if target.exists():
+                raise CommandError(
+                    f"{target} exists (from an earlier run?): pass --overwrite to "
+                    "replace such files, or write to another folder"
+                )
+
+
 def _maps_root(arguments) -> str:
     """The folder the map tree mirrors: the deepest one holding every argument
     (a folder argument itself, a file argument's folder)."""
@@ -696,6 +716,7 @@ def cmd_score(args) -> int:
             "--masks needs a .skdfm model with a pixel threshold (skdfm fit sets "
             "one; in Python: skdfm.calibrate_pixel_threshold)"
         )
+    _refuse_overwriting(args, files)
     if args.scheduler:
         if args.masks:
             raise CommandError("--masks is written on one machine, not --scheduler")
@@ -1362,6 +1383,12 @@ def _add_score(commands) -> None:
         metavar="DIR",
         help="write anomaly-map overlays here, mirroring the folders of the images "
         "(test/crack/000.png -> DIR/crack/000.png_map.png)",
+    )
+    score.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace map and mask files of an earlier run (without it, an "
+        "existing one stops the command before any image is read)",
     )
     score.add_argument(
         "--masks",

@@ -187,7 +187,7 @@ def test_fit_sets_a_pixel_threshold_and_score_writes_masks_and_legends(
     np.testing.assert_array_equal(a[:, 5:], b[:, 5:])
     # a model without a pixel threshold (exported, or saved before): a clear error
     assert main(["score", str(model_file), files[0], "--masks", str(masks),
-                 "--scheduler", "tcp://x:1"]) == 1  # fmt: skip
+                 "--scheduler", "tcp://x:1", "--overwrite"]) == 1  # fmt: skip
     assert "--masks is written on one machine" in capsys.readouterr().err
 
 
@@ -210,6 +210,14 @@ def test_score_maps_mirror_the_input_tree(model_file, tmp_path, capsys):
         "crack/000.jpg_map.png", "crack/000.png_map.png",
         "good/000.jpg_map.png", "good/000.png_map.png",
     ]  # fmt: skip
+    # a second run never replaces them silently
+    again = ["score", str(model_file), str(tmp_path / "test"), "--maps", str(maps),
+             "--device", "cpu", "--no-progress"]  # fmt: skip
+    before = {p: p.stat().st_mtime_ns for p in maps.rglob("*.png")}
+    assert main(again) == 1
+    assert "exists (from an earlier run?): pass --overwrite" in capsys.readouterr().err
+    assert {p: p.stat().st_mtime_ns for p in maps.rglob("*.png")} == before
+    assert main([*again, "--overwrite"]) == 0
 
 
 def test_score_reports_skipped_and_bad_paths(model_file, good_dir, capsys):

@@ -34,3 +34,15 @@ def test_every_public_name_is_in_the_reference():
         0
     ]
     assert [n for n in skdfm.distributed.__all__ if n not in section] == []
+
+
+def test_every_doctest_example_of_the_pages_runs():
+    import doctest
+
+    pages = [p for p in sorted(DOCS.glob("*.rst")) if ">>>" in p.read_text()]
+    assert DOCS / "grid_search.rst" in pages
+    for page in pages:
+        result = doctest.testfile(
+            str(page), module_relative=False, optionflags=doctest.ELLIPSIS
+        )
+        assert result.failed == 0, page.name
