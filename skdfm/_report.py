@@ -123,8 +123,12 @@ def _cases(title: str, cases: list, note: str) -> str:
     if not cases:
         return f"<h2>{html.escape(title)}</h2><p class='note'>None.</p>"
     blocks = "".join(
-        f"<div class='case'><img src='{_png(picture)}' alt='map'><br>"
-        f"{html.escape(caption)}</div>"
+        (
+            f"<div class='case'><img src='{_png(picture)}' alt='map'><br>"
+            if picture is not None
+            else "<div class='case'>"
+        )
+        + f"{html.escape(caption)}</div>"
         for picture, caption in cases
     )
     return (
@@ -148,7 +152,8 @@ def write_report(
     """Write ``folder/report.html`` (atomically) and return its path.
 
     ``false_positives`` and ``false_negatives`` are ``(picture, caption)`` pairs: an
-    RGB uint8 overlay and the text under it, worst first.
+    RGB uint8 overlay (or None: the caption alone) and the text under it, worst
+    first.
     """
     os.makedirs(folder, exist_ok=True)
     path = os.path.join(folder, "report.html")
@@ -176,6 +181,6 @@ def write_report(
         ),
         "</body></html>",
     ]
-    with atomic_write(path, "w") as handle:
-        handle.write("".join(parts))
+    with atomic_write(path) as handle:  # UTF-8, as the page says, on any locale
+        handle.write("".join(parts).encode("utf-8"))
     return path

@@ -37,8 +37,8 @@ def f1_adaptive_threshold(y_true, y_score) -> float:
 
     anomalib's F1-adaptive threshold in scikit-learn's conventions: among the
     thresholds at the distinct scores, the one with the highest F1 (anomalous
-    images as the positive class; the first maximum, i.e. the one flagging the
-    fewest images). The returned offset flags a sample when
+    images as the positive class; the first maximum over increasing thresholds,
+    as anomalib takes it). The returned offset flags a sample when
     ``score < offset``, exactly the samples anomalib flags
     (``anomaly score >= threshold``).
 

@@ -457,25 +457,50 @@ def cmd_fit(args) -> int:
         _set_pixel_threshold(
             model, with_feature_shape(rows, transformer.feature_shape_)
         )
-        print(
-            f"pixel threshold: {detector.pixel_threshold_:.4g}, the "
-            f"{1 - PIXEL_CONTAMINATION:.1%} quantile of the maps of "
-            + (f"{len(held)} held-out" if len(held) else "the training")
-            + " images (their predicted masks and the overlays' colour scale)"
-        )
+        _say_pixel_threshold(detector, len(held))
     return _save_fitted(args, model, len(held), skipped)
 
 
+def _pixel_threshold_from_files(model, files, most: int = 256) -> None:
+    """The pixel threshold of a cluster fit, from the maps of at most ``most`` of
+    ``files`` (an even spread), computed here; unreadable ones are left out."""
+    from ._decode import read_image_files
+    from ._features import with_feature_shape
+
+    transformer = model[0]
+    index = np.linspace(0, len(files) - 1, min(most, len(files))).astype(int)
+    picked = [files[i] for i in index]
+    rows = []
+    size, limit = transformer.batch_size, transformer.max_image_pixels
+    for batch in read_image_files(picked, size, limit):
+        if batch.images:
+            rows.append(np.asarray(transformer.transform(batch.images)))
+    if rows:
+        rows = with_feature_shape(np.concatenate(rows), transformer.feature_shape_)
+        _set_pixel_threshold(model, rows)
+
+
+def _say_pixel_threshold(detector, n_held: int) -> None:
+    where = f"{n_held} held-out" if n_held else "the training"
+    print(
+        f"pixel threshold: {detector.pixel_threshold_:.4g}, the "
+        f"{1 - PIXEL_CONTAMINATION:.1%} quantile of the maps of {where} images "
+        "(their predicted masks, the overlays' colour scale)"
+        + ("" if n_held else "; in-sample: expect more false pixels")
+    )
+
+
 def _set_pixel_threshold(model, rows) -> None:
-    """The pixel threshold from the maps (at input size) of normal feature rows."""
+    """The pixel threshold from the maps (at the input size: images may differ in
+    size, the values are on one scale) of normal feature rows."""
     from ._maps import upsample
     from ._thresholds import pixel_threshold_of
 
     transformer, detector = model[0], model[-1]
-    maps = []
-    for start in range(0, len(rows), 64):  # a few MiB of maps at a time
+    maps = []  # float32: 256 KiB an image at 256 px
+    for start in range(0, len(rows), 64):
         _, grid = detector.score_samples_with_grid(rows[start : start + 64])
-        maps.extend(upsample(grid, transformer.input_size_).cpu().numpy())
+        maps.extend(upsample(grid, transformer.input_size_).float().cpu().numpy())
     threshold, method = pixel_threshold_of(
         maps, pixel_contamination=PIXEL_CONTAMINATION
     )
@@ -634,6 +659,9 @@ def _fit_on_cluster(args, model, files, problems, check) -> int:
     skipped = list(problems) + _cluster_skipped(caught, given)
     _say_fitted(model, detector.n_samples_seen_, time.perf_counter() - t)
     print(f"cluster: {args.scheduler}")
+    if detector.score_type == "fre":  # on the client, from a few normal images
+        _pixel_threshold_from_files(model, held or train)
+        _say_pixel_threshold(detector, len(held))
     return _save_fitted(args, model, len(held), skipped)
 
 
@@ -917,6 +945,7 @@ def cmd_evaluate(args) -> int:
     has_masks = (Path(args.category) / "ground_truth").is_dir()
     index = {path: i for i, path in enumerate(data.paths)}
     keep, scores, labels, masks, maps, skipped = [], [], [], [], [], []
+    unmasked = []  # defective images without a usable mask: image metrics only
     for batch in _file_batches(data.paths, model[0], progress=not args.no_progress):
         skipped.extend(batch.failed)
         if not batch.images:
@@ -929,7 +958,7 @@ def cmd_evaluate(args) -> int:
                 mask = _mask_for(data, index[path], image)
                 if isinstance(mask, str):
                     _say(f"skdfm: no pixel metrics for {path}: {mask}")
-                    skipped.append((path, mask))
+                    unmasked.append((path, mask))
                     mask = None
             masks.append(mask)
             maps.append(None if mask is None else result.maps[j])
@@ -947,10 +976,6 @@ def cmd_evaluate(args) -> int:
     else:
         pixel_note = "n/a (no usable masks with defective pixels)"
     _print_evaluation(metrics, detector.threshold_method_, pixel_note)
-    if args.report:
-        _write_evaluation_report(
-            args, model, data, keep, (y, scores, labels, kinds), metrics, masks
-        )
     if args.json:
         report = {
             "model": os.path.abspath(args.model),
@@ -958,6 +983,7 @@ def cmd_evaluate(args) -> int:
             "threshold_method": detector.threshold_method_,
             **metrics,
             "skipped": [{"path": p, "reason": r} for p, r in skipped],
+            "no_pixel_metrics": [{"path": p, "reason": r} for p, r in unmasked],
         }
         with atomic_write(args.json, "w") as handle:
             json.dump(report, handle, indent=2)
@@ -976,6 +1002,10 @@ def cmd_evaluate(args) -> int:
                      f"{normalized[i]:.4f}",
                      "anomalous" if labels[i] == -1 else "normal"]
                 )  # fmt: skip
+    if args.report:  # last: the numbers are written whatever happens to it
+        _write_evaluation_report(
+            args, model, data, keep, (y, scores, labels, kinds), metrics, masks
+        )
     return EXIT_SKIPPED if skipped else EXIT_OK
 
 
@@ -985,14 +1015,7 @@ def _write_evaluation_report(args, model, data, keep, results, metrics, masks):
     from . import anomaly_maps
     from ._map_files import colour_scale, overlay_picture
     from ._report import write_report
-    from ._runtime import require
 
-    try:
-        require("matplotlib", "plot")
-    except ImportError as error:
-        raise CommandError(
-            f"--report draws its plots with matplotlib: {error}"
-        ) from None
     y, scores, labels, kinds = results
     detector = model[-1]
     anomaly = -scores
@@ -1022,6 +1045,12 @@ def _write_evaluation_report(args, model, data, keep, results, metrics, masks):
                 mask=masks[i] if masks[i] is not None and masks[i].any() else None,
             )  # fmt: skip
             pictures.append((np.asarray(picture), f"{paths[j]}"))
+    else:  # nll: no maps to draw, the files and scores still say which
+        pictures = [
+            (None, f"{paths[j]}: {kinds[i]}, anomaly score {anomaly[i]:.4g} "
+                   f"({'flagged' if labels[i] == -1 else 'passed'})")
+            for j, i in enumerate(picked)
+        ]  # fmt: skip
     cases = pictures
     notes = [
         f"Model: {os.path.abspath(args.model)}; category: "
@@ -1182,6 +1211,24 @@ def _check_output(parser, output, *, flag="-o/--output", model=True) -> None:
         parser.error(f"argument {flag}: no folder {folder} to write {path.name} in")
     if not os.access(folder, os.W_OK | os.X_OK):
         parser.error(f"argument {flag}: folder {folder} is not writable")
+
+
+def _check_report(parser, folder: str) -> None:
+    """--report: matplotlib importable and the folder writable, said before any
+    image is read."""
+    import importlib.util
+
+    if importlib.util.find_spec("matplotlib") is None:
+        parser.error(
+            "argument --report: the report draws its plots with matplotlib: pip "
+            "install 'skdfm[plot]'"
+        )
+    path = Path(folder)
+    if path.exists() and not path.is_dir():
+        parser.error(f"argument --report: {folder} is a file, not a folder")
+    parent = path if path.is_dir() else path.parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        parser.error(f"argument --report: cannot write a folder in {parent}")
 
 
 def _check_device(parser, device) -> None:
@@ -1501,6 +1548,8 @@ def main(argv=None) -> int:
         _check_output(parser, args.csv, flag="--csv", model=False)
     if getattr(args, "json", None) is not None:
         _check_output(parser, args.json, flag="--json", model=False)
+    if getattr(args, "report", None) is not None:
+        _check_report(parser, args.report)
     exported_model = args.command == "score" and _is_exported(args.model)
     if not exported_model:  # exported models run on the CPU, without torch
         _check_device(parser, getattr(args, "device", None))

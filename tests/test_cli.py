@@ -67,7 +67,8 @@ def test_demo_offline_falls_back_to_random_init(tmp_path, capsys):
         assert 0.5 < value <= 1.0
     assert (tmp_path / "model.skdfm").is_file()
     picture = np.asarray(Image.open(tmp_path / "anomaly_maps.png"))
-    assert picture.shape == (2 * 64, 8 * 64, 3)
+    # 8 columns of 64 px; two rows of 64 px between the titles and the colour bar
+    assert picture.shape[1:] == (8 * 64, 3) and picture.shape[0] > 2 * 64
 
 
 def test_fit_skips_unreadable_files_and_saves(good_dir, tmp_path, capsys):
@@ -189,6 +190,28 @@ def test_fit_sets_a_pixel_threshold_and_score_writes_masks_and_legends(
     assert main(["score", str(model_file), files[0], "--masks", str(masks),
                  "--scheduler", "tcp://x:1", "--overwrite"]) == 1  # fmt: skip
     assert "--masks is written on one machine" in capsys.readouterr().err
+
+
+def test_masks_need_a_pixel_threshold_and_reports_a_usable_folder(
+    model_file, good_dir, tmp_path, capsys
+):
+    model = skdfm.load(model_file)
+    del model[-1].pixel_threshold_, model[-1].pixel_threshold_method_
+    skdfm.save(model, tmp_path / "old.skdfm")  # as saved before pixel thresholds
+    files = sorted(str(p) for p in good_dir.glob("*.png") if p.name != "broken.png")
+    capsys.readouterr()
+    code = main(["score", str(tmp_path / "old.skdfm"), files[0], "--masks",
+                 str(tmp_path / "masks")])  # fmt: skip
+    assert code == 1
+    assert "--masks needs a .skdfm model with a pixel threshold" in (
+        capsys.readouterr().err
+    )
+    (tmp_path / "file").write_text("")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["evaluate", str(model_file), str(tmp_path), "--report",
+              str(tmp_path / "file")])  # fmt: skip
+    assert exit_info.value.code == 2
+    assert "--report: " in capsys.readouterr().err
 
 
 def test_score_maps_mirror_the_input_tree(model_file, tmp_path, capsys):
