@@ -485,7 +485,7 @@ class DFMDetector(DeviceMixin, PersistenceMixin, OutlierMixin, BaseEstimator):
 
     def _cross_fitted_scores(self, Xt: torch.Tensor) -> np.ndarray:
         """``score_samples`` of each training row by a model fitted without its
-        fold (rows ``i::k`` are fold ``i``), with this fit's ``pca_level`` rule."""
+        fold (rows ``i::k`` are fold ``i``), as large as this fit's model."""
         k = self.threshold_cv
         n, d = Xt.shape
         if n < 2 * k:

@@ -474,7 +474,10 @@ def _pixel_threshold_from_files(model, files, most: int = 256) -> None:
     size, limit = transformer.batch_size, transformer.max_image_pixels
     for batch in read_image_files(picked, size, limit):
         if batch.images:
-            rows.append(np.asarray(transformer.transform(batch.images)))
+            features = transformer.transform(batch.images)
+            if hasattr(features, "cpu"):  # the command's torch output, maybe on a GPU
+                features = features.cpu().numpy()
+            rows.append(np.asarray(features))
     if rows:
         rows = with_feature_shape(np.concatenate(rows), transformer.feature_shape_)
         _set_pixel_threshold(model, rows)
