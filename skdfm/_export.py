@@ -132,6 +132,13 @@ def metadata_of(transformer, detector, *, format: str, precision: str) -> dict:
         "threshold_method": detector.threshold_method_,
         "score_range": [float(v) for v in detector.score_range_],
         "n_components": int(detector.n_components_),
+        # float maps only: int8 moves map values, and so where a threshold falls
+        **(
+            {"pixel_threshold": float(detector.pixel_threshold_)}
+            if getattr(detector, "pixel_threshold_", None) is not None
+            and precision != "int8"
+            else {}
+        ),
         "input": {
             "name": "images",
             "dtype": "float32",

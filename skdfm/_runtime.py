@@ -435,6 +435,9 @@ class ExportedModel:
         size, normalisation, score type, threshold, precision).
     offset_, score_range_ : float, tuple of (float, float)
         The exported threshold and score range, as on the Python model.
+    pixel_threshold_ : float
+        The model's pixel threshold, when it had one (not in int8 exports): the
+        ``masks`` of :meth:`anomaly_maps` and the command's overlay colours.
     input_size_ : tuple of (int, int)
         ``(height, width)`` images are resized to.
 
@@ -479,6 +482,15 @@ class ExportedModel:
         self.offset_ = float(metadata["offset"])
         self.score_range_ = tuple(float(v) for v in metadata["score_range"])
         self.score_type_ = metadata["score_type"]
+        pixel = metadata.get("pixel_threshold")
+        if pixel is not None:
+            if (
+                isinstance(pixel, bool)
+                or not isinstance(pixel, (int, float))
+                or not (np.isfinite(pixel) and pixel >= 0)
+            ):
+                raise ModelFileError(path, "has an invalid pixel_threshold.")
+            self.pixel_threshold_ = float(pixel)
 
     def __repr__(self):
         return f"ExportedModel({os.fspath(self.path)!r}, runtime={self.runtime_!r})"
@@ -547,4 +559,11 @@ class ExportedModel:
         else:
             maps = [bilinear_resize(grid[None], target)[0]
                     for grid, target in zip(grids, targets, strict=True)]  # fmt: skip
-        return AnomalyMaps(maps, score_samples, self.labels_from_scores(score_samples))
+        labels = self.labels_from_scores(score_samples)
+        pixel = getattr(self, "pixel_threshold_", None)
+        masks = None
+        if pixel is not None:
+            masks = (
+                [m >= pixel for m in maps] if isinstance(maps, list) else maps >= pixel
+            )
+        return AnomalyMaps(maps, score_samples, labels, masks)

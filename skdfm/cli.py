@@ -742,10 +742,10 @@ def cmd_score(args) -> int:
         raise CommandError(
             "--maps needs a model with score_type 'fre' (nll has no maps)"
         )
-    if args.masks and (exported or getattr(detector, "pixel_threshold_", None) is None):
+    if args.masks and getattr(detector, "pixel_threshold_", None) is None:
         raise CommandError(
-            "--masks needs a .skdfm model with a pixel threshold (skdfm fit sets "
-            "one; in Python: skdfm.calibrate_pixel_threshold)"
+            "--masks needs a model with a pixel threshold (skdfm fit sets one; in "
+            "Python: skdfm.calibrate_pixel_threshold; int8 exports carry none)"
         )
     _refuse_overwriting(args, files)
     if args.scheduler:
@@ -765,7 +765,7 @@ def cmd_score(args) -> int:
             result = _scores_and_maps(
                 model, batch.images, maps=bool(args.maps or args.masks)
             )
-        elif args.maps:
+        elif args.maps or args.masks:
             result = model.anomaly_maps(batch.images)
         else:
             scores = model.score_samples(batch.images)

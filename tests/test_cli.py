@@ -203,9 +203,7 @@ def test_masks_need_a_pixel_threshold_and_reports_a_usable_folder(
     code = main(["score", str(tmp_path / "old.skdfm"), files[0], "--masks",
                  str(tmp_path / "masks")])  # fmt: skip
     assert code == 1
-    assert "--masks needs a .skdfm model with a pixel threshold" in (
-        capsys.readouterr().err
-    )
+    assert "--masks needs a model with a pixel threshold" in (capsys.readouterr().err)
     (tmp_path / "file").write_text("")
     with pytest.raises(SystemExit) as exit_info:
         main(["evaluate", str(model_file), str(tmp_path), "--report",

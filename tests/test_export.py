@@ -569,3 +569,24 @@ def test_the_command_scores_an_exported_file_without_torch(exported, data, tmp_p
     assert "loaded: [] code: 0" in done.stdout
     assert len(done.stdout.strip().splitlines()) == 1 + 3 + 1  # header, rows, status
     assert len(list((tmp_path / "maps").rglob("*.png"))) == 3
+
+
+def test_the_pixel_threshold_travels_with_float_exports(fre_model, data, tmp_path):
+    import copy
+
+    from skdfm import ExportedModel, anomaly_maps, calibrate_pixel_threshold
+
+    images, _, masks = make_defect_images(30, 10, image_size=64, random_state=0)
+    np.testing.assert_array_equal(images, data[0])  # the images the model knows
+    model = copy.deepcopy(fre_model)
+    calibrate_pixel_threshold(model, images[20:], masks[20:])
+    threshold = model[-1].pixel_threshold_
+    run = ExportedModel(export(model, tmp_path / "m.onnx"))
+    assert run.pixel_threshold_ == threshold
+    got, want = run.anomaly_maps(images[:6]), anomaly_maps(model, images[:6])
+    np.testing.assert_array_equal(got.masks, got.maps >= threshold)
+    assert np.mean(got.masks == want.masks) > 0.999  # maps equal to ~1e-6
+    # without one there are no masks
+    plain = ExportedModel(export(fre_model, tmp_path / "plain.onnx"))
+    assert not hasattr(plain, "pixel_threshold_")
+    assert plain.anomaly_maps(images[:2]).masks is None
