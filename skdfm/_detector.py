@@ -466,22 +466,27 @@ class DFMDetector(DeviceMixin, PersistenceMixin, OutlierMixin, BaseEstimator):
             pca = fit_pca(Xt, self._component_rule(*X.shape), solver=self.solver)
             self.device_ = str(device)
             self._set_components(pca, X.shape[0])
-            if pca.training_projection is None or self.image_score_ != "sum":
-                train_scores, _ = self._scores(Xt)
-            else:
-                z, sq_norm = pca.training_projection
-                train_scores = -self._to_host(
-                    score_projection(z, sq_norm, self._state, self.score_type)
-                )
             if self.threshold_cv is None:
-                self.set_threshold(train_scores, contamination=self.contamination)
-            else:
+                self.set_threshold(
+                    self._training_scores(Xt, pca), contamination=self.contamination
+                )
+            else:  # the in-sample scores are not needed
                 self.set_threshold(
                     self._cross_fitted_scores(Xt),
                     contamination=self.contamination,
                     method=f"contamination, {self.threshold_cv}-fold cross-fit",
                 )
         return self
+
+    def _training_scores(self, Xt: torch.Tensor, pca: PCAFit) -> np.ndarray:
+        """``score_samples`` of the training rows by this fit's model (free from
+        the Gram route's projection when the image score is the sum)."""
+        if pca.training_projection is None or self.image_score_ != "sum":
+            return self._scores(Xt)[0]
+        z, sq_norm = pca.training_projection
+        return -self._to_host(
+            score_projection(z, sq_norm, self._state, self.score_type)
+        )
 
     def _cross_fitted_scores(self, Xt: torch.Tensor) -> np.ndarray:
         """``score_samples`` of each training row by a model fitted without its

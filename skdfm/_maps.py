@@ -6,10 +6,10 @@ import torch
 import torch.nn.functional as F
 
 from ._model import split_model
-from ._results import AnomalyMaps, target_sizes
+from ._results import AnomalyMaps, predicted_masks, target_sizes
 from ._scores import check_has_grid
 
-__all__ = ["AnomalyMaps", "anomaly_maps", "predicted_masks", "upsample"]
+__all__ = ["AnomalyMaps", "anomaly_maps", "upsample"]
 
 
 def upsample(grid: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
@@ -118,15 +118,5 @@ def anomaly_maps(model, X, *, size="image", feature_shape=None) -> AnomalyMaps:
             for i, m in zip(index, upsample(grid[index], target).cpu(), strict=True):
                 maps[i] = m.numpy()
     labels = detector.labels_from_scores(score_samples)
-    return AnomalyMaps(maps, score_samples, labels, predicted_masks(detector, maps))
-
-
-def predicted_masks(detector, maps):
-    """``maps >= pixel_threshold_`` (bool, as ``maps`` is laid out), or None when
-    the detector has no pixel threshold."""
     threshold = getattr(detector, "pixel_threshold_", None)
-    if threshold is None:
-        return None
-    if isinstance(maps, list):
-        return [m >= threshold for m in maps]
-    return maps >= threshold
+    return AnomalyMaps(maps, score_samples, labels, predicted_masks(maps, threshold))

@@ -81,3 +81,13 @@ def normalize_scores(score_samples, offset: float, score_range) -> np.ndarray:
     span = high - low if high > low else 1.0
     scores = np.asarray(score_samples, dtype=np.float64)
     return np.clip((offset - scores) / span + 0.5, 0.0, 1.0)
+
+
+def predicted_masks(maps, threshold):
+    """``maps >= threshold`` (bool, laid out as ``maps``: an array or a list of 2-D
+    arrays), or None when there is no pixel threshold."""
+    if threshold is None:
+        return None
+    if isinstance(maps, list):
+        return [m >= threshold for m in maps]
+    return maps >= threshold

@@ -25,7 +25,13 @@ from ._decode import (
     original_size,
     pil_pixels,
 )
-from ._results import AnomalyMaps, bilinear_resize, normalize_scores, target_sizes
+from ._results import (
+    AnomalyMaps,
+    bilinear_resize,
+    normalize_scores,
+    predicted_masks,
+    target_sizes,
+)
 from ._saving import ModelFileError
 
 __all__ = [
@@ -560,10 +566,5 @@ class ExportedModel:
             maps = [bilinear_resize(grid[None], target)[0]
                     for grid, target in zip(grids, targets, strict=True)]  # fmt: skip
         labels = self.labels_from_scores(score_samples)
-        pixel = getattr(self, "pixel_threshold_", None)
-        masks = None
-        if pixel is not None:
-            masks = (
-                [m >= pixel for m in maps] if isinstance(maps, list) else maps >= pixel
-            )
+        masks = predicted_masks(maps, getattr(self, "pixel_threshold_", None))
         return AnomalyMaps(maps, score_samples, labels, masks)

@@ -439,11 +439,7 @@ def cmd_fit(args) -> int:
         raise CommandError(
             f"{len(files)} readable images in {args.normal_images}; at least 3 needed"
         )
-    order = np.random.default_rng(0).permutation(len(files))
-    n_hold = int(round(args.holdout * len(files)))
-    if n_hold and len(files) - n_hold < 2:
-        raise CommandError("--holdout leaves fewer than 2 images to fit on")
-    held, train = np.sort(order[:n_hold]), np.sort(order[n_hold:])
+    held, train = _holdout_split(len(files), args.holdout)
     try:  # rows picked out of the batches: say their grid again
         detector.fit(with_feature_shape(features[train], transformer.feature_shape_))
     except ValueError as error:
@@ -538,6 +534,15 @@ def _save_fitted(args, model, n_held: int, skipped) -> int:
     save(model, args.output)
     print(f"saved {args.output}")
     return EXIT_SKIPPED if skipped else EXIT_OK
+
+
+def _holdout_split(n: int, holdout: float):
+    """``(held, train)`` indices, sorted: a fixed random ``holdout`` share held out."""
+    order = np.random.default_rng(0).permutation(n)
+    n_hold = int(round(holdout * n))
+    if n_hold and n - n_hold < 2:
+        raise CommandError("--holdout leaves fewer than 2 images to fit on")
+    return np.sort(order[:n_hold]), np.sort(order[n_hold:])
 
 
 def _say_fitted(model, n_images: int, seconds: float) -> None:
@@ -635,12 +640,8 @@ def _fit_on_cluster(args, model, files, problems, check) -> int:
         transformer, np.zeros((1, 32, 32, 3), np.uint8), allow_random=False
     )
     check()
-    order = np.random.default_rng(0).permutation(len(files))
-    n_hold = int(round(args.holdout * len(files)))
-    if n_hold and len(files) - n_hold < 2:
-        raise CommandError("--holdout leaves fewer than 2 images to fit on")
-    train = [files[i] for i in np.sort(order[n_hold:])]
-    held = [files[i] for i in np.sort(order[:n_hold])]
+    held, train = _holdout_split(len(files), args.holdout)
+    train, held = [files[i] for i in train], [files[i] for i in held]
     client = _connect(args.scheduler)
     t = time.perf_counter()
     # The workers read the files: absolute paths, whatever their working folder.

@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ._decode import decode_image_file, one_ahead
+from ._decode import read_image_files
 from ._device import resolve_device
 from ._runtime import require
 
@@ -81,16 +81,25 @@ class _Batch:
     failed: list = field(default_factory=list)  #: (position, reason)
 
 
-def _decode(paths_and_positions, max_pixels) -> _Batch:
-    batch = _Batch([], [])
-    for position, path in paths_and_positions:
-        try:
-            batch.images.append(decode_image_file(path, max_pixels))
-        except (OSError, ValueError) as error:
-            batch.failed.append((position, str(error)))
-        else:
-            batch.positions.append(position)
-    return batch
+def _file_batches(items: list, batch_size: int, max_pixels):
+    """Files decoded by :func:`~skdfm._decode.read_image_files` (one batch ahead,
+    bad ones kept with their reason), with their positions in ``items``: its lists
+    keep the input order and hold the input objects."""
+    batches = read_image_files(items, batch_size, max_pixels)
+    for start, files in zip(range(0, len(items), batch_size), batches, strict=True):
+        decoded = iter(zip(files.paths, files.images, strict=True))
+        failed = iter(files.failed)
+        good, bad = next(decoded, None), next(failed, None)
+        batch = _Batch([], [])
+        for position in range(start, min(start + batch_size, len(items))):
+            if good is not None and good[0] is items[position]:
+                batch.images.append(good[1])
+                batch.positions.append(position)
+                good = next(decoded, None)
+            else:
+                batch.failed.append((position, bad[1]))
+                bad = next(failed, None)
+        yield batch
 
 
 def _image_batches(items, transformer, batch_size: int):
@@ -110,11 +119,7 @@ def _image_batches(items, transformer, batch_size: int):
         )
     if all(paths) and items:
         max_pixels = transformer.max_image_pixels if transformer is not None else None
-        groups = [
-            list(enumerate(items))[start : start + batch_size]
-            for start in range(0, len(items), batch_size)
-        ]
-        yield from one_ahead(lambda group: _decode(group, max_pixels), groups)
+        yield from _file_batches(items, batch_size, max_pixels)
         return
     for start in range(0, len(items), batch_size):
         stop = min(start + batch_size, len(items))
