@@ -46,13 +46,22 @@ def atomic_write(path, mode: str = "wb") -> Iterator:
     folder = path.parent if str(path.parent) else Path(".")
     if not folder.is_dir():
         raise FileNotFoundError(f"Cannot write {path}: no folder {folder}.")
+    # SIGTERM is held while the temporary file is made, so that Terminated (see
+    # terminate_as_exception) is raised inside the try below, which removes it,
+    # never between its creation and the try.
+    held = _hold_sigterm()
     try:
         fd, temporary = tempfile.mkstemp(
             prefix=f".{path.name}.", suffix=".tmp", dir=folder
         )
     except PermissionError as error:
+        _release(held)
         raise PermissionError(f"Cannot write {path}: {error.strerror}.") from error
+    except BaseException:
+        _release(held)
+        raise
     try:
+        _release(held)  # a SIGTERM held meanwhile is raised here
         # mkstemp creates 0600: keep the permissions of the file being replaced, or
         # give a new one those a plain open() would.
         try:
@@ -75,6 +84,20 @@ def atomic_write(path, mode: str = "wb") -> Iterator:
             os.fsync(directory)
         finally:
             os.close(directory)
+
+
+def _hold_sigterm():
+    """Block SIGTERM in the main thread (POSIX); the previous mask, or None."""
+    if not hasattr(signal, "pthread_sigmask") or (
+        threading.current_thread() is not threading.main_thread()
+    ):
+        return None
+    return signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+
+
+def _release(held) -> None:
+    if held is not None:
+        signal.pthread_sigmask(signal.SIG_SETMASK, held)
 
 
 class Terminated(BaseException):
