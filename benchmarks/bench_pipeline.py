@@ -53,7 +53,7 @@ from sklearn.pipeline import Pipeline
 from torchvision.transforms import v2
 
 from skdfm import DeepFeatureTransformer, DFMDetector, image_auroc, make_defect_images
-from skdfm._allocator import keep_freed_memory
+from skdfm._imaging.allocator import keep_freed_memory
 
 SIZE = 256
 

@@ -13,16 +13,17 @@ from sklearn.utils import metadata_routing
 from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.validation import check_is_fitted, validate_data
 
-from ._device import DeviceMixin, as_tensor, check_has_data, resolve_device
-from ._features import check_feature_shape, feature_shape_of
-from ._pca import (
+from ._core.device import DeviceMixin, as_tensor, check_has_data, resolve_device
+from ._core.persistence import PersistenceMixin, keep_state_on_error
+from ._core.validation import check_contamination, check_magnitude, reject_bools
+from ._imaging.features import check_feature_shape, feature_shape_of
+from ._kernels.pca import (
     ComponentRule,
     PCAFit,
     fit_pca,
     n_components_for_level,
 )
-from ._persistence import PersistenceMixin, keep_state_on_error
-from ._scores import (
+from ._kernels.scores import (
     IMAGE_SCORES,
     SCORE_TYPES,
     ScoringState,
@@ -32,8 +33,7 @@ from ._scores import (
     score_projection,
     score_rows,
 )
-from ._statistics import FeatureStatistics
-from ._validation import reject_bools
+from ._kernels.statistics import FeatureStatistics
 
 __all__ = ["DFMDetector", "check_contamination"]
 
@@ -68,41 +68,6 @@ def _as_host_array(X):
             X = X.to(torch.float32)
         return X.cpu().numpy()
     return X
-
-
-#: DFM squares feature values in float64 (range ~1e-308 .. 1e308): beyond these
-#: magnitudes squares and their sums overflow to inf, or variances underflow to 0.
-_LARGEST_FEATURE, _SMALLEST_FEATURE = 1e150, 1e-150
-
-
-def _check_magnitude(largest: float, *, fitting: bool) -> None:
-    """Refuse finite features whose squares float64 cannot hold (never NaN scores)."""
-    if largest > _LARGEST_FEATURE:
-        raise ValueError(
-            f"X has values of magnitude up to {largest:.3g}: DFM squares feature "
-            f"values in float64, which overflows above {_LARGEST_FEATURE:g}. Divide "
-            "the features by a constant (the same for fit and scoring) first."
-        )
-    if fitting and 0 < largest < _SMALLEST_FEATURE:
-        raise ValueError(
-            f"X has values no larger than {largest:.3g}: their squares underflow "
-            f"float64 below {_SMALLEST_FEATURE:g}, so no variance could be "
-            "measured. Multiply the features by a constant (the same for fit and "
-            "scoring) first."
-        )
-
-
-def check_contamination(contamination) -> float:
-    """``contamination`` as a float in (0, 0.5], or a ValueError naming it."""
-    if (
-        isinstance(contamination, bool)
-        or not isinstance(contamination, Real)
-        or not 0 < contamination <= 0.5
-    ):
-        raise ValueError(
-            f"contamination={contamination!r} must be a float in (0, 0.5]."
-        )
-    return float(contamination)
 
 
 class DFMDetector(DeviceMixin, PersistenceMixin, OutlierMixin, BaseEstimator):
@@ -401,7 +366,7 @@ class DFMDetector(DeviceMixin, PersistenceMixin, OutlierMixin, BaseEstimator):
                 ensure_min_samples=min_samples,
             )
             largest = max(float(X.max()), -float(X.min()))  # no copy of X
-        _check_magnitude(largest, fitting=reset)
+        check_magnitude(largest, fitting=reset)
         return X
 
     def _validate_device_tensor(self, X, reset: bool, min_samples: int):
@@ -534,7 +499,8 @@ class DFMDetector(DeviceMixin, PersistenceMixin, OutlierMixin, BaseEstimator):
         return scores
 
     def _component_rule(self, n_samples: int, n_features: int) -> ComponentRule:
-        """The :data:`~skdfm._pca.ComponentRule` of ``pca_level``; raises when an
+        """The :data:`~skdfm._kernels.pca.ComponentRule` of ``pca_level``; raises
+        when an
         integer ``pca_level`` cannot be met."""
         max_components = min(
             n_samples - 1, n_features - (1 if self.score_type == "fre" else 0)
@@ -720,7 +686,7 @@ class DFMDetector(DeviceMixin, PersistenceMixin, OutlierMixin, BaseEstimator):
 
         What a worker of a distributed fit (:mod:`skdfm.distributed`) sends back
         after its ``partial_fit`` calls: exact, mergeable statistics of its rows
-        (:class:`~skdfm._statistics.FeatureStatistics`), their grid set from
+        (:class:`~skdfm._kernels.statistics.FeatureStatistics`), their grid set from
         ``feature_shape_``. The detector gives them up and is left unfitted, so
         that no two owners change one set of statistics. Merge several and fit one
         detector from them with :meth:`fit_from_statistics`.

@@ -15,15 +15,20 @@ from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.validation import check_is_fitted
 from tqdm.auto import tqdm
 
-from ._allocator import keep_freed_memory
-from ._backbone import backbone_state, build_backbone, layer_name, rebuild_backbone
 from ._cache import FeatureCache, weights_digest
-from ._device import DeviceMixin, resolve_device
-from ._features import with_feature_shape
-from ._images import MAX_IMAGE_PIXELS, as_image_collection, model_input
-from ._memory import check_fits_in_memory
-from ._persistence import PersistenceMixin
-from ._validation import reject_bools
+from ._core.device import DeviceMixin, resolve_device
+from ._core.memory import check_fits_in_memory
+from ._core.persistence import PersistenceMixin
+from ._core.validation import reject_bools
+from ._imaging.allocator import keep_freed_memory
+from ._imaging.backbone import (
+    backbone_state,
+    build_backbone,
+    layer_name,
+    rebuild_backbone,
+)
+from ._imaging.features import with_feature_shape
+from ._imaging.images import MAX_IMAGE_PIXELS, as_image_collection, model_input
 
 __all__ = ["DeepFeatureTransformer", "pool_feature_maps"]
 
@@ -510,7 +515,7 @@ class DeepFeatureTransformer(
         return self._features_of(images), images.sizes()
 
     def _features_of(self, images):
-        """Feature rows that carry their grid (see :mod:`skdfm._features`)."""
+        """Feature rows that carry their grid (see :mod:`skdfm._imaging.features`)."""
         self._check_feature_params()
         on_device = self.output == "torch"
         if self.cache is None:

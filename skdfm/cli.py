@@ -24,8 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ._decode import IMAGE_SUFFIXES, MAX_IMAGE_PIXELS
-from ._files import Terminated, atomic_write, terminate_as_exception
+from ._core.files import Terminated, atomic_write, terminate_as_exception
+from ._imaging.decode import IMAGE_SUFFIXES, MAX_IMAGE_PIXELS
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_SKIPPED = 0, 1, 2, 3
 EXIT_INTERRUPTED, EXIT_TERMINATED = 130, 143
@@ -79,7 +79,7 @@ def _file_batches(paths: list[str], transformer, *, progress: bool):
     listed on stderr as they come and left out."""
     from tqdm.auto import tqdm
 
-    from ._decode import read_image_files
+    from ._imaging.decode import read_image_files
 
     batch_size = transformer.batch_size
     batches = tqdm(
@@ -110,7 +110,7 @@ def _looks_like_pickle(path: str) -> bool:
 
 def _read_model(path: str, *, allow_pickle: bool):
     """A model from an .skdfm file, or from a pickle only when allowed."""
-    from ._saving import ModelFileError, is_model_file, load
+    from ._tools.saving import ModelFileError, is_model_file, load
 
     if not Path(path).is_file():
         raise CommandError(f"no such model file: {path}")
@@ -134,7 +134,7 @@ def _read_model(path: str, *, allow_pickle: bool):
 
 
 def _load_model(path: str, args):
-    from ._model import move_model, split_model
+    from ._core.model import move_model, split_model
 
     model = _read_model(path, allow_pickle=args.allow_pickle)
     try:
@@ -243,7 +243,12 @@ def _features_of_files(transformer, files, *, progress: bool, check=None):
 
 def _write_maps(folder: str, root: str, paths, images, result, detector) -> None:
     """Overlays on the model's one colour scale, each saying its score and label."""
-    from ._map_files import colour_scale, map_caption, map_file, write_map_overlay
+    from ._evaluation.map_files import (
+        colour_scale,
+        map_caption,
+        map_file,
+        write_map_overlay,
+    )
 
     scale = colour_scale(detector)
     for path, image, amap, score, label in zip(
@@ -259,7 +264,7 @@ def _write_maps(folder: str, root: str, paths, images, result, detector) -> None
 
 
 def _write_masks(folder: str, root: str, paths, masks) -> None:
-    from ._map_files import mask_file, write_mask
+    from ._evaluation.map_files import mask_file, write_mask
 
     for path, mask in zip(paths, masks, strict=True):
         write_mask(mask_file(folder, path, root), mask)
@@ -268,7 +273,7 @@ def _write_masks(folder: str, root: str, paths, masks) -> None:
 def _refuse_overwriting(args, files) -> None:
     """Maps and masks never replace files silently: one that exists (an earlier
     run's) stops the command before any image is read, unless --overwrite."""
-    from ._map_files import map_file, mask_file
+    from ._evaluation.map_files import map_file, mask_file
 
     if args.overwrite:
         return
@@ -349,7 +354,7 @@ def _demo_report(truth, masks, result) -> None:
 def _demo_picture(path: Path, images, truth, masks, result, threshold) -> None:
     from PIL import Image
 
-    from ._plotting import anomaly_map_grid
+    from ._evaluation.plotting import anomaly_map_grid
 
     show = np.r_[np.flatnonzero(truth == 1)[:3], np.flatnonzero(truth == -1)[:5]]
     titles = [
@@ -413,8 +418,8 @@ def cmd_demo(args) -> int:
 
 
 def cmd_fit(args) -> int:
-    from ._features import with_feature_shape
-    from ._scores import check_image_score
+    from ._imaging.features import with_feature_shape
+    from ._kernels.scores import check_image_score
 
     files, problems = _collect_images([args.normal_images])
     model = _build_pipeline(args)
@@ -460,8 +465,8 @@ def cmd_fit(args) -> int:
 def _pixel_threshold_from_files(model, files, most: int = 256) -> None:
     """The pixel threshold of a cluster fit, from the maps of at most ``most`` of
     ``files`` (an even spread), computed here; unreadable ones are left out."""
-    from ._decode import read_image_files
-    from ._features import with_feature_shape
+    from ._imaging.decode import read_image_files
+    from ._imaging.features import with_feature_shape
 
     transformer = model[0]
     index = np.linspace(0, len(files) - 1, min(most, len(files))).astype(int)
@@ -492,8 +497,8 @@ def _say_pixel_threshold(detector, n_held: int) -> None:
 def _set_pixel_threshold(model, rows) -> None:
     """The pixel threshold from the maps (at the input size: images may differ in
     size, the values are on one scale) of normal feature rows."""
-    from ._maps import upsample
-    from ._thresholds import pixel_threshold_of
+    from ._tools.maps import upsample
+    from ._tools.thresholds import pixel_threshold_of
 
     transformer, detector = model[0], model[-1]
     maps = []  # float32: 256 KiB an image at 256 px
@@ -711,8 +716,8 @@ def _is_exported(path: str) -> bool:
 
 def _load_exported(args):
     """An exported model (.onnx / .xml): run by onnxruntime or OpenVINO, no torch."""
-    from ._runtime import ExportedModel
-    from ._saving import ModelFileError
+    from ._deploy.runtime import ExportedModel
+    from ._tools.saving import ModelFileError
 
     if args.device not in (None, "cpu"):
         raise CommandError(
@@ -732,7 +737,7 @@ def _load_exported(args):
 
 
 def cmd_score(args) -> int:
-    from ._results import AnomalyMaps, normalize_scores
+    from ._deploy.results import AnomalyMaps, normalize_scores
 
     exported = _is_exported(args.model)
     model = _load_exported(args) if exported else _load_model(args.model, args)
@@ -814,7 +819,7 @@ def _print_scores(args, rows, skipped) -> int:
 def _validation_set(folder: str):
     """Paths and labels of --validation: an MVTec-style category (labels from
     test/<defect>/) or a folder of images (labels unknown)."""
-    from ._datasets import load_mvtec
+    from ._evaluation.datasets import load_mvtec
 
     root = Path(folder)
     if (root / "test").is_dir():
@@ -828,8 +833,8 @@ def _validation_set(folder: str):
 
 def cmd_export(args) -> int:
     from . import export
-    from ._metrics import image_auroc
-    from ._runtime import ExportedModel
+    from ._deploy.runtime import ExportedModel
+    from ._evaluation.metrics import image_auroc
 
     model = _load_model(args.model, args)
     calibration, skipped = None, []
@@ -909,8 +914,8 @@ def _decoded(paths, reader):
 def _mask_for(data, i: int, image):
     """The ground-truth mask of image ``i`` (all False for good images), or the
     reason it cannot be had (a missing, unreadable or wrong-sized mask file)."""
-    from ._datasets import read_mask
-    from ._images import original_size
+    from ._evaluation.datasets import read_mask
+    from ._imaging.images import original_size
 
     size = original_size(image)
     if data.y[i] == 1:
@@ -933,8 +938,8 @@ def cmd_evaluate(args) -> int:
     import json
 
     from . import load_mvtec
-    from ._evaluation import evaluation_metrics
-    from ._results import normalize_scores
+    from ._deploy.results import normalize_scores
+    from ._evaluation.evaluation import evaluation_metrics
 
     model = _load_model(args.model, args)
     try:
@@ -1017,8 +1022,8 @@ def _write_evaluation_report(args, model, data, keep, results, metrics, masks):
     """``--report DIR``: the HTML page, with the worst mistakes drawn again (one
     small second pass over at most 8 images)."""
     from . import anomaly_maps
-    from ._map_files import colour_scale, overlay_picture
-    from ._report import write_report
+    from ._evaluation.map_files import colour_scale, overlay_picture
+    from ._evaluation.report import write_report
 
     y, scores, labels, kinds = results
     detector = model[-1]
@@ -1237,7 +1242,7 @@ def _check_report(parser, folder: str) -> None:
 
 def _check_device(parser, device) -> None:
     if device is not None:
-        from ._device import resolve_device
+        from ._core.device import resolve_device
 
         try:
             resolve_device(device)

@@ -4,7 +4,7 @@ DFM is fitted from sufficient statistics (count, mean, centred scatter, or the r
 themselves while they are fewer than the features), and those merge exactly. So
 each partition of the images runs the backbone on its worker and sends back only
 its statistics; the statistics are merged pairwise in a tree (Chan's formula,
-:class:`~skdfm._statistics.FeatureStatistics`), and the eigendecomposition runs
+:class:`~skdfm._kernels.statistics.FeatureStatistics`), and the eigendecomposition runs
 once, on the client. The fitted model equals ``fit`` (or :func:`~skdfm.stream_fit`)
 on the same images up to float64 rounding.
 
@@ -34,9 +34,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ._decode import read_image_files
-from ._device import resolve_device
-from ._runtime import require
+from ._core.device import resolve_device
+from ._deploy.runtime import require
+from ._imaging.decode import read_image_files
 
 __all__ = ["SkippedImagesWarning", "fit", "image_bag", "score"]
 
@@ -82,7 +82,8 @@ class _Batch:
 
 
 def _file_batches(items: list, batch_size: int, max_pixels):
-    """Files decoded by :func:`~skdfm._decode.read_image_files` (one batch ahead,
+    """Files decoded by :func:`~skdfm._imaging.decode.read_image_files` (one batch
+    ahead,
     bad ones kept with their reason), with their positions in ``items``: its lists
     keep the input order and hold the input objects."""
     batches = read_image_files(items, batch_size, max_pixels)
@@ -228,9 +229,14 @@ def _score_partition(
 ):
     import pandas as pd
 
-    from ._map_files import colour_scale, map_caption, map_file, write_map_overlay
-    from ._maps import anomaly_maps
-    from ._results import normalize_scores
+    from ._deploy.results import normalize_scores
+    from ._evaluation.map_files import (
+        colour_scale,
+        map_caption,
+        map_file,
+        write_map_overlay,
+    )
+    from ._tools.maps import anomaly_maps
 
     transformer, detector = _here(transformer), _here(detector)
     model = _assemble(transformer, detector)
@@ -537,24 +543,20 @@ def fit(
     >>> np.allclose(det.score_samples(X[:5]), one_machine.score_samples(X[:5]))
     True
     """
-    from ._detector import check_contamination
-    from ._model import split_model
-    from ._persistence import keep_state_on_error
+    from ._core.model import split_model
+    from ._tools.fitting import check_threshold_request, fit_then_threshold
 
     try:
         transformer, detector = split_model(model, fitted=False)
     except ValueError as error:
         raise ValueError(f"skdfm.distributed.fit: {error}") from None
-    if contamination is not None and threshold_images is None:
-        raise ValueError(
-            "contamination sets the threshold from the scores of threshold_images; "
-            "pass threshold_images too (held-out normal images, or images again "
-            "for the in-sample rule)."
-        )
-    if threshold_images is not None:
-        contamination = check_contamination(
-            detector.contamination if contamination is None else contamination
-        )
+    request = check_threshold_request(
+        detector,
+        threshold_images,
+        contamination,
+        caller="skdfm.distributed.fit",
+        data_name="threshold_images",
+    )
     size = _batch_size(transformer, batch_size)
     parts = _partitions(images, "images")
     threshold_parts = (
@@ -564,7 +566,10 @@ def fit(
     )
     client = _current_client(client)
     dask = _dask()
-    with keep_state_on_error(*(p for p in (transformer, detector) if p is not None)):
+    weights = None
+
+    def fit_statistics():
+        nonlocal weights
         if transformer is not None:
             # Builds the backbone (only the form of X is checked): what the workers
             # get is what this process would run.
@@ -586,22 +591,21 @@ def fit(
             )
         detector.fit_from_statistics(result.statistics)
         _warn_skipped(result.skipped, "training images")
-        if threshold_parts is not None:
-            fitted = _shared(detector, client)  # the components, once
-            task = dask.delayed(_threshold_partition, pure=True)
-            pieces = _compute(
-                [
-                    task(part, i, weights, fitted, size)
-                    for i, part in enumerate(threshold_parts)
-                ],
-                client,
-            )
-            scores = np.concatenate([s for s, _ in pieces])
-            _warn_skipped([x for _, s in pieces for x in s], "threshold images")
-            if not len(scores):
-                raise ValueError("none of threshold_images could be scored.")
-            detector.set_threshold(scores, contamination=contamination)
-    return model
+
+    def threshold_scores():
+        fitted = _shared(detector, client)  # the components, once
+        task = dask.delayed(_threshold_partition, pure=True)
+        pieces = _compute(
+            [
+                task(part, i, weights, fitted, size)
+                for i, part in enumerate(threshold_parts)
+            ],
+            client,
+        )
+        _warn_skipped([x for _, s in pieces for x in s], "threshold images")
+        return np.concatenate([s for s, _ in pieces])
+
+    return fit_then_threshold(model, fit_statistics, threshold_scores, request)
 
 
 def score(model, images, *, client=None, maps_dir=None, root=None, batch_size=None):
@@ -630,7 +634,8 @@ def score(model, images, *, client=None, maps_dir=None, root=None, batch_size=No
         local scheduler. Compute the table on the same scheduler.
     maps_dir : str or path-like, default=None
         Write each image's anomaly map over it, as a PNG under this folder, by the
-        command's rule (:mod:`skdfm._map_files`): the file's place under ``root``
+        command's rule (:mod:`skdfm._evaluation.map_files`): the file's place under
+        ``root``
         mirrored, its whole name kept (``crack/000.png`` ->
         ``crack/000.png_map.png``); images given as arrays go to
         ``partition-P/item-I_map.png``. Written by the workers, atomically (a
@@ -645,7 +650,7 @@ def score(model, images, *, client=None, maps_dir=None, root=None, batch_size=No
     -------
     dask.dataframe.DataFrame
     """
-    from ._model import split_model
+    from ._core.model import split_model
 
     transformer, detector = split_model(model)
     detector.offset_  # noqa: B018 - a model without a threshold: said now

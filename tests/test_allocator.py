@@ -4,7 +4,7 @@ import sys
 
 import pytest
 
-from skdfm import _allocator
+from skdfm._imaging import allocator as _allocator
 
 glibc = sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc"
 

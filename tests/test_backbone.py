@@ -1,4 +1,7 @@
-"""Truncated timm backbones, weights and their offline failure (skdfm/_backbone.py)."""
+"""Truncated timm backbones, weights and their offline failure.
+
+(skdfm/_imaging/backbone.py)
+"""
 
 import socket
 import time
@@ -8,8 +11,8 @@ import timm
 import timm.models
 import torch
 
-import skdfm._backbone as backbone_module
-from skdfm._backbone import backbone_state, build_backbone, rebuild_backbone
+import skdfm._imaging.backbone as backbone_module
+from skdfm._imaging.backbone import backbone_state, build_backbone, rebuild_backbone
 
 
 def n_parameters(model):

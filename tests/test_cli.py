@@ -9,8 +9,8 @@ import pytest
 from PIL import Image
 
 import skdfm
-import skdfm._backbone
-import skdfm._decode
+import skdfm._imaging.backbone
+import skdfm._imaging.decode
 from skdfm import make_defect_images
 from skdfm.cli import main
 
@@ -24,9 +24,9 @@ TINY = [
 
 @pytest.fixture(autouse=True)
 def offline(monkeypatch):
-    monkeypatch.setattr(skdfm._backbone, "_cached_weights", lambda cfg: None)
+    monkeypatch.setattr(skdfm._imaging.backbone, "_cached_weights", lambda cfg: None)
     monkeypatch.setattr(
-        skdfm._backbone, "_download_blocker", lambda cfg: "tests never download"
+        skdfm._imaging.backbone, "_download_blocker", lambda cfg: "tests never download"
     )
 
 
@@ -174,7 +174,7 @@ def test_fit_sets_a_pixel_threshold_and_score_writes_masks_and_legends(
         assert overlay.height > predicted.shape[0]
     # one colour scale for the model: equal map values, equal colours, whatever
     # the image's own range (here a flat map at the threshold in two images)
-    from skdfm._map_files import colour_scale, write_map_overlay
+    from skdfm._evaluation.map_files import colour_scale, write_map_overlay
 
     scale = colour_scale(model[-1])
     assert scale == (0.0, 2 * threshold, threshold)
@@ -298,16 +298,17 @@ def test_score_on_cuda_matches_cpu(model_file, good_dir, tmp_path, capsys):
 
 
 def test_each_file_is_decoded_once(good_dir, tmp_path, monkeypatch, capsys):
-    import skdfm._images as images_module
+    import skdfm._imaging.images as images_module
 
     decoded = []
-    original = skdfm._decode.decode_image_file
+    original = skdfm._imaging.decode.decode_image_file
 
     def counting(path, *args):
         decoded.append(str(path))
         return original(path, *args)
 
-    for module in (images_module, skdfm._decode):  # the pipeline's, the command's
+    # the pipeline's, the command's
+    for module in (images_module, skdfm._imaging.decode):
         monkeypatch.setattr(module, "decode_image_file", counting)
     model_path = tmp_path / "model.skdfm"
     assert (
@@ -417,12 +418,12 @@ def test_broken_links_and_missing_files_are_listed_not_lost(
 def test_bad_command_lines_fail_before_any_image_is_read(
     good_dir, tmp_path, monkeypatch, capsys, extra, message
 ):
-    import skdfm._images as images_module
+    import skdfm._imaging.images as images_module
 
     def refuse(path, *args):
         raise AssertionError("an image was read")
 
-    for module in (images_module, skdfm._decode):
+    for module in (images_module, skdfm._imaging.decode):
         monkeypatch.setattr(module, "decode_image_file", refuse)
     args = ["fit", str(good_dir), "-o", str(tmp_path / "m.skdfm"), "--random-init"]
     with pytest.raises(SystemExit) as exit_info:
@@ -597,7 +598,8 @@ def test_images_decoded_at_a_reduced_scale_keep_their_maps_and_masks(
 ):
 
     root = write_mvtec_tree(tmp_path / "bottle", size=(64, 64))
-    monkeypatch.setattr(skdfm._decode, "REDUCE_ABOVE_PIXELS", 1000)  # 64x64 is "huge"
+    # 64x64 is "huge"
+    monkeypatch.setattr(skdfm._imaging.decode, "REDUCE_ABOVE_PIXELS", 1000)
     capsys.readouterr()
     assert main(["evaluate", str(model_file), str(root), "--no-progress"]) == 0
     out = capsys.readouterr().out

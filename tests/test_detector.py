@@ -7,7 +7,7 @@ import torch
 from sklearn.decomposition import PCA
 from sklearn.exceptions import NotFittedError
 
-import skdfm._scores
+import skdfm._kernels.scores
 from skdfm import DFMDetector
 
 from .conftest import make_features
@@ -526,7 +526,7 @@ def test_fitted_subspace_stays_on_the_device_between_calls(features, monkeypatch
     def refuse(*args, **kwargs):
         raise AssertionError("the fitted arrays were converted again")
 
-    monkeypatch.setattr(skdfm._scores.ScoringState, "from_arrays", refuse)
+    monkeypatch.setattr(skdfm._kernels.scores.ScoringState, "from_arrays", refuse)
     for method in (det.score_samples, det.decision_function, det.predict):
         method(X_test)
     assert det._state is state
@@ -612,7 +612,7 @@ def test_what_was_fitted_is_what_scores(features):
 
 
 def test_meta_tensors_and_oversized_statistics_are_clear_errors(features, monkeypatch):
-    import skdfm._memory as memory
+    import skdfm._core.memory as memory
 
     X_train, _ = features
     meta = torch.empty(X_train.shape, device="meta")
@@ -716,7 +716,7 @@ def test_changed_image_score_is_refused_until_the_next_fit(features):
 
 
 def test_rows_of_another_grid_are_refused(features):
-    from skdfm._features import with_feature_shape
+    from skdfm._imaging.features import with_feature_shape
 
     X_train, X_test = features
     det = DFMDetector(image_score="max", device="cpu")
@@ -749,7 +749,7 @@ def test_image_score_round_trips(features, tmp_path, image_score):
 
 
 def test_grid_conflicts_and_changes_are_refused(features):
-    from skdfm._features import with_feature_shape
+    from skdfm._imaging.features import with_feature_shape
 
     X_train, X_test = features
     carried = with_feature_shape(X_train.copy(), GRID)

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from skdfm import DeviceWarning
-from skdfm._device import loadable_device, resolve_device
+from skdfm._core.device import loadable_device, resolve_device
 
 
 def test_cpu_and_auto(monkeypatch):

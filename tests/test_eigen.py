@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from skdfm._eigen import _WY_BLOCK, mirror_, top_eigh
+from skdfm._kernels.eigen import _WY_BLOCK, mirror_, top_eigh
 
 
 def _spd(n, rank=None, seed=0):
@@ -19,7 +19,7 @@ def _projector(V):
 @pytest.mark.parametrize("n", [2, 5, _WY_BLOCK + 7, 3 * _WY_BLOCK + 1])
 def test_top_eigh_matches_full_eigh(n, reduce_twice, monkeypatch):
     if reduce_twice:  # the path of large matrices, on a small one
-        monkeypatch.setattr("skdfm._eigen._STEMR_MAX_N", 1)
+        monkeypatch.setattr("skdfm._kernels.eigen._STEMR_MAX_N", 1)
     A = _spd(n)
     k = max(1, n // 3)
     # Garbage in the strict upper triangle: only the lower one may be read.

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import average_precision_score, roc_auc_score
 
-from skdfm._evaluation import evaluation_metrics
+from skdfm._evaluation.evaluation import evaluation_metrics
 
 
 def test_metrics_overall_and_per_defect_by_hand():

@@ -16,12 +16,12 @@ def test_quickstart_runs(capsys):
 
 
 def test_image_pipeline_runs(capsys, monkeypatch):
-    import skdfm._backbone
+    import skdfm._imaging.backbone
 
     # Tests never download: take the example's offline path (random weights).
-    monkeypatch.setattr(skdfm._backbone, "_cached_weights", lambda cfg: None)
+    monkeypatch.setattr(skdfm._imaging.backbone, "_cached_weights", lambda cfg: None)
     monkeypatch.setattr(
-        skdfm._backbone, "_download_blocker", lambda cfg: "tests never download"
+        skdfm._imaging.backbone, "_download_blocker", lambda cfg: "tests never download"
     )
     runpy.run_path(str(EXAMPLES / "image_pipeline.py"), run_name="__main__")
     out = capsys.readouterr().out

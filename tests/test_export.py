@@ -23,7 +23,7 @@ from skdfm import (
     make_defect_images,
     normalized_scores,
 )
-from skdfm._runtime import prepare_images
+from skdfm._deploy.runtime import prepare_images
 
 from .conftest import SMALL_BACKBONE
 
@@ -301,7 +301,7 @@ def test_bad_images_are_clear_errors(exported):
 def test_an_interrupted_export_keeps_the_previous_file(
     fre_model, tmp_path, monkeypatch
 ):
-    import skdfm._export
+    import skdfm._tools.export
 
     path = export(fre_model, tmp_path / "m.onnx")
     before = path.read_bytes()
@@ -309,7 +309,7 @@ def test_an_interrupted_export_keeps_the_previous_file(
     def fail(*args):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(skdfm._export, "_set_onnx_metadata", fail)
+    monkeypatch.setattr(skdfm._tools.export, "_set_onnx_metadata", fail)
     with pytest.raises(KeyboardInterrupt):
         export(fre_model, path)
     assert path.read_bytes() == before

@@ -5,7 +5,7 @@ import pytest
 import torch
 from sklearn.utils.validation import check_array
 
-from skdfm._features import (
+from skdfm._imaging.features import (
     FeatureRows,
     check_feature_shape,
     feature_shape_of,

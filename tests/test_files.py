@@ -12,11 +12,11 @@ import numpy as np
 import pytest
 
 import skdfm
-from skdfm._files import Terminated, atomic_write, terminate_as_exception
+from skdfm._core.files import Terminated, atomic_write, terminate_as_exception
 
 SIZE = 32 * 2**20  # each version: 32 MiB of one repeated byte, written in 1 MiB chunks
 
-# A writer that loads skdfm/_files.py on its own (no torch import: it starts in
+# A writer that loads skdfm/_core/files.py on its own (no torch import: it starts in
 # milliseconds), then rewrites the file with versions 1, 2, 3, ... forever.
 WRITER = textwrap.dedent(
     """

@@ -1,4 +1,4 @@
-"""Input rules and preprocessing (skdfm/_images.py)."""
+"""Input rules and preprocessing (skdfm/_imaging/images.py)."""
 
 import threading
 
@@ -8,9 +8,9 @@ import torch
 from PIL import Image
 from torchvision.transforms import v2
 
-import skdfm._decode
-import skdfm._images as images_module
-from skdfm._images import as_image_collection, model_input
+import skdfm._imaging.decode
+import skdfm._imaging.images as images_module
+from skdfm._imaging.images import as_image_collection, model_input
 
 MEAN = torch.tensor([0.485, 0.456, 0.406])
 STD = torch.tensor([0.229, 0.224, 0.225])
@@ -238,7 +238,7 @@ def test_files_are_decoded_at_most_one_batch_ahead(rgb, tmp_path, monkeypatch):
 @pytest.mark.parametrize("suffix", [".png", ".tif"])
 def test_16_bit_grayscale_files_read_like_uint16_arrays(tmp_path, suffix):
     from skdfm import DeepFeatureTransformer, make_defect_images
-    from skdfm._images import decode_image_file, read_image_file
+    from skdfm._imaging.images import decode_image_file, read_image_file
 
     from .conftest import SMALL_BACKBONE
 
@@ -304,7 +304,7 @@ def test_stream_fit_counts_colour_images_once():
 def test_large_files_are_read_and_bombs_refused_with_the_file_named(
     tmp_path, monkeypatch, suffix
 ):
-    from skdfm._images import decode_image_file, read_image_size
+    from skdfm._imaging.images import decode_image_file, read_image_size
 
     big = tmp_path / f"line_scan{suffix}"
     Image.fromarray(np.full((600, 2000), 128, np.uint8)).save(big)
@@ -325,7 +325,7 @@ def test_files_above_pillows_threshold_are_decoded_at_a_reduced_scale(
     tmp_path, monkeypatch, fmt
 ):
     from skdfm import DeepFeatureTransformer
-    from skdfm import _images as images
+    from skdfm._imaging import images
 
     from .conftest import SMALL_BACKBONE
 
@@ -336,7 +336,8 @@ def test_files_above_pillows_threshold_are_decoded_at_a_reduced_scale(
     Image.fromarray(pixels).save(path, fmt, quality=95)
     tr = DeepFeatureTransformer(**SMALL_BACKBONE).fit(pixels[None])
     full = tr.transform([path])
-    monkeypatch.setattr(skdfm._decode, "REDUCE_ABOVE_PIXELS", 200_000)  # ~1/4 the area
+    # ~1/4 the area
+    monkeypatch.setattr(skdfm._imaging.decode, "REDUCE_ABOVE_PIXELS", 200_000)
     reduced = images.decode_image_file(path)
     assert reduced.width * reduced.height <= 4 * 200_000 < 1200 * 1600
     approx = tr.transform([path])
@@ -348,7 +349,7 @@ def test_files_above_pillows_threshold_are_decoded_at_a_reduced_scale(
 def test_16_bit_colour_files_read_like_uint16_arrays(tmp_path, suffix):
     imagecodecs = pytest.importorskip("imagecodecs")
     from skdfm import DeepFeatureTransformer, make_defect_images
-    from skdfm._images import decode_image_file, read_image_file
+    from skdfm._imaging.images import decode_image_file, read_image_file
 
     from .conftest import SMALL_BACKBONE
 
@@ -380,12 +381,12 @@ def test_16_bit_colour_without_imagecodecs_warns(tmp_path, monkeypatch):
     imagecodecs = pytest.importorskip("imagecodecs")
     import sys
 
-    from skdfm import _images as images
+    from skdfm._imaging import images
 
     path = tmp_path / "rgb16.png"
     imagecodecs.imwrite(path, np.full((8, 8, 3), 4000, np.uint16))
     monkeypatch.setitem(sys.modules, "imagecodecs", None)  # not installed
-    monkeypatch.setattr(skdfm._decode, "_warned_sixteen_bit", False)
+    monkeypatch.setattr(skdfm._imaging.decode, "_warned_sixteen_bit", False)
     with pytest.warns(UserWarning, match=r"skdfm\[16bit\]"):
         tensor = images.read_image_file(path)
     assert tensor.dtype == torch.uint8  # Pillow's 8 bits, said so
@@ -393,7 +394,7 @@ def test_16_bit_colour_without_imagecodecs_warns(tmp_path, monkeypatch):
 
 def test_a_damaged_16_bit_colour_file_is_a_one_line_error(tmp_path):
     imagecodecs = pytest.importorskip("imagecodecs")
-    from skdfm._images import read_image_file
+    from skdfm._imaging.images import read_image_file
 
     path = tmp_path / "rgb16.png"
     imagecodecs.imwrite(path, np.full((32, 32, 3), 4000, np.uint16))

@@ -4,13 +4,13 @@ import torch
 from sklearn import config_context
 from sklearn.decomposition import PCA
 
-from skdfm._pca import (
+from skdfm._kernels.pca import (
     choose_solver,
     fit_pca,
     n_components_for_level,
     pca_from_scatter,
 )
-from skdfm._scatter import Scatter
+from skdfm._kernels.scatter import Scatter
 
 from .conftest import make_features
 

@@ -21,9 +21,9 @@ from skdfm import (
     FeatureCache,
     ModelFileError,
     SkdfmVersionWarning,
-    _saving,
     stream_fit,
 )
+from skdfm._tools import saving as _saving
 
 from .conftest import SMALL_BACKBONE, make_features
 
@@ -385,7 +385,7 @@ def state_of(document, step=None):
 def test_architectures_are_checked_on_the_meta_device_first(
     fitted_pipeline, tmp_path, monkeypatch
 ):
-    import skdfm._backbone as backbone_module
+    import skdfm._imaging.backbone as backbone_module
 
     path = skdfm.save(fitted_pipeline, tmp_path / "m.skdfm")
 

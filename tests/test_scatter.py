@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from skdfm._scatter import Scatter, lower_syrk_
+from skdfm._kernels.scatter import Scatter, lower_syrk_
 
 
 def _two_pass(X):
@@ -11,7 +11,7 @@ def _two_pass(X):
 
 
 def test_lower_syrk_fills_the_lower_triangle_only(monkeypatch):
-    monkeypatch.setattr("skdfm._scatter._SYRK_BLOCK", 4)  # several blocks
+    monkeypatch.setattr("skdfm._kernels.scatter._SYRK_BLOCK", 4)  # several blocks
     rows = torch.from_numpy(np.random.default_rng(0).normal(size=(7, 10)))
     out = torch.full((10, 10), 5.0, dtype=torch.float64)
     lower_syrk_(out, rows)
@@ -105,7 +105,7 @@ def test_merging_two_scatters_equals_the_statistics_of_all_rows():
 def test_a_pickled_scatter_carries_the_lower_triangle_only(monkeypatch):
     import pickle
 
-    monkeypatch.setattr("skdfm._scatter._PACK_ROWS", 3)  # several row blocks
+    monkeypatch.setattr("skdfm._kernels.scatter._PACK_ROWS", 3)  # several row blocks
     scatter = _scatter_of([np.random.default_rng(4).normal(size=(30, 120))])
     scatter.matrix += torch.full((120, 120), 123.0).triu(1)  # scratch above
     data = pickle.dumps(scatter)

@@ -4,8 +4,8 @@ import torch
 from scipy.stats import multivariate_normal
 from sklearn import config_context
 
-from skdfm._pca import fit_pca
-from skdfm._scores import (
+from skdfm._kernels.pca import fit_pca
+from skdfm._kernels.scores import (
     VARIANCE_FLOOR,
     ScoringState,
     check_has_grid,

@@ -80,7 +80,7 @@ def f(detector, transformer):
     setattr(transformer, "backbone_", None)
     getattr(detector, "offset_")
     setattr(self, "_x", 1)
-from skdfm._images import _opened
+from skdfm._imaging.images import _opened
 """
     found = cross_module_reaches(source)
     assert found == [
@@ -89,7 +89,7 @@ from skdfm._images import _opened
         "6: writes transformer.device_",
         "10: uses getattr(detector, '_state')",
         "11: uses setattr(transformer, 'backbone_', None)",
-        "14: imports skdfm._images._opened",
+        "14: imports skdfm._imaging.images._opened",
     ]
 
 

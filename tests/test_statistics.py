@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from skdfm._pca import fit_pca, n_components_for_level
-from skdfm._statistics import FeatureStatistics
+from skdfm._kernels.pca import fit_pca, n_components_for_level
+from skdfm._kernels.statistics import FeatureStatistics
 
 D = 40
 

@@ -107,13 +107,13 @@ def test_components_are_computed_by_an_explicit_finish(features, monkeypatch):
         det.components_  # noqa: B018
     assert not hasattr(det, "n_components_")
     calls = []
-    original = skdfm._statistics.FeatureStatistics.fit
+    original = skdfm._kernels.statistics.FeatureStatistics.fit
 
     def counting(*args):
         calls.append(1)
         return original(*args)
 
-    monkeypatch.setattr(skdfm._statistics.FeatureStatistics, "fit", counting)
+    monkeypatch.setattr(skdfm._kernels.statistics.FeatureStatistics, "fit", counting)
     assert det.finish_partial_fit() is det
     assert det.n_components_ > 0 and len(calls) == 1
     det.finish_partial_fit()
@@ -357,7 +357,7 @@ def test_stream_fit_with_image_score_max_equals_fit(layer):
 
 
 def test_partial_fit_refuses_a_batch_of_another_grid(features):
-    from skdfm._features import with_feature_shape
+    from skdfm._imaging.features import with_feature_shape
 
     X, _ = features
     det = DFMDetector(image_score="max", device="cpu")

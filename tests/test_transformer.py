@@ -21,7 +21,7 @@ from sklearn.utils.validation import check_is_fitted
 from torchvision.transforms import v2
 
 import skdfm
-import skdfm._backbone as backbone_module
+import skdfm._imaging.backbone as backbone_module
 import skdfm._transformer as transformer_module
 from skdfm import (
     DeepFeatureTransformer,

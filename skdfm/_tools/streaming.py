@@ -8,9 +8,8 @@ from itertools import islice
 
 import numpy as np
 
-from ._detector import check_contamination
-from ._model import split_model
-from ._persistence import keep_state_on_error
+from .._core.model import split_model
+from .fitting import check_threshold_request, fit_then_threshold
 
 __all__ = ["stream_fit"]
 
@@ -74,7 +73,8 @@ def stream_fit(
         ``offset_`` to their ``contamination`` quantile.
     contamination : float in (0, 0.5], default=None
         Share of ``threshold_batches`` to flag; the detector's ``contamination``
-        when None.
+        when None. Only with ``threshold_batches`` (a ``ValueError`` otherwise, as
+        in :func:`skdfm.distributed.fit`).
     batch_size : int, default=None
         Batch size for single images; the transformer's ``batch_size`` (or 256)
         when None.
@@ -104,14 +104,17 @@ def stream_fit(
         transformer, detector = split_model(model, fitted=False)
     except ValueError as error:
         raise ValueError(f"stream_fit: {error}") from None
-    if contamination is not None or threshold_batches is not None:
-        contamination = check_contamination(
-            detector.contamination if contamination is None else contamination
-        )
+    request = check_threshold_request(
+        detector,
+        threshold_batches,
+        contamination,
+        caller="stream_fit",
+        data_name="threshold_batches",
+    )
     if batch_size is None:
         batch_size = transformer.batch_size if transformer is not None else 256
-    parts = [part for part in (transformer, detector) if part is not None]
-    with keep_state_on_error(*parts):  # a failure keeps the model as it was
+
+    def fit_statistics():
         seen_any = False
         for batch in _batches(batches, batch_size):
             if transformer is not None:
@@ -123,8 +126,9 @@ def stream_fit(
         if not seen_any:
             raise ValueError("stream_fit got no batches.")
         detector.finish_partial_fit(release=True)
-        if threshold_batches is not None:
-            threshold = _batches(threshold_batches, batch_size)
-            scores = np.concatenate([model.score_samples(b) for b in threshold])
-            detector.set_threshold(scores, contamination=contamination)
-    return model
+
+    def threshold_scores():
+        threshold = _batches(threshold_batches, batch_size)
+        return np.concatenate([model.score_samples(b) for b in threshold])
+
+    return fit_then_threshold(model, fit_statistics, threshold_scores, request)

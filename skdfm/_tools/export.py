@@ -29,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ._runtime import file_sha256, first_line, require
+from .._deploy.runtime import file_sha256, first_line, require
 
 __all__ = ["FORMATS", "PRECISIONS", "export", "metadata_of"]
 
@@ -49,8 +49,8 @@ def _graph(transformer, detector, offset: float):
     import torch
     import torch.nn.functional as F
 
-    from ._scores import gaussian_variances
-    from ._transformer import pool_feature_maps
+    from .._kernels.scores import gaussian_variances
+    from .._transformer import pool_feature_maps
 
     kernel = transformer.feature_params_["pooling_kernel_size"]
     channels, rows, cols = transformer.feature_shape_
@@ -111,7 +111,7 @@ def _graph(transformer, detector, offset: float):
 
 def metadata_of(transformer, detector, *, format: str, precision: str) -> dict:
     """What an exported file says about itself (stored as JSON in the file)."""
-    from . import __version__
+    from .. import __version__
 
     layer = transformer.layer_
     return {
@@ -158,9 +158,9 @@ def _fitted_parts(model):
     """(transformer, detector) of a fitted Pipeline, or a clear error."""
     from sklearn.utils.validation import check_is_fitted
 
-    from ._detector import DFMDetector
-    from ._model import split_model
-    from ._transformer import DeepFeatureTransformer
+    from .._core.model import split_model
+    from .._detector import DFMDetector
+    from .._transformer import DeepFeatureTransformer
 
     if isinstance(model, DFMDetector):
         raise ValueError(
@@ -338,7 +338,7 @@ def _calibration_array(calibration_images, transformer) -> np.ndarray:
             "precision='int8' quantises activations, which needs images to "
             "calibrate on: pass calibration_images (e.g. 16-64 normal images)."
         )
-    from ._runtime import prepare_images
+    from .._deploy.runtime import prepare_images
 
     array = prepare_images(
         calibration_images, transformer.input_size_, transformer.max_image_pixels

@@ -1,7 +1,8 @@
 """Image files and pixel arrays without torch: decoding, sizes, channel layouts.
 
-What both the torch pipeline (:mod:`skdfm._images`) and the torch-free runtime of
-exported models (:mod:`skdfm._runtime`) need: Pillow decoding with skdfm's own
+What both the torch pipeline (:mod:`skdfm._imaging.images`) and the torch-free
+runtime of
+exported models (:mod:`skdfm._deploy.runtime`) need: Pillow decoding with skdfm's own
 decompression-bomb guard and 16-bit handling, the ``(height, width)`` of a file,
 and the rules that find the channel axis of an array and scale its pixels.
 """

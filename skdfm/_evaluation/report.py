@@ -16,7 +16,7 @@ import os
 
 import numpy as np
 
-from ._files import atomic_write
+from .._core.files import atomic_write
 
 __all__ = ["write_report"]
 

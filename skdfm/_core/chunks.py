@@ -32,7 +32,7 @@ def chunk_rows(n_rows: int, row_bytes: int) -> int:
     Examples
     --------
     >>> from sklearn import config_context
-    >>> from skdfm._chunks import chunk_rows
+    >>> from skdfm._core.chunks import chunk_rows
     >>> chunk_rows(10_000, 8 * 4096)  # 64 MiB of float64 rows of 4096 features
     2048
     >>> with config_context(working_memory=1):

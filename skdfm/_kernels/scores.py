@@ -34,8 +34,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from ._chunks import chunk_rows
-from ._device import as_tensor
+from .._core.chunks import chunk_rows
+from .._core.device import as_tensor
 
 __all__ = [
     "IMAGE_SCORES",

@@ -21,7 +21,8 @@ import torch.nn.functional as F
 from PIL import Image
 from scipy.sparse import issparse
 
-from ._decode import (
+from .._core.device import check_has_data
+from .decode import (
     IMAGE_SUFFIXES,
     LAYOUT_HELP,
     MAX_IMAGE_PIXELS,
@@ -37,7 +38,6 @@ from ._decode import (
     read_image_files,
     read_image_size,
 )
-from ._device import check_has_data
 
 __all__ = [
     "IMAGE_SUFFIXES",

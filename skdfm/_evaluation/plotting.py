@@ -24,7 +24,7 @@ def _heat(values: np.ndarray) -> np.ndarray:
 
 def _as_rgb(image) -> np.ndarray:
     if isinstance(image, (str, os.PathLike)):  # a file, as anomaly_maps reads it
-        from ._decode import decode_image_file
+        from .._imaging.decode import decode_image_file
 
         image = decode_image_file(image)
     image = np.asarray(image)

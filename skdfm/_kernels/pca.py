@@ -9,19 +9,22 @@ shape (:func:`choose_solver`):
   A Gram matrix of float32 products moved scores by up to 4e-6 (relative) on flat
   spectra and left V orthonormal only to 4e-8; float64 gives 1e-12.
 * ``"covariance"`` (N > D, and every streaming fit): the D x D scatter matrix,
-  accumulated in float64 by :class:`~skdfm._scatter.Scatter` (Chan-merged chunks),
+  accumulated in float64 by :class:`~skdfm._kernels.scatter.Scatter` (Chan-merged
+  chunks),
   is eigendecomposed; its eigenvectors are the components.
 
-Either way only the top k eigenvectors are computed (:func:`~skdfm._eigen.top_eigh`:
+Either way only the top k eigenvectors are computed
+(:func:`~skdfm._kernels.eigen.top_eigh`:
 all eigenvalues, then k vectors), never a full SVD of the N x D matrix (anomalib's
 O(N^2 D) float64 SVD with its ~9x memory), nor a copy of the centred matrix: every
-pass walks the data in chunks of rows (:func:`~skdfm._chunks.chunk_rows`: scikit-learn's
+pass walks the data in chunks of rows
+(:func:`~skdfm._core.chunks.chunk_rows`: scikit-learn's
 ``working_memory``, at most 64 MiB). No randomized solver: on
 backbone features the 97 % level keeps 25-60 % of min(N, D) components of a slowly
 decaying spectrum, where randomized range finders miss the variance level by 1-7 %
 or need a sketch nearly as large as the matrix (measured in ``docs/performance.rst``).
 
-The scores of a fitted subspace live in :mod:`skdfm._scores`.
+The scores of a fitted subspace live in :mod:`skdfm._kernels.scores`.
 """
 
 from __future__ import annotations
@@ -32,10 +35,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ._chunks import chunk_rows
-from ._eigen import top_eigh
-from ._memory import check_fits_in_memory
-from ._scatter import Scatter, lower_syrk_
+from .._core.chunks import chunk_rows
+from .._core.memory import check_fits_in_memory
+from .eigen import top_eigh
+from .scatter import Scatter, lower_syrk_
 
 __all__ = [
     "ComponentRule",

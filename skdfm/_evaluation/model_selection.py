@@ -12,8 +12,8 @@ from numbers import Integral
 import numpy as np
 from sklearn.model_selection import BaseCrossValidator, KFold
 
-from ._maps import anomaly_maps
-from ._metrics import aupro, check_outlier_labels, image_auroc, pixel_auroc
+from .._tools.maps import anomaly_maps
+from .metrics import aupro, check_outlier_labels, image_auroc, pixel_auroc
 
 __all__ = [
     "InlierKFold",

@@ -33,7 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ._files import atomic_write
+from .._core.files import atomic_write
 
 __all__ = ["SUFFIX", "ModelFileError", "is_model_file", "load", "save"]
 
@@ -93,8 +93,8 @@ class ModelFileError(ValueError):
 def _allowed_classes() -> dict:
     from sklearn.pipeline import Pipeline
 
-    from ._detector import DFMDetector
-    from ._transformer import DeepFeatureTransformer
+    from .._detector import DFMDetector
+    from .._transformer import DeepFeatureTransformer
 
     return {
         "skdfm.DFMDetector": DFMDetector,
@@ -125,7 +125,7 @@ class _Encoder:
     def value(self, value, key: str):
         import torch
 
-        from ._cache import FeatureCache
+        from .._cache import FeatureCache
 
         if isinstance(value, np.generic):
             value = value.item()
@@ -210,7 +210,7 @@ def _digest(document: str, tensors: dict) -> str:
 def _check_pipeline(pipeline) -> None:
     """A saved Pipeline is a DFM model: a transformer and a detector, fitted, with
     plain unique step names (ValueError otherwise)."""
-    from ._model import split_model
+    from .._core.model import split_model
 
     names = [name for name, _ in pipeline.steps]
     plain = all(isinstance(n, str) and n and "__" not in n for n in names)
@@ -223,7 +223,7 @@ def _versions() -> dict:
     import sklearn
     import torch
 
-    from . import __version__
+    from .. import __version__
 
     versions = {
         "skdfm": __version__,
@@ -245,7 +245,7 @@ def _transformer_of(model):
     """The DeepFeatureTransformer of a model (alone or in its Pipeline), or None."""
     from sklearn.pipeline import Pipeline
 
-    from ._transformer import DeepFeatureTransformer
+    from .._transformer import DeepFeatureTransformer
 
     steps = [s for _, s in model.steps] if isinstance(model, Pipeline) else [model]
     found = [s for s in steps if isinstance(s, DeepFeatureTransformer)]
@@ -415,7 +415,7 @@ class _Decoder:
         return ModelFileError(self.path, f"holds a value skdfm does not store: {shown}")
 
     def value(self, value, depth: int = 0):
-        from ._cache import FeatureCache
+        from .._cache import FeatureCache
 
         if depth > _MAX_DEPTH:
             raise ModelFileError(self.path, "holds values nested too deeply.")
@@ -514,7 +514,7 @@ def _compare_versions(saved: dict) -> None:
     own version is compared by the estimators, as for pickles)."""
     import warnings
 
-    from ._persistence import SkdfmVersionWarning
+    from .._core.persistence import SkdfmVersionWarning
 
     if not isinstance(saved, dict):
         return
@@ -533,7 +533,7 @@ def _compare_versions(saved: dict) -> None:
 
 def _check_weights(model, path) -> None:
     """The rebuilt backbone has the weights its recorded digest says."""
-    from ._cache import weights_digest
+    from .._cache import weights_digest
 
     transformer = _transformer_of(model)
     if transformer is not None and (

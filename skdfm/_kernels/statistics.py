@@ -3,13 +3,14 @@
 A PCA needs either the rows themselves (the N x N Gram route, cheap while N <= D) or
 their count, mean and D x D centred scatter (the covariance route, bounded memory
 whatever N). :class:`FeatureStatistics` keeps the cheaper of the two for what it has
-seen so far, as :func:`~skdfm._pca.choose_solver` picks for ``fit``:
+seen so far, as :func:`~skdfm._kernels.pca.choose_solver` picks for ``fit``:
 
 * while it has seen no more rows than features, it keeps the rows (a copy, in their
   own dtype): N x D values, fewer than the D x D scatter, and the fit at the end is
   the Gram route of ``fit`` on the same rows (same solver, same result);
 * the first time the count would exceed the number of features, the kept rows are
-  folded into a :class:`~skdfm._scatter.Scatter` (count, mean, centred scatter in
+  folded into a :class:`~skdfm._kernels.scatter.Scatter` (count, mean, centred
+  scatter in
   float64, Chan-merged) and dropped; from then on every batch is merged into it.
 
 Two statistics merge exactly (:meth:`FeatureStatistics.merge`): rows with rows while
@@ -23,9 +24,9 @@ from __future__ import annotations
 
 import torch
 
-from ._chunks import chunk_rows
-from ._pca import ComponentRule, PCAFit, fit_pca, new_scatter, pca_from_scatter
-from ._scatter import Scatter
+from .._core.chunks import chunk_rows
+from .pca import ComponentRule, PCAFit, fit_pca, new_scatter, pca_from_scatter
+from .scatter import Scatter
 
 __all__ = ["FeatureStatistics"]
 
@@ -198,8 +199,9 @@ class FeatureStatistics:
     def fit(self, n_components: ComponentRule) -> PCAFit:
         """The principal subspace of every row seen, by the route of the statistics.
 
-        The Gram route is :func:`~skdfm._pca.fit_pca` on the kept rows, as ``fit``
-        runs it; the covariance route is :func:`~skdfm._pca.pca_from_scatter`. The
+        The Gram route is :func:`~skdfm._kernels.pca.fit_pca` on the kept rows, as
+        ``fit`` runs it; the covariance route is
+        :func:`~skdfm._kernels.pca.pca_from_scatter`. The
         statistics are only read: more rows can be merged afterwards.
         """
         if self.count < 2:

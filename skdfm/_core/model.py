@@ -9,8 +9,8 @@ from __future__ import annotations
 from sklearn.pipeline import Pipeline
 from sklearn.utils.validation import check_is_fitted
 
-from ._detector import DFMDetector
-from ._transformer import DeepFeatureTransformer
+from .._detector import DFMDetector
+from .._transformer import DeepFeatureTransformer
 
 __all__ = ["move_model", "split_model"]
 

@@ -11,7 +11,7 @@ from scipy import ndimage
 from sklearn.utils import Bunch, check_random_state
 from sklearn.utils._param_validation import Interval, StrOptions, validate_params
 
-from ._images import IMAGE_SUFFIXES, open_image, read_image_size
+from .._imaging.images import IMAGE_SUFFIXES, open_image, read_image_size
 
 __all__ = ["load_mvtec", "make_defect_images", "read_mask"]
 

@@ -14,10 +14,10 @@ import warnings
 import numpy as np
 from sklearn.metrics import precision_recall_curve
 
-from ._detector import check_contamination
-from ._metrics import check_labels_and_scores, check_outlier_labels
-from ._model import split_model
-from ._results import normalize_scores
+from .._core.model import split_model
+from .._core.validation import check_contamination
+from .._deploy.results import normalize_scores
+from .._evaluation.metrics import check_labels_and_scores, check_outlier_labels
 
 __all__ = [
     "calibrate_pixel_threshold",
@@ -237,7 +237,7 @@ def calibrate_pixel_threshold(model, X, masks=None, *, pixel_contamination=0.001
     >>> anomaly_maps(model, images[:2]).masks.shape
     (2, 64, 64)
     """
-    from ._maps import anomaly_maps
+    from .maps import anomaly_maps
 
     _, detector = split_model(model)
     maps = anomaly_maps(model, X, size="image").maps

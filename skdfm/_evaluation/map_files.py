@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ._files import atomic_write
+from .._core.files import atomic_write
 
 __all__ = [
     "colour_scale",
@@ -59,10 +59,10 @@ def overlay_picture(image, anomaly_map, *, scale=None, caption=None, mask=None):
     true defect, when known) is outlined in green."""
     from PIL import Image
 
-    from ._plotting import anomaly_map_grid, colour_bar, overlay_anomaly_map
+    from .plotting import anomaly_map_grid, colour_bar, overlay_anomaly_map
 
     if isinstance(image, (str, os.PathLike)):
-        from ._decode import decode_image_file
+        from .._imaging.decode import decode_image_file
 
         image = decode_image_file(image)
     pixels = np.asarray(image)

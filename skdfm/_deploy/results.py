@@ -64,7 +64,7 @@ def _axis_weights(n_in: int, n_out: int):
 
 def bilinear_resize(grids: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     """(n, h, w) maps bilinearly resized to ``size`` (no antialiasing,
-    ``align_corners=False``): :func:`skdfm._maps.upsample` in numpy."""
+    ``align_corners=False``): :func:`skdfm._tools.maps.upsample` in numpy."""
     grids = np.asarray(grids, dtype=np.float64)
     if tuple(grids.shape[-2:]) == tuple(size):
         return grids

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from ._decode import (
+from .._imaging.decode import (
     LAYOUT_HELP,
     MAX_IMAGE_PIXELS,
     NUMPY_SCALES,
@@ -25,14 +25,14 @@ from ._decode import (
     original_size,
     pil_pixels,
 )
-from ._results import (
+from .._tools.saving import ModelFileError
+from .results import (
     AnomalyMaps,
     bilinear_resize,
     normalize_scores,
     predicted_masks,
     target_sizes,
 )
-from ._saving import ModelFileError
 
 __all__ = [
     "RUNTIMES",

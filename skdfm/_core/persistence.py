@@ -11,7 +11,7 @@ import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from ._device import loadable_device
+from .device import loadable_device
 
 __all__ = ["PersistenceMixin", "SkdfmVersionWarning", "keep_state_on_error"]
 
@@ -49,13 +49,13 @@ class PersistenceMixin:
     """
 
     def __getstate__(self):
-        from . import __version__
+        from .. import __version__
 
         # object.__getstate__ returns the live __dict__: copy before stamping.
         return dict(super().__getstate__(), _skdfm_version=__version__)
 
     def __setstate__(self, state):
-        from . import __version__
+        from .. import __version__
 
         saved = state.pop("_skdfm_version", "unknown")
         if saved != __version__:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 from sklearn.metrics import average_precision_score, precision_recall_fscore_support
 
-from ._metrics import aupro, image_auroc, pixel_auroc
+from .metrics import aupro, image_auroc, pixel_auroc
 
 __all__ = ["evaluation_metrics"]
 

@@ -1,0 +1,4 @@
+"""Infrastructure every layer uses.
+
+Devices, pickling, validation, atomic files, memory checks, what a model is.
+"""

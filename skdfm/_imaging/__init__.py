@@ -1,0 +1,4 @@
+"""Images in, features out.
+
+Decoding (torch-free), input rules, timm backbones, feature layouts.
+"""

@@ -1,0 +1,1 @@
+"""Numeric kernels in torch: PCA, eigen-solver, streaming statistics, DFM scores."""

@@ -1,0 +1,1 @@
+"""Model-level tools: streaming fit, anomaly maps, thresholds, model files, export."""
