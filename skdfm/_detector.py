@@ -14,15 +14,38 @@ from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.validation import check_is_fitted, validate_data
 
 from ._core.device import DeviceMixin, as_tensor, check_has_data, resolve_device
-from ._core.persistence import PersistenceMixin, keep_state_on_error
-from ._core.validation import check_contamination, check_magnitude, reject_bools
-from ._imaging.features import check_feature_shape, feature_shape_of
-from ._kernels.pca import (
-    ComponentRule,
-    PCAFit,
-    fit_pca,
-    n_components_for_level,
+from ._core.persistence import (
+    OPTIONAL,
+    FittedAttribute,
+    PersistenceMixin,
+    add_defaults,
+    check_fitted,
+    keep_state_on_error,
+    names_set_by,
 )
+from ._core.validation import (
+    a_string,
+    as_host_array,
+    check_contamination,
+    check_device_rows,
+    check_magnitude,
+    check_threshold,
+    check_threshold_cv,
+    count_at_least,
+    finite_float_array,
+    finite_number,
+    largest_magnitude,
+    reject_bools,
+)
+from ._imaging.features import (
+    agreed_feature_shape,
+    check_feature_shape,
+    check_same_feature_shape,
+    feature_shape_of,
+    feature_shape_to_map,
+)
+from ._kernels.crossfit import cross_fitted_scores
+from ._kernels.pca import ComponentRule, PCAFit, fit_pca, n_components_for_level
 from ._kernels.scores import (
     IMAGE_SCORES,
     SCORE_TYPES,
@@ -30,44 +53,127 @@ from ._kernels.scores import (
     check_has_grid,
     check_image_score,
     gaussian_variances,
+    max_components,
     score_projection,
     score_rows,
 )
-from ._kernels.statistics import FeatureStatistics
+from ._kernels.statistics import FeatureStatistics, StreamingFit, StreamPhase
 
-__all__ = ["DFMDetector", "check_contamination"]
+__all__ = ["DETECTOR_ATTRIBUTES", "DFMDetector", "check_contamination"]
 
-_THRESHOLD_ATTRIBUTES = ("offset_", "threshold_method_", "score_range_")
-#: Attributes that partial_fit invalidates and finish_partial_fit computes.
-_STREAM_DERIVED = (
-    "mean_",
-    "components_",
-    "n_components_",
-    "singular_values_",
-    "explained_variance_",
-    "explained_variance_ratio_",
-    "n_samples_",
-    "solver_",
-    "score_type_",
-    "image_score_",
-    *_THRESHOLD_ATTRIBUTES,
+
+def _feature_shape(name, value, sizes):
+    return None if value is None else check_feature_shape(value, sizes["d"])
+
+
+def _image_score(name, value, sizes):
+    if (isinstance(value, str) and value in IMAGE_SCORES) or (
+        isinstance(value, Integral) and not isinstance(value, bool) and value >= 1
+    ):
+        return value
+    raise ValueError(f"{name}={value!r} is not an image score.")
+
+
+def _component_rule(pca_level, score_type, n_samples, n_features) -> ComponentRule:
+    """The :data:`~skdfm._kernels.pca.ComponentRule` of ``pca_level``; raises when
+    an integer ``pca_level`` cannot be met."""
+    most = max_components(n_samples, n_features, score_type)
+    if isinstance(pca_level, Integral) and pca_level > most:
+        raise ValueError(
+            f"pca_level={pca_level} components requested, but at most {most} can "
+            f"be kept with n_samples={n_samples} and n_features={n_features} "
+            f"(min(n_samples - 1, n_features{' - 1' if score_type == 'fre' else ''}"
+            f") for score_type={score_type!r})."
+        )
+
+    def n_components(eigenvalues, total, rank_tol):
+        if isinstance(pca_level, Integral):
+            return int(pca_level)
+        k = n_components_for_level(eigenvalues, total, float(pca_level), rank_tol)
+        return min(k, most)
+
+    return n_components
+
+
+def _to_host(scores: torch.Tensor) -> np.ndarray:
+    return scores.cpu().numpy()
+
+
+#: Every fitted attribute of a DFMDetector, one row each: what sets it
+#: (``"input"``: the rows a fit starts from; ``"stream"``: partial_fit;
+#: ``"components"``: the PCA, by fit or from the streaming statistics;
+#: ``"threshold"``: set_threshold; ``"pixel threshold"``: set_pixel_threshold), how
+#: loading checks it (``"d"`` and ``"k"`` are ``n_features_in_`` and
+#: ``n_components_``, checked together first) and what pickles that predate it get.
+#: Pickling, the streaming fit and the ``.skdfm`` allow-list read it; the class
+#: docstring documents each row (a test holds the two equal).
+DETECTOR_ATTRIBUTES = (
+    FittedAttribute("n_features_in_", "input"),
+    FittedAttribute("feature_names_in_", "input", default=OPTIONAL),
+    FittedAttribute("feature_shape_", "input", _feature_shape, default=None),
+    FittedAttribute("device_", "input"),
+    FittedAttribute("n_samples_seen_", "stream"),
+    FittedAttribute("mean_", "components", finite_float_array("d")),
+    FittedAttribute("components_", "components", finite_float_array("k", "d")),
+    FittedAttribute("n_components_", "components"),
+    FittedAttribute("singular_values_", "components", finite_float_array("k")),
+    FittedAttribute("explained_variance_", "components", finite_float_array("k")),
+    FittedAttribute("explained_variance_ratio_", "components", finite_float_array("k")),
+    FittedAttribute("n_samples_", "components", count_at_least(2)),
+    FittedAttribute("solver_", "components"),
+    # skdfm 0.1.0 scored with its score_type parameter
+    FittedAttribute(
+        "score_type_", "components", default=lambda state: state["score_type"]
+    ),
+    FittedAttribute("image_score_", "components", _image_score, default="sum"),
+    FittedAttribute("offset_", "threshold", finite_number()),
+    FittedAttribute("threshold_method_", "threshold", a_string),
+    FittedAttribute("score_range_", "threshold"),
+    FittedAttribute("pixel_threshold_", "pixel threshold", finite_number(0)),
+    FittedAttribute("pixel_threshold_method_", "pixel threshold", a_string),
 )
-#: Set by set_pixel_threshold only; a new batch of partial_fit drops them.
-_PIXEL_THRESHOLD = ("pixel_threshold_", "pixel_threshold_method_")
-#: Private state that is not pickled: the streaming statistics (a FeatureStatistics)
-#: and the fitted subspace as tensors on ``device_`` (rebuilt on load and device
-#: moves).
-_PRIVATE_STATE = ("_statistics", "_state")
+#: Computed from the statistics of partial_fit (by finish_partial_fit, but the
+#: threshold, which needs a second pass).
+_FROM_STATISTICS = names_set_by(DETECTOR_ATTRIBUTES, "components", "threshold")
+_THRESHOLD = names_set_by(DETECTOR_ATTRIBUTES, "threshold")
+#: What a new batch of partial_fit makes stale.
+_STALE_AFTER_BATCH = (
+    *_FROM_STATISTICS,
+    *names_set_by(DETECTOR_ATTRIBUTES, "pixel threshold"),
+)
+_NO_STREAMED_THRESHOLD = (
+    "This DFMDetector was fitted with partial_fit, which cannot set the threshold "
+    "offset_ in one pass: set it with skdfm.calibrate_threshold(model, X_normal, "
+    "method='contamination') on normal samples, or fit with "
+    "skdfm.stream_fit(..., threshold_batches=...)."
+)
+_NOT_FINISHED = (
+    "is computed from the statistics of partial_fit by finish_partial_fit(), which "
+    "score_samples, decision_function, predict and anomaly_maps call; call "
+    "det.finish_partial_fit() to read it now."
+)
 
 
-def _as_host_array(X):
-    """Torch tensors (any device, any float dtype) to numpy; other inputs unchanged."""
-    if isinstance(X, torch.Tensor):
-        X = X.detach()
-        if X.is_floating_point() and X.dtype not in (torch.float32, torch.float64):
-            X = X.to(torch.float32)
-        return X.cpu().numpy()
-    return X
+def _warn_new_stream(*, released: bool) -> None:
+    """partial_fit cannot continue a fit that holds no statistics: say so."""
+    how = (
+        "loaded from a file or fitted by stream_fit, which release the streaming "
+        "statistics"
+        if released
+        else "fitted with fit(), which keeps no streaming statistics"
+    )
+    warnings.warn(
+        f"partial_fit cannot continue this DFMDetector: it was {how}. It starts a "
+        "new streaming fit from this batch; the rows of the earlier fit are not "
+        "part of it.",
+        UserWarning,
+        stacklevel=5,  # the caller of partial_fit
+    )
+
+
+#: Private, never pickled: the streaming fit (its statistics) and the fitted
+#: subspace as tensors on ``device_`` (rebuilt on load and device moves).
+_PRIVATE = ("_stream", "_scoring")
 
 
 class DFMDetector(DeviceMixin, PersistenceMixin, OutlierMixin, BaseEstimator):
@@ -153,6 +259,9 @@ class DFMDetector(DeviceMixin, PersistenceMixin, OutlierMixin, BaseEstimator):
         Singular values of the centred training matrix.
     n_samples_ : int
         Number of training rows.
+    n_samples_seen_ : int
+        Number of rows a streaming fit (``partial_fit``, :func:`~skdfm.stream_fit`,
+        ``fit_from_statistics``) has seen; absent after ``fit``.
     solver_ : str
         The eigenproblem used, ``"gram"`` or ``"covariance"``.
     score_type_ : str
@@ -286,6 +395,9 @@ class DFMDetector(DeviceMixin, PersistenceMixin, OutlierMixin, BaseEstimator):
         "device": [str, torch.device],
     }
 
+    #: The streaming fit: its phase and statistics (never pickled).
+    _stream = StreamingFit()
+
     def __init__(
         self,
         *,
@@ -315,93 +427,39 @@ class DFMDetector(DeviceMixin, PersistenceMixin, OutlierMixin, BaseEstimator):
         )
         super()._validate_params()
 
-    def _resolve_grid(self, X, n_features: int):
-        """The fitted grid of the rows (``feature_shape``, else what ``X`` says),
-        checked against ``image_score``; sets ``feature_shape_``."""
-        names = vars(self).get("feature_names_in_")
-        self._set_grid(feature_shape_of(X, n_features, names), n_features)
-
-    def _set_grid(self, carried, n_features: int) -> None:
+    def _set_feature_shape(self, carried, n_features: int) -> None:
         """``feature_shape_`` from the grid the rows say (``carried``, or None) and
-        the ``feature_shape`` parameter, which must agree."""
-        shape = carried
-        if self.feature_shape is not None:
-            shape = check_feature_shape(self.feature_shape, n_features)
-            if carried is not None and carried != shape:
-                raise ValueError(
-                    f"feature_shape={shape} but X says its rows flatten a {carried} "
-                    "grid; drop feature_shape (X knows its grid) or fix it."
-                )
+        the ``feature_shape`` parameter, checked against ``image_score``."""
+        shape = agreed_feature_shape(carried, self.feature_shape, n_features)
         check_image_score(self.image_score, self.score_type, shape)
         self.feature_shape_ = shape
-
-    def _check_grid_of(self, X) -> None:
-        """Rows that say they flatten another grid than the fitted one are refused
-        (the layer or pooling of the features changed since fit)."""
-        fitted = self.feature_shape_
-        if fitted is None:
-            return
-        shape = feature_shape_of(X, int(np.prod(fitted)))
-        if shape is not None and shape != fitted:
-            raise ValueError(
-                f"X flattens a {shape} feature grid but this DFMDetector was fitted "
-                f"on a {fitted} grid: the features changed (layer or pooling); fit "
-                "the detector again."
-            )
 
     def _validate_features(self, X, *, reset: bool, min_samples=None):
         """Validated rows: a numpy array, or a float tensor left on its GPU."""
         min_samples = min_samples or (2 if reset else 1)
         check_has_data(X)
         if isinstance(X, torch.Tensor) and X.device.type != "cpu":
-            X = self._validate_device_tensor(X, reset, min_samples)
-            low, high = torch.aminmax(X)  # no copy of X
-            largest = max(float(high), -float(low))
+            X = check_device_rows(
+                X, min_samples, None if reset else self.n_features_in_
+            )
+            if reset:  # what validate_data records
+                self.n_features_in_ = X.shape[1]
+                vars(self).pop("feature_names_in_", None)
         else:
             X = validate_data(
                 self,
-                _as_host_array(X),
+                as_host_array(X),
                 reset=reset,
                 dtype=[np.float64, np.float32],
                 ensure_min_samples=min_samples,
             )
-            largest = max(float(X.max()), -float(X.min()))  # no copy of X
-        check_magnitude(largest, fitting=reset)
+        check_magnitude(largest_magnitude(X), fitting=reset)
         return X
 
-    def _validate_device_tensor(self, X, reset: bool, min_samples: int):
-        """``validate_data``'s checks, done on the device: no copy to the host."""
-        X = X.detach()
-        if X.ndim != 2:
-            raise ValueError(
-                f"Expected a 2D array of feature rows, got a {X.ndim}D tensor of "
-                f"shape {tuple(X.shape)}."
-            )
-        if X.is_complex():
-            raise ValueError("Complex data not supported.")
-        if X.dtype not in (torch.float32, torch.float64):
-            X = X.to(torch.float32 if X.is_floating_point() else torch.float64)
-        n_samples, n_features = X.shape
-        if n_samples < min_samples:
-            raise ValueError(
-                f"Found array with {n_samples} sample(s) (shape={tuple(X.shape)}) "
-                f"while a minimum of {min_samples} is required."
-            )
-        if n_features == 0:
-            raise ValueError(
-                "Found array with 0 feature(s) while a minimum of 1 is required."
-            )
-        if not bool(torch.isfinite(X).all()):
-            raise ValueError("Input X contains NaN or infinity.")
-        if reset:
-            self.n_features_in_ = n_features
-            vars(self).pop("feature_names_in_", None)
-        elif n_features != self.n_features_in_:
-            raise ValueError(
-                f"X has {n_features} features, but {type(self).__name__} is "
-                f"expecting {self.n_features_in_} features as input."
-            )
-        return X
+    def _carried_shape(self, X, valid):
+        """The grid ``X`` says its rows flatten (an attribute, or column names)."""
+        names = vars(self).get("feature_names_in_")
+        return feature_shape_of(X, valid.shape[1], names)
 
     # -- fitting ---------------------------------------------------------------------
 
@@ -421,110 +479,60 @@ class DFMDetector(DeviceMixin, PersistenceMixin, OutlierMixin, BaseEstimator):
         self : object
             Fitted estimator.
         """
-        with keep_state_on_error(self):  # a failed fit keeps the previous one
+        from ._tools.fitting import ThresholdRequest, fit_then_threshold
+
+        rows = pca = None
+
+        def fit_components():
+            nonlocal rows, pca
             self._forget_fit()
             device = resolve_device(self.device)
-            raw = X
-            X = self._validate_features(X, reset=True)
-            self._resolve_grid(raw, X.shape[1])
-            Xt = as_tensor(X, device)
-            pca = fit_pca(Xt, self._component_rule(*X.shape), solver=self.solver)
+            valid = self._validate_features(X, reset=True)
+            self._set_feature_shape(self._carried_shape(X, valid), valid.shape[1])
+            rows = as_tensor(valid, device)
+            pca = fit_pca(
+                rows,
+                _component_rule(self.pca_level, self.score_type, *valid.shape),
+                solver=self.solver,
+            )
             self.device_ = str(device)
-            self._set_components(pca, X.shape[0])
-            if self.threshold_cv is None:
-                self.set_threshold(
-                    self._training_scores(Xt, pca), contamination=self.contamination
-                )
-            else:  # the in-sample scores are not needed
-                self.set_threshold(
-                    self._cross_fitted_scores(Xt),
-                    contamination=self.contamination,
-                    method=f"contamination, {self.threshold_cv}-fold cross-fit",
-                )
-        return self
+            self._set_components(pca, valid.shape[0])
 
-    def _training_scores(self, Xt: torch.Tensor, pca: PCAFit) -> np.ndarray:
+        def threshold_scores():
+            if self.threshold_cv is None:
+                return self._training_scores(rows, pca)
+            check_threshold_cv(self.threshold_cv, rows.shape[0])
+            scores = cross_fitted_scores(
+                rows,
+                self.threshold_cv,
+                self.n_components_,
+                self.score_type,
+                solver=self.solver,
+                feature_shape=self.feature_shape_,
+                image_score=self.image_score,
+            )
+            return -_to_host(scores)
+
+        cv = self.threshold_cv
+        return fit_then_threshold(
+            self,
+            fit_components,
+            threshold_scores,
+            ThresholdRequest(self.contamination),
+            method=None if cv is None else f"contamination, {cv}-fold cross-fit",
+            warn_few=False,
+        )
+
+    def _training_scores(self, rows: torch.Tensor, pca: PCAFit) -> np.ndarray:
         """``score_samples`` of the training rows by this fit's model (free from
         the Gram route's projection when the image score is the sum)."""
         if pca.training_projection is None or self.image_score_ != "sum":
-            return self._scores(Xt)[0]
+            return self._scores(rows)[0]
         z, sq_norm = pca.training_projection
-        return -self._to_host(
-            score_projection(z, sq_norm, self._state, self.score_type)
-        )
-
-    def _cross_fitted_scores(self, Xt: torch.Tensor) -> np.ndarray:
-        """``score_samples`` of each training row by a model fitted without its
-        fold (rows ``i::k`` are fold ``i``), as large as this fit's model."""
-        k = self.threshold_cv
-        n, d = Xt.shape
-        if n < 2 * k:
-            raise ValueError(
-                f"threshold_cv={k} needs at least {2 * k} samples (2 per fold to "
-                f"fit on), got {n}."
-            )
-        grid = self.feature_shape_
-        scores = np.empty(n)
-        rows = torch.arange(n, device=Xt.device)
-        # Each fold's model keeps as many components as this fit's model (when its
-        # rows allow): it stands in for this model, so its size should match;
-        # re-applying pca_level to a fold's spectrum keeps fewer, and the held-out
-        # scores then overstate what this model gives new rows (measured in
-        # docs/thresholds.rst).
-        keep = self.n_components_
-        for fold in range(k):
-            held = rows[fold::k]
-            kept = rows[rows % k != fold]
-            train = Xt[kept]
-            most = min(train.shape[0] - 1, d - (1 if self.score_type == "fre" else 0))
-
-            def same_size(eigenvalues, total, rank_tol, most=most):
-                rank = int(np.count_nonzero(eigenvalues > rank_tol))
-                return min(keep, most, rank)
-
-            pca = fit_pca(train, same_size, self.solver)
-            state = ScoringState(
-                pca.mean,
-                pca.components,
-                gaussian_variances(pca.singular_values, train.shape[0]),
-            )
-            fold_scores, _ = score_rows(
-                Xt[held],
-                state,
-                self.score_type,
-                grid_shape=grid,
-                image_score=self.image_score,
-            )
-            scores[held.cpu().numpy()] = -self._to_host(fold_scores)
-        return scores
-
-    def _component_rule(self, n_samples: int, n_features: int) -> ComponentRule:
-        """The :data:`~skdfm._kernels.pca.ComponentRule` of ``pca_level``; raises
-        when an
-        integer ``pca_level`` cannot be met."""
-        max_components = min(
-            n_samples - 1, n_features - (1 if self.score_type == "fre" else 0)
-        )
-        level = self.pca_level
-        if isinstance(level, Integral) and level > max_components:
-            raise ValueError(
-                f"pca_level={level} components requested, but at most "
-                f"{max_components} can be kept with n_samples={n_samples} and "
-                f"n_features={n_features} (min(n_samples - 1, n_features"
-                f"{' - 1' if self.score_type == 'fre' else ''}) for "
-                f"score_type={self.score_type!r})."
-            )
-
-        def n_components(eigenvalues, total, rank_tol):
-            if isinstance(level, Integral):
-                return int(level)
-            k = n_components_for_level(eigenvalues, total, float(level), rank_tol)
-            return min(k, max_components)
-
-        return n_components
+        return -_to_host(score_projection(z, sq_norm, self._scoring, self.score_type))
 
     def _set_components(self, pca: PCAFit, n: int) -> None:
-        """Fitted attributes (numpy, pickled) and the scoring state (on device_,
+        """Fitted attributes (numpy, pickled) and the scoring tensors (on device_,
         not pickled) from one PCA fit; they share memory on CPU."""
         singular_values = pca.singular_values.cpu().numpy()
         self.solver_ = pca.solver
@@ -537,16 +545,16 @@ class DFMDetector(DeviceMixin, PersistenceMixin, OutlierMixin, BaseEstimator):
         self.n_samples_ = n
         self.explained_variance_ = singular_values**2 / (n - 1)
         self.explained_variance_ratio_ = singular_values**2 / pca.total_sum_squares
-        self._state = ScoringState(
+        self._scoring = ScoringState(
             pca.mean,
             pca.components,
             gaussian_variances(pca.singular_values, n),
             source=(self.mean_, self.components_, self.singular_values_),
         )
 
-    def _build_state(self, device: torch.device) -> None:
-        """The scoring state from the fitted arrays (after loading or moving)."""
-        self._state = ScoringState.from_arrays(
+    def _build_scoring(self, device: torch.device) -> None:
+        """The scoring tensors from the fitted arrays (after loading or moving)."""
+        self._scoring = ScoringState.from_arrays(
             self.mean_,
             self.components_,
             self.singular_values_,
@@ -555,8 +563,8 @@ class DFMDetector(DeviceMixin, PersistenceMixin, OutlierMixin, BaseEstimator):
         )
 
     def _forget_fit(self):
-        """Drop every fitted attribute, the scoring state and the statistics."""
-        for name in [k for k in vars(self) if k.endswith("_") or k in _PRIVATE_STATE]:
+        """Drop every fitted attribute, the scoring tensors and the streaming fit."""
+        for name in [k for k in vars(self) if k.endswith("_") or k in _PRIVATE]:
             if not name.startswith("__"):
                 delattr(self, name)
 
@@ -608,38 +616,24 @@ class DFMDetector(DeviceMixin, PersistenceMixin, OutlierMixin, BaseEstimator):
             return self._partial_fit(X, restart)
 
     def _partial_fit(self, X, restart: bool):
-        state = vars(self)
-        first = restart or "_statistics" not in state
-        if first and not restart and "n_features_in_" in state:
-            how = (
-                "loaded from a file or fitted by stream_fit, which release the "
-                "streaming statistics"
-                if "n_samples_seen_" in state
-                else "fitted with fit(), which keeps no streaming statistics"
-            )
-            warnings.warn(
-                f"partial_fit cannot continue this DFMDetector: it was {how}. It "
-                "starts a new streaming fit from this batch; the rows of the earlier "
-                "fit are not part of it.",
-                UserWarning,
-                stacklevel=4,
-            )
+        statistics = self._stream.statistics
+        first = restart or statistics is None
+        if first and not restart and "n_features_in_" in vars(self):
+            _warn_new_stream(released=self._stream.phase is StreamPhase.RELEASED)
         if first:
             self._forget_fit()
-        raw = X
-        X = self._validate_features(X, reset=first, min_samples=1)
+        rows = self._validate_features(X, reset=first, min_samples=1)
         if first:
-            self._resolve_grid(raw, X.shape[1])
-        else:
-            self._check_grid_of(raw)
-        if first:
+            self._set_feature_shape(self._carried_shape(X, rows), rows.shape[1])
             device = resolve_device(self.device)
             self.device_ = str(device)
-            self._statistics = FeatureStatistics(X.shape[1], device)
-        statistics = self._statistics
-        statistics.update(as_tensor(X, statistics.device))
-        for name in (*_STREAM_DERIVED, *_PIXEL_THRESHOLD, "_state"):
-            state.pop(name, None)
+            statistics = FeatureStatistics(rows.shape[1], device)
+        else:
+            check_same_feature_shape(X, self.feature_shape_)
+        statistics.update(as_tensor(rows, statistics.device))
+        for name in (*_STALE_AFTER_BATCH, "_scoring"):
+            vars(self).pop(name, None)
+        self._stream = StreamingFit(StreamPhase.GATHERING, statistics)
         self.n_samples_seen_ = statistics.count
         return self
 
@@ -664,21 +658,26 @@ class DFMDetector(DeviceMixin, PersistenceMixin, OutlierMixin, BaseEstimator):
         self : object
             The detector, its components set.
         """
-        state = vars(self)
-        if "_statistics" not in state:
-            if "n_samples_seen_" in state and "components_" in state:
-                return self  # finished and released already
+        stream = self._stream
+        if stream.phase is StreamPhase.RELEASED:
+            return self
+        statistics = stream.statistics
+        if statistics is None:
             raise NotFittedError(
                 "finish_partial_fit needs the statistics of partial_fit; this "
                 "DFMDetector has none (it is unfitted, or was fitted with fit)."
             )
-        statistics = self._statistics
-        if "components_" not in state:
+        if stream.phase is StreamPhase.GATHERING:
             check_image_score(self.image_score, self.score_type, self.feature_shape_)
-            rule = self._component_rule(statistics.count, statistics.n_features)
+            rule = _component_rule(
+                self.pca_level, self.score_type, statistics.count, statistics.n_features
+            )
             self._set_components(statistics.fit(rule), statistics.count)
-        if release:
-            del self._statistics
+        self._stream = (
+            StreamingFit(StreamPhase.RELEASED)
+            if release
+            else StreamingFit(StreamPhase.FINISHED, statistics)
+        )
         return self
 
     def streaming_statistics(self) -> FeatureStatistics:
@@ -695,12 +694,12 @@ class DFMDetector(DeviceMixin, PersistenceMixin, OutlierMixin, BaseEstimator):
         -------
         statistics : FeatureStatistics
         """
-        if "_statistics" not in vars(self):
+        statistics = self._stream.statistics
+        if statistics is None:
             raise NotFittedError(
                 "This DFMDetector holds no streaming statistics: call partial_fit "
                 "first (fit, and a finished stream_fit, keep none)."
             )
-        statistics = self._statistics
         statistics.feature_shape = self.feature_shape_
         self._forget_fit()
         return statistics
@@ -729,42 +728,28 @@ class DFMDetector(DeviceMixin, PersistenceMixin, OutlierMixin, BaseEstimator):
             self._forget_fit()
             n_features = statistics.n_features
             self.n_features_in_ = n_features
-            shape = statistics.feature_shape
-            if shape is not None:
-                shape = check_feature_shape(shape, n_features)
-            self._set_grid(shape, n_features)
+            self._set_feature_shape(statistics.feature_shape, n_features)
             device = resolve_device(self.device)
             self.device_ = str(device)
-            self._statistics = statistics.to(device)
+            statistics = statistics.to(device)
+            self._stream = StreamingFit(StreamPhase.GATHERING, statistics)
             self.n_samples_seen_ = statistics.count
             self.finish_partial_fit(release=True)
         return self
 
     def _finish_pending_stream(self) -> None:
         """Compute the components when ``partial_fit`` has changed the statistics."""
-        state = vars(self)
-        if "_statistics" in state and "components_" not in state:
+        if self._stream.phase is StreamPhase.GATHERING:
             self.finish_partial_fit()
 
     def __getattr__(self, name):
         # Only reached for missing attributes: explain the ones a streaming fit
         # has not set yet. Nothing is computed here.
-        state = vars(self)
-        if name in _THRESHOLD_ATTRIBUTES and "n_samples_seen_" in state:
-            raise NotFittedError(
-                "This DFMDetector was fitted with partial_fit, which cannot set "
-                "the threshold offset_ in one pass: set it with "
-                "skdfm.calibrate_threshold(model, X_normal, "
-                "method='contamination') on normal samples, or fit with "
-                "skdfm.stream_fit(..., threshold_batches=...)."
-            )
-        if name in _STREAM_DERIVED and "_statistics" in state:
-            raise AttributeError(
-                f"{name} is computed from the statistics of partial_fit by "
-                "finish_partial_fit(), which score_samples, decision_function, "
-                "predict and anomaly_maps call; call det.finish_partial_fit() to "
-                "read it now."
-            )
+        stream = self._stream
+        if name in _THRESHOLD and stream.phase is not StreamPhase.NONE:
+            raise NotFittedError(_NO_STREAMED_THRESHOLD)
+        if name in _FROM_STATISTICS and stream.statistics is not None:
+            raise AttributeError(f"{name} {_NOT_FINISHED}")
         raise AttributeError(
             f"{type(self).__name__!r} object has no attribute {name!r}"
         )
@@ -773,10 +758,10 @@ class DFMDetector(DeviceMixin, PersistenceMixin, OutlierMixin, BaseEstimator):
 
     def __getstate__(self):
         # The D x D statistics are not saved (2 GiB at D = 16384): finish the fit.
-        # The scoring state is rebuilt on load, on the device the model loads on.
+        # The scoring tensors are rebuilt on load, on the device the model loads on.
         self._finish_pending_stream()
         state = super().__getstate__()
-        for name in _PRIVATE_STATE:
+        for name in _PRIVATE:
             state.pop(name, None)
         return state
 
@@ -784,90 +769,43 @@ class DFMDetector(DeviceMixin, PersistenceMixin, OutlierMixin, BaseEstimator):
         state.setdefault("image_score", "sum")  # saved before image_score
         state.setdefault("feature_shape", None)
         state.setdefault("threshold_cv", None)  # saved before threshold_cv
-        if "components_" in state and "score_type_" not in state:  # skdfm 0.1.0
-            state["score_type_"] = state.get("score_type", "fre")
-        if "n_features_in_" in state:
-            state.setdefault("feature_shape_", None)
-        if "components_" in state:
-            state.setdefault("image_score_", "sum")
+        add_defaults(DETECTOR_ATTRIBUTES, state)
         super().__setstate__(state)
-        if "components_" in vars(self):
-            self._build_state(self._fitted_device)
+        if "n_samples_seen_" in state:  # streamed: the statistics were released
+            self._stream = StreamingFit(StreamPhase.RELEASED)
+        if "components_" in state:
+            self._build_scoring(self._fitted_device)
 
     def _check_state(self) -> None:
         super()._check_state()
-        if "components_" not in vars(self):
+        fitted = vars(self)
+        if "components_" not in fitted:
             return
         d, k = self.n_features_in_, self.n_components_
         if not (
             isinstance(d, Integral) and isinstance(k, Integral) and 0 <= k <= d >= 1
         ):
             raise ValueError(f"n_features_in_={d!r} and n_components_={k!r} clash.")
-        shapes = {
-            "mean_": (d,),
-            "components_": (k, d),
-            "singular_values_": (k,),
-            "explained_variance_": (k,),
-            "explained_variance_ratio_": (k,),
-        }
-        for name, shape in shapes.items():
-            value = getattr(self, name)
-            if not (
-                isinstance(value, np.ndarray)
-                and value.shape == shape
-                and value.dtype.kind == "f"
-                and np.isfinite(value).all()
-            ):
-                raise ValueError(
-                    f"{name} is not a finite float array of shape {shape}."
-                )
-        if not (isinstance(self.n_samples_, Integral) and self.n_samples_ >= 2):
-            raise ValueError(f"n_samples_={self.n_samples_!r} is not a count >= 2.")
-        if "offset_" in vars(self) and not (
-            isinstance(self.offset_, Real) and np.isfinite(self.offset_)
-        ):
-            raise ValueError(f"offset_={self.offset_!r} is not a finite number.")
-        pixel = vars(self).get("pixel_threshold_", 0.0)
-        if not (isinstance(pixel, Real) and np.isfinite(pixel) and pixel >= 0) or (
-            not isinstance(vars(self).get("pixel_threshold_method_", ""), str)
-        ):
-            raise ValueError(f"pixel_threshold_={pixel!r} is not a threshold.")
-        shape = vars(self).get("feature_shape_")
-        if shape is not None:
-            self.feature_shape_ = shape = check_feature_shape(shape, d)
-        image_score = vars(self).get("image_score_", "sum")
-        if not (
-            (isinstance(image_score, str) and image_score in IMAGE_SCORES)
-            or (
-                isinstance(image_score, Integral)
-                and not isinstance(image_score, bool)
-                and image_score >= 1
-            )
-        ):
-            raise ValueError(f"image_score_={image_score!r} is not an image score.")
-        check_image_score(image_score, self.score_type_, shape)
+        check_fitted(DETECTOR_ATTRIBUTES, fitted, {"d": d, "k": k})
+        check_image_score(self.image_score_, self.score_type_, self.feature_shape_)
 
     def _move_fitted_state(self, device: torch.device) -> None:
         if "components_" in vars(self):
-            self._build_state(device)
-        if "_statistics" in vars(self):
-            self._statistics.to(device)
+            self._build_scoring(device)
+        if self._stream.statistics is not None:
+            self._stream.statistics.to(device)
 
     # -- scoring ---------------------------------------------------------------------
 
-    @staticmethod
-    def _to_host(scores: torch.Tensor) -> np.ndarray:
-        return scores.cpu().numpy()
-
-    def _scoring_state(self) -> ScoringState:
+    def _current_scoring(self) -> ScoringState:
         """The fitted subspace on ``device_``; rebuilt only if the fitted arrays were
         replaced since it was built (``det.mean_ = ...``)."""
-        state = self._state
+        scoring = self._scoring
         fitted = (self.mean_, self.components_, self.singular_values_)
-        if any(a is not b for a, b in zip(state.source, fitted, strict=True)):
-            self._build_state(state.device)
-            state = self._state
-        return state
+        if any(a is not b for a, b in zip(scoring.source, fitted, strict=True)):
+            self._build_scoring(scoring.device)
+            scoring = self._scoring
+        return scoring
 
     def _check_score_type(self) -> None:
         """What was fitted is what scores: a changed score_type or image_score
@@ -890,19 +828,19 @@ class DFMDetector(DeviceMixin, PersistenceMixin, OutlierMixin, BaseEstimator):
                 "feature_shape=None."
             )
 
-    def _scores(self, X, grid_shape=None):
-        """``(score_samples, grid)`` of validated rows; no validation. The grid is
-        returned when ``grid_shape`` is given."""
-        state = self._scoring_state()
+    def _scores(self, X, feature_shape=None):
+        """``(score_samples, grid)`` of validated rows; no validation. The residual
+        grid is returned when ``feature_shape`` is given."""
+        scoring = self._current_scoring()
         scores, grid = score_rows(
-            as_tensor(X, state.device),
-            state,
+            as_tensor(X, scoring.device),
+            scoring,
             self.score_type_,
-            grid_shape=grid_shape or self.feature_shape_,
+            grid_shape=feature_shape or self.feature_shape_,
             image_score=self.image_score_,
-            return_grid=grid_shape is not None,
+            return_grid=feature_shape is not None,
         )
-        return -self._to_host(scores), grid
+        return -_to_host(scores), grid
 
     def score_samples(self, X):
         """Opposite of the anomaly score: higher means more normal.
@@ -921,7 +859,7 @@ class DFMDetector(DeviceMixin, PersistenceMixin, OutlierMixin, BaseEstimator):
         check_is_fitted(self)
         self._finish_pending_stream()
         self._check_score_type()
-        self._check_grid_of(X)
+        check_same_feature_shape(X, self.feature_shape_)
         X = self._validate_features(X, reset=False)
         return self._scores(X)[0]
 
@@ -953,23 +891,10 @@ class DFMDetector(DeviceMixin, PersistenceMixin, OutlierMixin, BaseEstimator):
         self._finish_pending_stream()
         self._check_score_type()
         check_has_grid(self.score_type_)
-        self._check_grid_of(X)
+        check_same_feature_shape(X, self.feature_shape_)
         X = self._validate_features(X, reset=False)
-        fitted = self.feature_shape_
-        if feature_shape is None:
-            if fitted is None:
-                raise ValueError(
-                    "This DFMDetector does not know the grid its rows flatten: pass "
-                    "feature_shape=(channels, rows, columns)."
-                )
-            feature_shape = fitted
-        feature_shape = check_feature_shape(feature_shape, X.shape[1])
-        if fitted is not None and feature_shape != fitted:
-            raise ValueError(
-                f"feature_shape={feature_shape} differs from the grid this "
-                f"DFMDetector was fitted on, {fitted}."
-            )
-        return self._scores(X, grid_shape=feature_shape)
+        shape = feature_shape_to_map(feature_shape, self.feature_shape_, X.shape[1])
+        return self._scores(X, shape)
 
     def set_threshold(self, scores, *, contamination=None, offset=None, method=None):
         """Set the decision threshold ``offset_`` from scores of samples (in place).
@@ -1001,24 +926,8 @@ class DFMDetector(DeviceMixin, PersistenceMixin, OutlierMixin, BaseEstimator):
             The detector, its threshold replaced.
         """
         check_is_fitted(self)
-        scores = np.asarray(scores, dtype=np.float64).ravel()
-        if scores.size == 0 or not np.isfinite(scores).all():
-            raise ValueError(
-                "set_threshold needs at least one score, all finite; got "
-                f"{scores.size} score(s)."
-            )
-        if (contamination is None) == (offset is None):
-            raise ValueError("Pass exactly one of contamination and offset.")
-        if contamination is not None:
-            contamination = check_contamination(contamination)
-            offset = np.percentile(scores, 100.0 * contamination)
-            method = "contamination" if method is None else method
-        elif not isinstance(method, str) or not np.isfinite(offset):
-            raise ValueError(
-                "set_threshold(offset=...) needs a finite offset and method, the "
-                f"name of how it was chosen; got offset={offset!r}, method={method!r}."
-            )
-        self.offset_ = float(offset)
+        scores, offset, method = check_threshold(scores, contamination, offset, method)
+        self.offset_ = offset
         self.threshold_method_ = method
         self.score_range_ = (float(scores.min()), float(scores.max()))
         return self

@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 from ._cache import FeatureCache, weights_digest
 from ._core.device import DeviceMixin, resolve_device
 from ._core.memory import check_fits_in_memory
-from ._core.persistence import PersistenceMixin
+from ._core.persistence import FittedAttribute, PersistenceMixin
 from ._core.validation import reject_bools
 from ._imaging.allocator import keep_freed_memory
 from ._imaging.backbone import (
@@ -30,7 +30,7 @@ from ._imaging.backbone import (
 from ._imaging.features import with_feature_shape
 from ._imaging.images import MAX_IMAGE_PIXELS, as_image_collection, model_input
 
-__all__ = ["DeepFeatureTransformer", "pool_feature_maps"]
+__all__ = ["TRANSFORMER_ATTRIBUTES", "DeepFeatureTransformer", "pool_feature_maps"]
 
 _AUTOCAST_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
 #: Parameters that decide what the features are: after fit, the fitted values are
@@ -41,6 +41,22 @@ _FEATURE_PARAMS = (
     "input_size",
     "pooling_kernel_size",
     "precision",
+)
+#: Every fitted attribute, all set by fit (the ``.skdfm`` allow-list reads it; the
+#: class docstring documents each; ``_check_state`` checks them on load).
+TRANSFORMER_ATTRIBUTES = tuple(
+    FittedAttribute(name, "fit")
+    for name in (
+        "backbone_",
+        "layer_",
+        "feature_shape_",
+        "input_size_",
+        "image_mean_",
+        "image_std_",
+        "device_",
+        "weights_digest_",
+        "feature_params_",
+    )
 )
 
 

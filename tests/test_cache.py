@@ -112,6 +112,7 @@ def _cache_in_a_worker(data):
     return empty, len(second), second.max_bytes, adopted_caches()
 
 
+@pytest.mark.slow
 def test_a_worker_process_keeps_one_empty_cache_per_original(images):
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor

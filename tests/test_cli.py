@@ -547,6 +547,7 @@ def test_files_over_the_pixel_limit_are_skipped_and_named(
     assert len(captured.out.strip().splitlines()) == 1 + 2
 
 
+@pytest.mark.slow
 def test_score_maps_memory_does_not_grow_with_the_number_of_images(tmp_path):
     import subprocess
     import sys
@@ -698,13 +699,13 @@ def test_image_score_of_an_nll_model_is_a_usage_error(good_dir, tmp_path, capsys
 def test_more_cells_than_the_grid_fails_before_the_features(
     good_dir, tmp_path, capsys, monkeypatch
 ):
-    import skdfm.cli
+    import skdfm.cli.fit
 
     batches = []
-    real = skdfm.cli._file_batches
+    real = skdfm.cli.fit.file_batches
     monkeypatch.setattr(
-        skdfm.cli,
-        "_file_batches",
+        skdfm.cli.fit,
+        "file_batches",
         lambda *a, **k: (batches.append(1) or b for b in real(*a, **k)),
     )
     code = main(["fit", str(good_dir), "-o", str(tmp_path / "m.skdfm"), "--random-init",
@@ -723,6 +724,7 @@ def fitted_model_file(good_dir, tmp_path):
     return path
 
 
+@pytest.mark.slow
 def test_export_then_score_without_torch_gives_the_same_table(
     fitted_model_file, good_dir, tmp_path, capsys
 ):

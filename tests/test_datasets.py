@@ -103,3 +103,29 @@ def test_missing_masks_can_be_left_to_the_caller(tmp_path):
     assert [p.split("/")[-2:] for p in missing] == [["hole", "000.png"]]
     with pytest.raises(ValueError, match="missing_masks"):
         load_mvtec(root, missing_masks="none")  # masks cannot be loaded then
+
+
+def test_read_mvtec_mask_gives_the_mask_or_the_reason(tmp_path):
+    from PIL import Image
+
+    from skdfm._evaluation.datasets import read_mvtec_mask
+
+    root = write_mvtec_tree(tmp_path / "bottle")
+    (root / "ground_truth" / "hole" / "000_mask.png").unlink()
+    (root / "ground_truth" / "scratch" / "000_mask.png").write_bytes(b"broken")
+    Image.fromarray(np.zeros((10, 10), np.uint8)).save(
+        root / "ground_truth" / "scratch" / "001_mask.png"
+    )
+    data = load_mvtec(root, load_masks=False, missing_masks="none")
+    good = read_mvtec_mask(data, 0, (20, 24))
+    assert good.shape == (20, 24) and good.dtype == bool and not good.any()
+    with pytest.raises(ValueError, match="no ground-truth mask"):
+        read_mvtec_mask(data, 2, (20, 24))  # hole/000
+    with pytest.raises(ValueError, match="unreadable mask"):
+        read_mvtec_mask(data, 3, (20, 24))  # scratch/000
+    with pytest.raises(ValueError, match="001_mask.png is 10x10, the image 20x24"):
+        read_mvtec_mask(data, 4, (20, 24))
+    full = load_mvtec(write_mvtec_tree(tmp_path / "intact"))
+    partial = load_mvtec(tmp_path / "intact", load_masks=False, missing_masks="none")
+    for i, mask in enumerate(full.masks):
+        np.testing.assert_array_equal(read_mvtec_mask(partial, i, mask.shape), mask)

@@ -9,6 +9,7 @@ from sklearn.exceptions import NotFittedError
 
 import skdfm._kernels.scores
 from skdfm import DFMDetector
+from skdfm._core.validation import check_device_rows
 
 from .conftest import make_features
 
@@ -421,10 +422,8 @@ def test_cuda_model_round_trips_with_joblib(features, tmp_path):
 def test_device_tensors_are_validated_where_they_are(features):
     # The checks that keep GPU tensors off the host, exercised on a CPU tensor.
     X_train, _ = features
-    det = DFMDetector(device="cpu")
     X = torch.from_numpy(X_train)
-    assert det._validate_device_tensor(X, True, 2) is not None
-    assert det.n_features_in_ == X.shape[1]
+    assert check_device_rows(X, 2) is not None
     checks = [
         (X[0], "2D"),
         (X[:1], "minimum of 2"),
@@ -434,11 +433,9 @@ def test_device_tensors_are_validated_where_they_are(features):
     ]
     for bad, message in checks:
         with pytest.raises(ValueError, match=message):
-            DFMDetector()._validate_device_tensor(bad, True, 2)
-    with pytest.raises(ValueError, match="expecting 300 features"):
-        det._validate_device_tensor(X[:, :-1], False, 1)
-    assert det._validate_device_tensor(X.half(), False, 1).dtype == torch.float32
-    assert det._validate_device_tensor(X.int(), False, 1).dtype == torch.float64
+            check_device_rows(bad, 2)
+    assert check_device_rows(X.half(), 1).dtype == torch.float32
+    assert check_device_rows(X.int(), 1).dtype == torch.float64
 
 
 @pytest.mark.cuda
@@ -454,6 +451,9 @@ def test_cuda_tensor_input_is_scored_without_leaving_the_gpu(features, host_copi
     np.testing.assert_allclose(scores, ref.score_samples(X_test), rtol=1e-6)
     with pytest.raises(ValueError, match="NaN or infinity"):
         det.score_samples(torch.full((2, 300), float("nan"), device="cuda"))
+    assert det.n_features_in_ == 300
+    with pytest.raises(ValueError, match="expecting 300 features"):
+        det.score_samples(X_gpu[:, :-1])
 
 
 # -- the detector's interface to the rest of the package ------------------------------
@@ -518,10 +518,10 @@ def test_score_samples_with_grid(features):
 def test_fitted_subspace_stays_on_the_device_between_calls(features, monkeypatch):
     X_train, X_test = features
     det = DFMDetector(device="cpu").fit(X_train)
-    state = det._state
+    scoring = det._scoring
     # On CPU the device copy is the fitted arrays themselves.
-    assert np.shares_memory(state.components.numpy(), det.components_)
-    assert np.shares_memory(state.mean.numpy(), det.mean_)
+    assert np.shares_memory(scoring.components.numpy(), det.components_)
+    assert np.shares_memory(scoring.mean.numpy(), det.mean_)
 
     def refuse(*args, **kwargs):
         raise AssertionError("the fitted arrays were converted again")
@@ -529,9 +529,9 @@ def test_fitted_subspace_stays_on_the_device_between_calls(features, monkeypatch
     monkeypatch.setattr(skdfm._kernels.scores.ScoringState, "from_arrays", refuse)
     for method in (det.score_samples, det.decision_function, det.predict):
         method(X_test)
-    assert det._state is state
-    det.fit(X_test)  # a new fit, a new state
-    assert det._state is not state
+    assert det._scoring is scoring
+    det.fit(X_test)  # a new fit, new scoring tensors
+    assert det._scoring is not scoring
 
 
 def test_to_device_moves_a_streaming_fit_too(features):
@@ -562,12 +562,14 @@ def test_to_device_moves_state_and_statistics_to_cuda(features):
     X_train, X_test = features
     reference = DFMDetector(device="cpu").fit(X_train).score_samples(X_test)
     det = DFMDetector(device="cpu").fit(X_train).to_device("cuda")
-    assert det._state.components.is_cuda and det.device_.startswith("cuda")
+    assert det._scoring.components.is_cuda and det.device_.startswith("cuda")
     np.testing.assert_allclose(det.score_samples(X_test), reference, rtol=1e-6)
     streaming = DFMDetector(device="cpu").partial_fit(X_train[:60])
     streaming.to_device("cuda")
-    assert streaming._scatter.matrix.is_cuda
     streaming.partial_fit(X_train[60:])
+    statistics = streaming.streaming_statistics()
+    assert statistics.device.type == "cuda" and statistics.rows.is_cuda
+    streaming.fit_from_statistics(statistics)
     np.testing.assert_allclose(streaming.score_samples(X_test), reference, rtol=1e-6)
 
 
@@ -773,3 +775,25 @@ def test_a_refused_first_batch_keeps_the_previous_fit(features):
     det.set_params(image_score="sum")
     np.testing.assert_array_equal(det.score_samples(X_test), before)
     assert "n_samples_seen_" not in vars(det)
+
+
+def documented_attributes(cls) -> set[str]:
+    """The names in the numpydoc Attributes section of ``cls``'s docstring."""
+    section = cls.__doc__.split("Attributes\n    ----------\n")[1]
+    section = section.split("\n    See Also\n")[0]
+    entries = re.findall(r"^    (\w+(?:, \w+)*) :", section, re.MULTILINE)
+    return {name for entry in entries for name in entry.split(", ")}
+
+
+def test_every_fitted_attribute_is_in_the_table_and_documented(features):
+    from skdfm._detector import DETECTOR_ATTRIBUTES
+
+    names = [row.name for row in DETECTOR_ATTRIBUTES]
+    assert len(set(names)) == len(names)
+    assert set(names) == documented_attributes(DFMDetector)
+    X_train, X_test = features
+    det = DFMDetector(device="cpu").fit(X_train)
+    det.set_pixel_threshold(1.0, method="by hand")
+    streamed = DFMDetector(device="cpu").partial_fit(X_train).finish_partial_fit()
+    for fitted in (det, streamed):
+        assert {k for k in vars(fitted) if k.endswith("_")} <= set(names)

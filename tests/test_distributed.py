@@ -89,6 +89,7 @@ def client():
         yield client
 
 
+@pytest.mark.slow
 def test_fit_on_the_cluster_equals_fit_on_one_machine(client, image_files):
     _, paths, y = image_files
     good = paths[y == 1]
@@ -152,6 +153,7 @@ def with_bad_files(image_files, tmp_path_factory):
     return good, mixed
 
 
+@pytest.mark.slow
 def test_unreadable_training_images_are_reported_not_lost(client, with_bad_files):
     good, mixed = with_bad_files
     with pytest.warns(skd.SkippedImagesWarning, match="3 training images") as caught:
@@ -377,6 +379,7 @@ def test_the_command_on_a_cluster_takes_relative_paths_and_holdout_0(
     assert [line.split("\t")[0] for line in out.strip().splitlines()] == ["path", *two]
 
 
+@pytest.mark.slow
 def test_the_command_reports_an_unreachable_scheduler(image_files, tmp_path, capsys):
     from skdfm.cli import main
 

@@ -36,6 +36,7 @@ def test_every_public_name_is_in_the_reference():
     assert [n for n in skdfm.distributed.__all__ if n not in section] == []
 
 
+@pytest.mark.slow
 def test_every_doctest_example_of_the_pages_runs():
     import doctest
 

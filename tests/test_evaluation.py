@@ -45,3 +45,46 @@ def test_without_masks_only_image_metrics():
     metrics = evaluation_metrics([1, -1], [0.0, -1.0], [1, -1], ["good", "dent"])
     assert metrics["overall"]["image_auroc"] == 1.0
     assert "pixel_auroc" not in metrics["overall"]
+
+
+def test_evaluate_mvtec_scores_every_readable_image_once(fitted_pipeline, tmp_path):
+    import copy
+
+    from skdfm import anomaly_maps, load_mvtec
+    from skdfm._evaluation.evaluation import evaluate_mvtec
+
+    from .conftest import write_mvtec_tree
+
+    root = write_mvtec_tree(tmp_path / "bottle", size=(40, 48))
+    (root / "test" / "good" / "001.png").write_bytes(b"broken")
+    (root / "ground_truth" / "hole" / "000_mask.png").unlink()
+    data = load_mvtec(root, load_masks=False, missing_masks="none")
+    result = evaluate_mvtec(fitted_pipeline, root)
+    assert [p.split("/")[-2:] for p, _ in result.skipped] == [["good", "001.png"]]
+    assert [p.split("/")[-2:] for p, _ in result.no_pixel_metrics] == [
+        ["hole", "000.png"]
+    ]
+    assert result.has_maps and result.has_masks
+    paths = [data.paths[i] for i in result.index]
+    assert len(paths) == 4 and result.y.tolist() == [1, -1, -1, -1]
+    expected = anomaly_maps(fitted_pipeline, paths)
+    np.testing.assert_allclose(result.score_samples, expected.score_samples)
+    np.testing.assert_array_equal(result.labels, expected.labels)
+    assert result.masks[1] is None and result.maps[1] is None  # hole: no mask
+    np.testing.assert_allclose(result.maps[2], expected.maps[2])
+    assert result.masks[0].shape == (40, 48) and not result.masks[0].any()
+    assert result.metrics == evaluation_metrics(
+        result.y, result.score_samples, result.labels, result.defect_types,
+        result.masks, result.maps,
+    )  # fmt: skip
+    assert result.metrics["overall"]["pixel_images"] == 3
+    # an nll model: image metrics only; no readable image: an error
+    nll = copy.deepcopy(fitted_pipeline)
+    nll[-1].set_params(score_type="nll").fit(nll[0].transform(paths))
+    result = evaluate_mvtec(nll, root)
+    assert not result.has_maps and "pixel_auroc" not in result.metrics["overall"]
+    assert all(m is None for m in result.masks) and result.no_pixel_metrics == []
+    for path in (root / "test").rglob("*.png"):
+        path.write_bytes(b"broken")
+    with pytest.raises(ValueError, match="no readable images in"):
+        evaluate_mvtec(fitted_pipeline, root)

@@ -3,6 +3,8 @@
 import runpy
 from pathlib import Path
 
+import pytest
+
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
 
@@ -15,6 +17,7 @@ def test_quickstart_runs(capsys):
     assert auc > 0.9
 
 
+@pytest.mark.slow
 def test_image_pipeline_runs(capsys, monkeypatch):
     import skdfm._imaging.backbone
 

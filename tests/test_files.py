@@ -62,7 +62,7 @@ def temporary_files(folder: Path) -> list[str]:
 
 @pytest.fixture
 def writer_script(tmp_path):
-    module = Path(skdfm.__file__).parent / "_files.py"
+    module = Path(skdfm.__file__).parent / "_core" / "files.py"
     script = tmp_path / "writer.py"
     script.write_text(WRITER.format(module=str(module), size=SIZE))
     return script
@@ -72,6 +72,7 @@ def writer_script(tmp_path):
     "kill, handle_term",
     [(signal.SIGKILL, False), (signal.SIGTERM, False), (signal.SIGTERM, True)],
 )
+@pytest.mark.slow
 def test_killed_writers_leave_a_complete_file(
     writer_script, tmp_path, kill, handle_term
 ):

@@ -60,11 +60,11 @@ def test_move_model_sets_parameters_devices_and_state(fitted_pipeline, defect_im
     model = copy.deepcopy(fitted_pipeline)
     model.set_params(deepfeaturetransformer__device="auto", dfmdetector__device="auto")
     before = model.score_samples(images)
-    state = model[1]._state
+    state = model[1]._scoring
     move_model(model, "cpu")
     for part in model:
         assert part.device == "cpu" and part.device_ == "cpu"
-    assert model[1]._state is not state  # rebuilt for the new device
+    assert model[1]._scoring is not state  # rebuilt for the new device
     assert next(model[0].backbone_.parameters()).device == torch.device("cpu")
     np.testing.assert_array_equal(model.score_samples(images), before)
     with pytest.raises(ValueError, match="not a valid device"):
@@ -80,8 +80,8 @@ def test_move_model_to_cuda_and_back(fitted_pipeline, defect_images):
     reference = model.score_samples(images)
     move_model(model, "cuda")
     assert next(model[0].backbone_.parameters()).is_cuda
-    assert model[1]._state.components.is_cuda and model[1].device_.startswith("cuda")
+    assert model[1]._scoring.components.is_cuda and model[1].device_.startswith("cuda")
     np.testing.assert_allclose(model.score_samples(images), reference, rtol=1e-4)
     move_model(model, "cpu")
-    assert not model[1]._state.components.is_cuda
+    assert not model[1]._scoring.components.is_cuda
     np.testing.assert_allclose(model.score_samples(images), reference, rtol=1e-4)

@@ -51,7 +51,7 @@ def test_models_saved_by_skdfm_0_1_0_load_and_score_the_same():
     assert isinstance(detector, DFMDetector)
     # state 0.1.0 did not have is rebuilt on load
     assert transformer.weights_digest_ == weights_digest(transformer.backbone_)
-    assert detector._state.components.shape == detector.components_.T.shape
+    assert detector._scoring.components.shape == detector.components_.T.shape
     # parameters and fitted attributes added since take anomalib's defaults
     assert detector.get_params()["image_score"] == detector.image_score_ == "sum"
     assert detector.feature_shape is None and detector.feature_shape_ is None
@@ -72,11 +72,14 @@ def test_scoring_state_is_not_pickled_and_is_rebuilt(features):
     X_train, X_test = features
     det = DFMDetector(device="cpu").fit(X_train)
     state = det.__getstate__()
-    assert "_state" not in state and "_scatter" not in state
+    # parameters and fitted attributes only: nothing private (device tensors,
+    # streaming statistics) but the version stamps
+    private = {k for k in state if k.startswith("_")}
+    assert private <= {"_skdfm_version", "_sklearn_version"}
     loaded = pickle.loads(pickle.dumps(det))
     # on CPU the state shares memory with the fitted arrays: no second copy
-    assert np.shares_memory(loaded._state.components.numpy(), loaded.components_)
-    assert np.shares_memory(loaded._state.mean.numpy(), loaded.mean_)
+    assert np.shares_memory(loaded._scoring.components.numpy(), loaded.components_)
+    assert np.shares_memory(loaded._scoring.mean.numpy(), loaded.mean_)
     np.testing.assert_array_equal(
         loaded.score_samples(X_test), det.score_samples(X_test)
     )

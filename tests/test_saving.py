@@ -78,6 +78,7 @@ def fitted_models(images, y):
         yield f"streamed {score_type}", streamed, images[:12]
 
 
+@pytest.mark.slow
 def test_round_trips_in_a_fresh_process_are_bit_identical(defect_images, tmp_path):
     images, y, _ = defect_images
     models = list(fitted_models(images, y))
@@ -330,6 +331,7 @@ def test_feature_names_round_trip(tmp_path):
     np.testing.assert_array_equal(loaded.score_samples(X), det.score_samples(X))
 
 
+@pytest.mark.slow
 def test_save_killed_mid_write_leaves_the_previous_model(tmp_path):
     """skdfm.save itself under SIGKILL: the file on disk always loads, and is
     either the first model or the second, never a mix or a stub."""

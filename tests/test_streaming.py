@@ -157,7 +157,9 @@ def test_fit_discards_streaming_statistics(features):
     X_train, X_test = features
     det = _streamed(X_train, [60, 60])
     det.fit(X_train[:50])
-    assert "_scatter" not in vars(det) and "n_samples_seen_" not in vars(det)
+    assert not hasattr(det, "n_samples_seen_")
+    with pytest.raises(NotFittedError, match="holds no streaming statistics"):
+        det.streaming_statistics()
     assert det.n_samples_ == 50
     with pytest.warns(UserWarning, match="fitted with fit"):
         det.partial_fit(X_train[:10])  # nothing to continue from: a new fit
@@ -187,8 +189,13 @@ def test_pickling_finishes_the_fit_without_the_statistics(features):
     calibrate_threshold(det, X_test, method="contamination")
     blob = pickle.dumps(det)
     assert len(blob) < 2 * det.components_.nbytes + 10 * X_train.shape[1] * 8
+    assert not {k for k in det.__getstate__() if k.startswith("_")} - {
+        "_skdfm_version",
+        "_sklearn_version",
+    }
     loaded = pickle.loads(blob)
-    assert "_scatter" not in vars(loaded)
+    with pytest.raises(NotFittedError, match="holds no streaming statistics"):
+        loaded.streaming_statistics()
     np.testing.assert_array_equal(loaded.predict(X_test), det.predict(X_test))
     with pytest.warns(UserWarning, match="loaded from a file"):
         loaded.partial_fit(X_train)  # the rows seen before saving are not in it
@@ -280,7 +287,9 @@ def test_partial_fit_on_cuda_matches_cpu(features):
     for batch in (X_train[:50], torch.from_numpy(X_train[50:]).cuda()):
         det.partial_fit(batch)
     assert det.device_.startswith("cuda")
-    assert det._scatter.matrix.device.type == "cuda"
+    statistics = det.streaming_statistics()  # what a worker would send
+    assert statistics.device.type == "cuda" and statistics.rows.is_cuda
+    det.fit_from_statistics(statistics)
     _assert_same_model(det, DFMDetector(device="cpu").fit(X_train), X_test)
 
 

@@ -237,3 +237,43 @@ def test_bad_pixel_thresholds_are_refused(fitted_pipeline, defect_images):
     nll[-1].set_params(score_type="nll").fit(model[0].transform(images[y == 1]))
     with pytest.raises(ValueError, match="fre"):
         nll[-1].set_pixel_threshold(1.0, method="by hand")
+
+
+def test_one_pixel_threshold_rule_at_the_input_size(fitted_pipeline, defect_images):
+    """calibrate_pixel_threshold (images) and the fits (feature rows) share one
+    rule: maps at the model's input size, whatever the images' sizes."""
+    from PIL import Image
+
+    from skdfm import anomaly_maps, calibrate_pixel_threshold
+    from skdfm._tools.thresholds import calibrate_pixel_threshold_from_features
+
+    images, y, masks = defect_images
+    # images of two other sizes than the 64 px input: each weighs the same
+    resized = [
+        Image.fromarray(image).resize((96, 80) if i % 2 else (48, 40))
+        for i, image in enumerate(images[20:])
+    ]
+    model = copy.deepcopy(fitted_pipeline)
+    calibrate_pixel_threshold(model, resized, pixel_contamination=0.01)
+    by_images = model[-1].pixel_threshold_
+    maps = anomaly_maps(model, resized, size="input").maps
+    assert by_images == pytest.approx(np.quantile(maps, 0.99))
+    rows = model[0].transform(resized)
+    calibrate_pixel_threshold_from_features(model, rows, pixel_contamination=0.01)
+    assert model[-1].pixel_threshold_ == by_images
+    # masks at each image's size are brought to the input size (nearest pixel)
+    big = [np.kron(m, np.ones((2, 2), bool)) for m in masks[20:]]  # 128 px
+    bigger = [Image.fromarray(image).resize((128, 128)) for image in images[20:]]
+    calibrate_pixel_threshold(model, bigger, big)
+    from_big = model[-1].pixel_threshold_
+    calibrate_pixel_threshold_from_features(
+        model, model[0].transform(bigger), list(masks[20:])
+    )
+    assert model[-1].pixel_threshold_ == from_big
+    assert model[-1].pixel_threshold_method_ == "f1"
+    with pytest.raises(ValueError, match="mask 0 has shape .* its image is"):
+        calibrate_pixel_threshold(model, bigger, masks[20:])
+    with pytest.raises(ValueError, match="pass the Pipeline"):
+        calibrate_pixel_threshold(model[-1], rows)
+    with pytest.raises(ValueError, match="pass the Pipeline"):
+        calibrate_pixel_threshold_from_features(model[-1], rows)

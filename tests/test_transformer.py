@@ -844,3 +844,12 @@ def test_several_layers_round_trip(images, tmp_path):
         assert loaded[0].layer_ == ("layer2", "layer3")
         assert loaded[1].feature_shape_ == pipe[0].feature_shape_
         np.testing.assert_array_equal(loaded.score_samples(images), expected)
+
+
+def test_every_fitted_attribute_is_in_the_table_and_documented():
+    from skdfm._transformer import TRANSFORMER_ATTRIBUTES
+
+    from .test_detector import documented_attributes
+
+    names = {row.name for row in TRANSFORMER_ATTRIBUTES}
+    assert names == documented_attributes(DeepFeatureTransformer)

@@ -8,12 +8,76 @@ GPU loads and computes on a machine without one.
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from typing import Any, NamedTuple
 
 from .device import loadable_device
 
-__all__ = ["PersistenceMixin", "SkdfmVersionWarning", "keep_state_on_error"]
+__all__ = [
+    "OPTIONAL",
+    "REQUIRED",
+    "FittedAttribute",
+    "PersistenceMixin",
+    "SkdfmVersionWarning",
+    "add_defaults",
+    "check_fitted",
+    "keep_state_on_error",
+    "names_set_by",
+]
+
+#: ``FittedAttribute.default`` of an attribute every pickle that holds its group
+#: holds (loading refuses one without it) ...
+REQUIRED = object()
+#: ... and of one that may be absent whatever its group (``feature_names_in_``).
+OPTIONAL = object()
+
+
+class FittedAttribute(NamedTuple):
+    """One row of an estimator's table of fitted attributes.
+
+    The table is the one list of them: the pickle checks, the ``.skdfm``
+    allow-list and the estimator's own groups (what a new streaming batch drops,
+    ...) read it, and a test holds it equal to the docstring's Attributes section.
+    """
+
+    name: str
+    #: What sets it, a group name of the estimator's (e.g. ``"components"``).
+    set_by: str
+    #: How loading checks it (``check(name, value, sizes) -> value``, from
+    #: :mod:`~skdfm._core.validation`), or None: not checked alone.
+    check: Callable[[str, Any, dict], Any] | None = None
+    #: Given to pickles saved before it existed that hold the rest of its group: a
+    #: value, or a function of the pickled state; or REQUIRED, or OPTIONAL.
+    default: Any = REQUIRED
+
+
+def names_set_by(table, *groups: str) -> tuple[str, ...]:
+    """The names of ``table``'s attributes set by any of ``groups``."""
+    return tuple(row.name for row in table if row.set_by in groups)
+
+
+def add_defaults(table, state: dict) -> None:
+    """Give an old pickle's ``state`` (in place) the attributes it predates: each
+    one with a default whose group the pickle holds."""
+    held = {row.set_by for row in table if row.name in state}
+    for row in table:
+        default = row.default
+        if default is not REQUIRED and default is not OPTIONAL and row.set_by in held:
+            state.setdefault(row.name, default(state) if callable(default) else default)
+
+
+def check_fitted(table, fitted: dict, sizes: dict) -> None:
+    """Refuse a REQUIRED attribute missing from its group; run each present
+    attribute's check and store what it returns (a list read from a file becomes
+    the tuple it was)."""
+    held = {row.set_by for row in table if row.name in fitted}
+    for row in table:
+        if row.name not in fitted:
+            if row.default is REQUIRED and row.set_by in held:
+                raise ValueError(f"{row.name} is missing.")
+        elif row.check is not None:
+            fitted[row.name] = row.check(row.name, fitted[row.name], sizes)
 
 
 @contextmanager
@@ -44,7 +108,7 @@ class PersistenceMixin:
 
     Fitted state must be numpy or plain Python (never device tensors), so that the
     pickle is portable; ``device_`` is the only device-bound attribute. Device
-    copies of fitted state (the detector's private ``_state``) are dropped by the
+    copies of fitted state (the detector's private ``_scoring``) are dropped by the
     estimator's ``__getstate__`` and rebuilt by its ``__setstate__``.
     """
 

@@ -1,13 +1,33 @@
-"""Parameter checks scikit-learn's constraints do not make."""
+"""Checks scikit-learn's constraints and ``validate_data`` do not make.
+
+Parameters (bools refused as numbers, ``contamination``, ``threshold_cv`` against
+the rows), feature rows (tensors checked on their device, magnitudes float64 can
+square) and fitted state read from a file (the checks an estimator's table of
+fitted attributes names).
+"""
 
 from __future__ import annotations
 
-from numbers import Real
+from numbers import Integral, Real
 
 import numpy as np
+import torch
 from sklearn.utils._param_validation import InvalidParameterError
 
-__all__ = ["check_contamination", "check_magnitude", "reject_bools"]
+__all__ = [
+    "a_string",
+    "as_host_array",
+    "check_contamination",
+    "check_device_rows",
+    "check_magnitude",
+    "check_threshold",
+    "check_threshold_cv",
+    "count_at_least",
+    "finite_float_array",
+    "finite_number",
+    "largest_magnitude",
+    "reject_bools",
+]
 
 
 def reject_bools(estimator, names) -> None:
@@ -55,3 +75,154 @@ def check_contamination(contamination) -> float:
             f"contamination={contamination!r} must be a float in (0, 0.5]."
         )
     return float(contamination)
+
+
+def check_threshold(scores, contamination, offset, method):
+    """``(scores, offset, method)`` of ``set_threshold``'s arguments: finite float64
+    scores, and the ``contamination`` quantile of them (method ``"contamination"``
+    unless named) or the finite ``offset`` given with the ``method`` that chose it."""
+    scores = np.asarray(scores, dtype=np.float64).ravel()
+    if scores.size == 0 or not np.isfinite(scores).all():
+        raise ValueError(
+            "set_threshold needs at least one score, all finite; got "
+            f"{scores.size} score(s)."
+        )
+    if (contamination is None) == (offset is None):
+        raise ValueError("Pass exactly one of contamination and offset.")
+    if contamination is not None:
+        contamination = check_contamination(contamination)
+        offset = np.percentile(scores, 100.0 * contamination)
+        method = "contamination" if method is None else method
+    elif not isinstance(method, str) or not np.isfinite(offset):
+        raise ValueError(
+            "set_threshold(offset=...) needs a finite offset and method, the "
+            f"name of how it was chosen; got offset={offset!r}, method={method!r}."
+        )
+    return scores, float(offset), method
+
+
+def check_threshold_cv(threshold_cv: int, n_samples: int) -> None:
+    """Cross-fitting fits each fold's model on the other folds: 2 rows per fold."""
+    if n_samples < 2 * threshold_cv:
+        raise ValueError(
+            f"threshold_cv={threshold_cv} needs at least {2 * threshold_cv} samples "
+            f"(2 per fold to fit on), got {n_samples}."
+        )
+
+
+# -- feature rows --------------------------------------------------------------------
+
+
+def as_host_array(X):
+    """Torch tensors (any device, any float dtype) to numpy; other inputs unchanged."""
+    if isinstance(X, torch.Tensor):
+        X = X.detach()
+        if X.is_floating_point() and X.dtype not in (torch.float32, torch.float64):
+            X = X.to(torch.float32)
+        return X.cpu().numpy()
+    return X
+
+
+def check_device_rows(
+    X: torch.Tensor, min_samples: int, n_features_in: int | None = None
+) -> torch.Tensor:
+    """``validate_data``'s checks of a feature matrix, done on its device (no copy to
+    the host); float32 or float64 rows back. With ``n_features_in``, the rows must
+    have that many features (the caller records it when fitting)."""
+    X = X.detach()
+    if X.ndim != 2:
+        raise ValueError(
+            f"Expected a 2D array of feature rows, got a {X.ndim}D tensor of "
+            f"shape {tuple(X.shape)}."
+        )
+    if X.is_complex():
+        raise ValueError("Complex data not supported.")
+    if X.dtype not in (torch.float32, torch.float64):
+        X = X.to(torch.float32 if X.is_floating_point() else torch.float64)
+    n_samples, n_features = X.shape
+    if n_samples < min_samples:
+        raise ValueError(
+            f"Found array with {n_samples} sample(s) (shape={tuple(X.shape)}) "
+            f"while a minimum of {min_samples} is required."
+        )
+    if n_features == 0:
+        raise ValueError(
+            "Found array with 0 feature(s) while a minimum of 1 is required."
+        )
+    if not bool(torch.isfinite(X).all()):
+        raise ValueError("Input X contains NaN or infinity.")
+    if n_features_in is not None and n_features != n_features_in:
+        raise ValueError(
+            f"X has {n_features} features, but the detector is expecting "
+            f"{n_features_in} features as input."
+        )
+    return X
+
+
+def largest_magnitude(X) -> float:
+    """``max(|X|)`` of a numpy array or a tensor, without a copy of ``X``."""
+    if isinstance(X, torch.Tensor):
+        low, high = torch.aminmax(X)
+        return max(float(high), -float(low))
+    return max(float(X.max()), -float(X.min()))
+
+
+# -- fitted state read from a file ----------------------------------------------------
+# Checks of a loaded fitted attribute, as named in an estimator's table of them
+# (``FittedAttribute.check``): ``check(name, value, sizes) -> value``, ``sizes``
+# naming the dimensions (``{"d": n_features_in_, "k": n_components_}``). Each raises
+# a ValueError naming the attribute.
+
+
+def finite_float_array(*dims: str):
+    """A finite float ndarray whose shape is ``dims`` looked up in ``sizes``."""
+
+    def check(name, value, sizes):
+        shape = tuple(sizes[dim] for dim in dims)
+        if not (
+            isinstance(value, np.ndarray)
+            and value.shape == shape
+            and value.dtype.kind == "f"
+            and np.isfinite(value).all()
+        ):
+            raise ValueError(f"{name} is not a finite float array of shape {shape}.")
+        return value
+
+    return check
+
+
+def count_at_least(minimum: int):
+    """An int (not a bool) of at least ``minimum``."""
+
+    def check(name, value, sizes):
+        if isinstance(value, bool) or not (
+            isinstance(value, Integral) and value >= minimum
+        ):
+            raise ValueError(f"{name}={value!r} is not a count >= {minimum}.")
+        return value
+
+    return check
+
+
+def finite_number(minimum: float | None = None):
+    """A finite real number (not a bool), at least ``minimum`` when given."""
+
+    def check(name, value, sizes):
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, Real)
+            or not np.isfinite(value)
+            or (minimum is not None and value < minimum)
+        ):
+            at_least = "" if minimum is None else f" >= {minimum:g}"
+            raise ValueError(f"{name}={value!r} is not a finite number{at_least}.")
+        return value
+
+    return check
+
+
+def a_string(name, value, sizes):
+    """A str."""
+    if not isinstance(value, str):
+        raise ValueError(f"{name}={value!r} is not a str.")
+    return value

@@ -13,7 +13,7 @@ from sklearn.utils._param_validation import Interval, StrOptions, validate_param
 
 from .._imaging.images import IMAGE_SUFFIXES, open_image, read_image_size
 
-__all__ = ["load_mvtec", "make_defect_images", "read_mask"]
+__all__ = ["load_mvtec", "make_defect_images", "read_mask", "read_mvtec_mask"]
 
 TEXTURES = ("woven", "brushed", "grain")
 DEFECTS = ("scratch", "crack", "stain", "hole")
@@ -312,3 +312,50 @@ def load_mvtec(category_dir, *, split="test", load_masks=True, missing_masks="ra
         mask_paths=mask_paths,
         masks=masks,
     )
+
+
+def read_mvtec_mask(data, index: int, size: tuple[int, int]) -> np.ndarray:
+    """The ground-truth mask of image ``index`` of an MVTec category.
+
+    For callers that keep going past a defective image without a usable mask
+    (``skdfm evaluate`` leaves it out of the pixel metrics only): each reason is
+    a ``ValueError`` naming it.
+
+    Parameters
+    ----------
+    data : Bunch
+        :func:`load_mvtec`'s result (``load_masks=False, missing_masks="none"``
+        lists the images without reading a mask).
+    index : int
+        The image, in ``data.paths``.
+    size : tuple of (int, int)
+        ``(height, width)`` of the image file (a decoded image's original size).
+
+    Returns
+    -------
+    mask : ndarray of bool of shape ``size``
+        True on defective pixels; all False for a good image.
+
+    Raises
+    ------
+    ValueError
+        The mask file is missing, cannot be read, or is not of ``size``.
+    """
+    size = tuple(size)
+    if data.y[index] == 1:
+        return np.zeros(size, bool)
+    path = data.mask_paths[index]
+    if path is None:
+        raise ValueError(
+            "no ground-truth mask (expected ground_truth/<defect>/<name>_mask.png)"
+        )
+    try:
+        mask = read_mask(path)
+    except (OSError, ValueError) as error:
+        raise ValueError(f"unreadable mask: {error}") from error
+    if mask.shape != size:
+        raise ValueError(
+            f"its mask {path} is {mask.shape[0]}x{mask.shape[1]}, the image "
+            f"{size[0]}x{size[1]}"
+        )
+    return mask

@@ -9,12 +9,16 @@ anomalous images (pixels) as the positive class, as anomalib reports it.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import NamedTuple
+
 import numpy as np
 from sklearn.metrics import average_precision_score, precision_recall_fscore_support
 
 from .metrics import aupro, image_auroc, pixel_auroc
 
-__all__ = ["evaluation_metrics"]
+__all__ = ["MVTecEvaluation", "evaluate_mvtec", "evaluation_metrics"]
 
 
 def _image_metrics(y, scores, labels) -> dict:
@@ -93,3 +97,130 @@ def evaluation_metrics(y, scores, labels, defect_types, masks=None, maps=None):
         metrics.update(pixels(keep))
         per_defect[str(kind)] = metrics
     return {"overall": overall, "per_defect": per_defect}
+
+
+class MVTecEvaluation(NamedTuple):
+    """Result of :func:`evaluate_mvtec`: one entry per readable image, in the
+    order of ``data.paths``."""
+
+    #: :func:`~skdfm.load_mvtec`'s listing of the category (every image)
+    data: object
+    #: (n,) indices into ``data.paths`` of the images that could be read
+    index: np.ndarray
+    #: (n,) ``1`` good, ``-1`` defective
+    y: np.ndarray
+    #: (n,) ``score_samples`` (higher = more normal)
+    score_samples: np.ndarray
+    #: (n,) labels at the model's threshold
+    labels: np.ndarray
+    #: defect type of each image (``"good"`` for good images)
+    defect_types: list
+    #: ground truth at each image's size, or None where the pixel metrics leave
+    #: the image out (no maps, no ground_truth folder, no usable mask)
+    masks: list
+    #: anomaly maps at each image's size where ``masks`` has one, else None
+    maps: list
+    #: :func:`evaluation_metrics` of the images
+    metrics: dict
+    #: ``(path, reason)`` of the images that could not be read
+    skipped: list
+    #: ``(path, reason)`` of the defective images without a usable mask (in the
+    #: image metrics only)
+    no_pixel_metrics: list
+    #: whether the model has maps (``score_type="fre"``)
+    has_maps: bool
+    #: whether the category has a ground_truth folder
+    has_masks: bool
+
+
+def _batches_of(transformer) -> Callable[[list], Iterable]:
+    from .._imaging.decode import read_image_files
+
+    return lambda paths: read_image_files(
+        paths, transformer.batch_size, transformer.max_image_pixels
+    )
+
+
+def evaluate_mvtec(model, category_dir, *, batches=None) -> MVTecEvaluation:
+    """Score a category in the MVTec AD layout and compute its metrics.
+
+    Every file of ``<category>/test`` is decoded once, one batch at a time:
+    scores and labels of each readable image and, for an ``fre`` model, its
+    anomaly map at the image's size (one backbone pass). Image metrics take
+    every readable image; pixel metrics the ones with a ground-truth mask. A
+    category without a ``ground_truth`` folder is evaluated on images only; with
+    one, a defective image whose mask is missing, unreadable or of another size
+    is left out of the pixel metrics only (listed in ``no_pixel_metrics``).
+    Unreadable images are left out and listed in ``skipped``.
+
+    Parameters
+    ----------
+    model : Pipeline
+        A fitted ``Pipeline(DeepFeatureTransformer, DFMDetector)``.
+    category_dir : str or path-like
+        The category folder (see :func:`~skdfm.load_mvtec`).
+    batches : callable, default=None
+        ``batches(paths)`` yields the files decoded, as
+        :func:`~skdfm._imaging.decode.read_image_files` does (``paths``,
+        ``images`` and ``failed`` of each batch), e.g. to show progress; None:
+        ``read_image_files`` in the transformer's batch size and pixel limit.
+
+    Returns
+    -------
+    evaluation : MVTecEvaluation
+        Per-image scores, labels, masks and maps, the metrics
+        (:func:`evaluation_metrics`) and what was left out and why.
+
+    Raises
+    ------
+    FileNotFoundError, ValueError
+        ``category_dir`` is not a category (see :func:`~skdfm.load_mvtec`), or
+        none of its images can be read.
+    """
+    from .._core.model import split_model
+    from .._deploy.results import AnomalyMaps
+    from .._imaging.decode import original_size
+    from .._tools.maps import anomaly_maps
+    from .datasets import load_mvtec, read_mvtec_mask
+
+    transformer, detector = split_model(model)
+    data = load_mvtec(category_dir, load_masks=False, missing_masks="none")
+    has_maps = detector.score_type == "fre"
+    has_masks = (Path(category_dir) / "ground_truth").is_dir()
+    read = batches if batches is not None else _batches_of(transformer)
+    position = {path: i for i, path in enumerate(data.paths)}
+    index, scores, labels, masks, maps, skipped, unmasked = [], [], [], [], [], [], []
+    for batch in read(data.paths):
+        skipped.extend(batch.failed)
+        if not batch.images:
+            continue
+        if has_maps:
+            result = anomaly_maps(model, batch.images, size="image")
+        else:
+            batch_scores = model.score_samples(batch.images)
+            result = AnomalyMaps(
+                None, batch_scores, detector.labels_from_scores(batch_scores)
+            )
+        for j, (path, image) in enumerate(zip(batch.paths, batch.images, strict=True)):
+            i = position[path]
+            index.append(i)
+            mask = None
+            if has_maps and has_masks:
+                try:
+                    mask = read_mvtec_mask(data, i, original_size(image))
+                except ValueError as error:
+                    unmasked.append((path, str(error)))
+            masks.append(mask)
+            maps.append(None if mask is None else result.maps[j])
+        scores.append(result.score_samples)
+        labels.append(result.labels)
+    if not index:
+        raise ValueError(f"no readable images in {category_dir}")
+    index = np.asarray(index, np.intp)
+    y, scores, labels = data.y[index], np.concatenate(scores), np.concatenate(labels)
+    kinds = [data.defect_type[i] for i in index]
+    metrics = evaluation_metrics(y, scores, labels, kinds, masks, maps)
+    return MVTecEvaluation(
+        data, index, y, scores, labels, kinds, masks, maps, metrics, skipped,
+        unmasked, has_maps, has_masks,
+    )  # fmt: skip

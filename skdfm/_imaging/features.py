@@ -30,8 +30,11 @@ import numpy as np
 
 __all__ = [
     "FeatureRows",
+    "agreed_feature_shape",
     "check_feature_shape",
+    "check_same_feature_shape",
     "feature_shape_of",
+    "feature_shape_to_map",
     "with_feature_shape",
 ]
 
@@ -175,3 +178,53 @@ def feature_shape_of(X, n_features: int, feature_names=None):
         except ValueError:
             return None
     return _shape_from_names(feature_names, n_features)
+
+
+def agreed_feature_shape(carried, feature_shape, n_features: int):
+    """The grid a detector is fitted on: its ``feature_shape`` parameter, which
+    must agree with the one the rows say (``carried``, or None), else ``carried``
+    (both checked)."""
+    if carried is not None:
+        carried = check_feature_shape(carried, n_features)
+    if feature_shape is None:
+        return carried
+    shape = check_feature_shape(feature_shape, n_features)
+    if carried is not None and carried != shape:
+        raise ValueError(
+            f"feature_shape={shape} but X says its rows flatten a {carried} "
+            "grid; drop feature_shape (X knows its grid) or fix it."
+        )
+    return shape
+
+
+def check_same_feature_shape(X, fitted) -> None:
+    """Refuse rows that say they flatten another grid than the ``fitted`` one (the
+    layer or pooling of the features changed since fit)."""
+    if fitted is None:
+        return
+    shape = feature_shape_of(X, int(np.prod(fitted)))
+    if shape is not None and shape != fitted:
+        raise ValueError(
+            f"X flattens a {shape} feature grid but this DFMDetector was fitted "
+            f"on a {fitted} grid: the features changed (layer or pooling); fit "
+            "the detector again."
+        )
+
+
+def feature_shape_to_map(feature_shape, fitted, n_features: int):
+    """The grid residual maps are laid out on: ``feature_shape`` (checked; it may
+    not differ from the ``fitted`` one), else the ``fitted`` one."""
+    if feature_shape is None:
+        if fitted is None:
+            raise ValueError(
+                "This DFMDetector does not know the grid its rows flatten: pass "
+                "feature_shape=(channels, rows, columns)."
+            )
+        return fitted
+    feature_shape = check_feature_shape(feature_shape, n_features)
+    if fitted is not None and feature_shape != fitted:
+        raise ValueError(
+            f"feature_shape={feature_shape} differs from the grid this "
+            f"DFMDetector was fitted on, {fitted}."
+        )
+    return feature_shape

@@ -46,6 +46,7 @@ __all__ = [
     "check_image_score",
     "reduce_grid",
     "gaussian_variances",
+    "max_components",
     "score_projection",
     "score_rows",
 ]
@@ -57,6 +58,13 @@ IMAGE_SCORES = ("sum", "max")
 #: Variances are raised to at least this fraction of the largest one, so a direction
 #: with no training spread gives a large but finite score rather than inf or NaN.
 VARIANCE_FLOOR = 1e-12
+
+
+def max_components(n_samples: int, n_features: int, score_type: str) -> int:
+    """The most components a fit of these rows can keep: ``n_samples - 1`` (the
+    centred rows' rank) and, for ``"fre"``, one fewer than the features (with every
+    axis kept the reconstruction is the identity and every FRE is zero)."""
+    return min(n_samples - 1, n_features - (1 if score_type == "fre" else 0))
 
 
 def check_has_grid(score_type: str) -> None:

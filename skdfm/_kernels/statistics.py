@@ -22,13 +22,16 @@ the rows up to float64 rounding. Before the switch, 60 resnet50/layer3 images
 
 from __future__ import annotations
 
+import enum
+from typing import NamedTuple
+
 import torch
 
 from .._core.chunks import chunk_rows
 from .pca import ComponentRule, PCAFit, fit_pca, new_scatter, pca_from_scatter
 from .scatter import Scatter
 
-__all__ = ["FeatureStatistics"]
+__all__ = ["FeatureStatistics", "StreamPhase", "StreamingFit"]
 
 
 class FeatureStatistics:
@@ -224,6 +227,32 @@ class FeatureStatistics:
     def __setstate__(self, state):
         state["device"] = torch.device(state["device"])
         vars(self).update(state)
+
+
+class StreamPhase(enum.Enum):
+    """Where a detector's streaming fit stands."""
+
+    #: No streaming fit: unfitted, or fitted by ``fit``.
+    NONE = "none"
+    #: Statistics held, changed since the components were computed from them.
+    GATHERING = "gathering"
+    #: Statistics held, the components computed from them.
+    FINISHED = "finished"
+    #: Components computed, statistics given up (``stream_fit``, a loaded model).
+    RELEASED = "released"
+
+
+class StreamingFit(NamedTuple):
+    """A detector's streaming fit: its phase and, while held, its statistics.
+
+    Immutable: each step makes a new one, so that a failed fit's rollback
+    (:func:`~skdfm._core.persistence.keep_state_on_error`) restores the phase with
+    the fitted attributes. Never pickled: a loaded model that was fitted by
+    streaming is ``RELEASED``.
+    """
+
+    phase: StreamPhase = StreamPhase.NONE
+    statistics: FeatureStatistics | None = None
 
 
 def _update(scatter: Scatter, X: torch.Tensor) -> None:

@@ -176,8 +176,6 @@ def _fitted_parts(model):
         )
     check_is_fitted(transformer)
     check_is_fitted(detector)
-    if "_scatter" in vars(detector):
-        detector.finish_partial_fit()
     if "offset_" not in vars(detector):
         raise ValueError(
             "The detector has no threshold offset_ (fitted by partial_fit): set it "

@@ -46,25 +46,6 @@ _FORMAT_VERSION = 1
 _MAX_HEADER_BYTES = 8 * 2**20
 _MAX_DIMENSIONS, _MAX_EXTENT = 8, 2**48
 _MAX_DEPTH = 16  # JSON nesting of a saved value (a dict of tuples is 3)
-#: The fitted attributes each class may have in a model file (and parameters).
-_FITTED = {
-    "skdfm.DFMDetector": frozenset(
-        {
-            "mean_", "components_", "n_components_", "explained_variance_",
-            "explained_variance_ratio_", "singular_values_", "n_samples_",
-            "solver_", "device_", "offset_", "threshold_method_", "score_range_",
-            "n_features_in_", "feature_names_in_", "n_samples_seen_",
-            "score_type_", "image_score_", "feature_shape_", "pixel_threshold_",
-            "pixel_threshold_method_",
-        }
-    ),
-    "skdfm.DeepFeatureTransformer": frozenset(
-        {
-            "backbone_", "layer_", "feature_shape_", "input_size_", "image_mean_",
-            "image_std_", "device_", "weights_digest_", "feature_params_",
-        }
-    ),
-}  # fmt: skip
 _DTYPES = {
     "F64": np.float64,
     "F32": np.float32,
@@ -101,6 +82,19 @@ def _allowed_classes() -> dict:
         "skdfm.DeepFeatureTransformer": DeepFeatureTransformer,
         "sklearn.pipeline.Pipeline": Pipeline,
     }
+
+
+def _fitted_names(name: str) -> frozenset:
+    """The fitted attributes the allow-listed class ``name`` may have in a model
+    file (besides its parameters): those of its table."""
+    from .._detector import DETECTOR_ATTRIBUTES
+    from .._transformer import TRANSFORMER_ATTRIBUTES
+
+    table = {
+        "skdfm.DFMDetector": DETECTOR_ATTRIBUTES,
+        "skdfm.DeepFeatureTransformer": TRANSFORMER_ATTRIBUTES,
+    }[name]
+    return frozenset(row.name for row in table)
 
 
 def _class_name(model) -> str:
@@ -470,7 +464,7 @@ class _Decoder:
             raise self.refuse(node)
         parameters = set(cls().get_params(deep=False))
         for key in state:
-            if key not in parameters | _FITTED[name] | {"_skdfm_version"}:
+            if key not in parameters | _fitted_names(name) | {"_skdfm_version"}:
                 raise ModelFileError(
                     self.path, f"holds an attribute {key!r} that {name} does not have."
                 )

@@ -21,6 +21,7 @@ from .._evaluation.metrics import check_labels_and_scores, check_outlier_labels
 
 __all__ = [
     "calibrate_pixel_threshold",
+    "calibrate_pixel_threshold_from_features",
     "calibrate_threshold",
     "f1_adaptive_threshold",
     "normalized_scores",
@@ -193,22 +194,151 @@ def pixel_threshold_of(maps, masks=None, *, pixel_contamination=0.001):
     return float(thresholds[int(np.argmax(f1[:-1]))]), "f1"
 
 
-def calibrate_pixel_threshold(model, X, masks=None, *, pixel_contamination=0.001):
-    """Set the anomaly-map threshold that predicts defect masks.
+def _maps_at_input_size(transformer, detector, features, chunk_size: int = 64):
+    """The anomaly maps of feature rows at the transformer's input size,
+    ``chunk_size`` rows at a time; float64, as :func:`~skdfm.anomaly_maps` gives
+    them, so that a threshold at a map value flags that very pixel."""
+    from .maps import upsample
 
-    Computes the anomaly maps of ``X`` at the images' size (one backbone pass) and
-    sets the detector's ``pixel_threshold_``: with ``masks``, anomalib's
-    F1-adaptive threshold over all their pixels; without, the
-    ``1 - pixel_contamination`` quantile of the map values of ``X``, which must
-    then be good images not used for fitting (about that share of their pixels
-    is then flagged). :func:`~skdfm.anomaly_maps` then returns predicted masks,
-    and the command's overlays are coloured on one scale centred there.
+    maps = []
+    for start in range(0, len(features), chunk_size):
+        _, grid = detector.score_samples_with_grid(
+            features[start : start + chunk_size], transformer.feature_shape_
+        )
+        maps.extend(upsample(grid, transformer.input_size_).cpu().numpy())
+    return maps
+
+
+def _nearest_resize(mask: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """A mask resized by its nearest pixel centres (PIL's ``NEAREST``)."""
+    rows = np.minimum(
+        ((np.arange(size[0]) + 0.5) * mask.shape[0] / size[0]).astype(np.intp),
+        mask.shape[0] - 1,
+    )
+    cols = np.minimum(
+        ((np.arange(size[1]) + 0.5) * mask.shape[1] / size[1]).astype(np.intp),
+        mask.shape[1] - 1,
+    )
+    return mask[rows[:, None], cols[None, :]]
+
+
+def _masks_at_input_size(masks, sizes, input_size):
+    """Masks given at each image's size, checked, brought to the input size."""
+    if len(masks) != len(sizes):
+        raise ValueError(f"{len(sizes)} images but {len(masks)} masks.")
+    resized = []
+    for i, (mask, size) in enumerate(zip(masks, sizes, strict=True)):
+        mask = np.asarray(mask).astype(bool)
+        if mask.shape != tuple(size):
+            raise ValueError(
+                f"mask {i} has shape {mask.shape} but its image is {tuple(size)}: "
+                "masks are at the images' own size."
+            )
+        resized.append(_nearest_resize(mask, tuple(input_size)))
+    return resized
+
+
+def calibrate_pixel_threshold_from_features(
+    model, features, masks=None, *, pixel_contamination=0.001
+):
+    """Set the pixel threshold from feature rows: the one pixel-threshold rule.
+
+    What :func:`calibrate_pixel_threshold` (images in) and the command's fits
+    (feature rows they already have) both use. The anomaly maps of ``features``
+    are taken at the model's **input size**, not at each image's own size:
+
+    * every image weighs the same in the threshold, whatever its size (at the
+      images' sizes, a quantile over images of mixed sizes is mostly that of the
+      largest ones);
+    * the maps come from the feature rows alone, so a fit that kept its rows (and
+      not its images) can set the threshold without decoding anything again;
+    * it is where anomalib takes its pixel threshold (the masks resized with the
+      images to the model's input).
+
+    The values are on one scale at any size (each map is the same grid upsampled
+    bilinearly), so the threshold applies to maps of any size
+    (:func:`~skdfm.anomaly_maps` with ``size="image"``).
 
     Parameters
     ----------
-    model : Pipeline or DFMDetector
-        A fitted model with ``score_type="fre"``.
-    X : images (or feature rows, for a bare detector with a grid)
+    model : Pipeline
+        A fitted ``Pipeline(DeepFeatureTransformer, DFMDetector)`` with
+        ``score_type="fre"``.
+    features : ndarray or torch.Tensor of shape (n_images, n_features)
+        Feature rows of validation images from ``model[0]`` (``transform``), not
+        used for fitting.
+    masks : sequence of 2-D arrays, default=None
+        Ground truth of the images (True on defective pixels), at the model's
+        input size (``model[0].input_size_``). With masks, the threshold is
+        anomalib's F1-adaptive one over all their pixels; without, the
+        ``1 - pixel_contamination`` quantile of the maps' values, which must then
+        be of good images.
+    pixel_contamination : float in (0, 1), default=0.001
+        Share of good pixels flagged, without ``masks``.
+
+    Returns
+    -------
+    model : Pipeline
+        The same model, with ``pixel_threshold_`` and ``pixel_threshold_method_``
+        set on its detector.
+
+    Examples
+    --------
+    >>> from sklearn.pipeline import make_pipeline
+    >>> from skdfm import DeepFeatureTransformer, DFMDetector, make_defect_images
+    >>> from skdfm._tools.thresholds import calibrate_pixel_threshold_from_features
+    >>> images, y, _ = make_defect_images(20, 0, image_size=64, random_state=0)
+    >>> model = make_pipeline(
+    ...     DeepFeatureTransformer(backbone="resnet18", pretrained=False,
+    ...                            input_size=64, device="cpu", random_state=0),
+    ...     DFMDetector(pca_level=0.9, device="cpu"),
+    ... ).fit(images[:14])
+    >>> rows = model[0].transform(images[14:])
+    >>> _ = calibrate_pixel_threshold_from_features(model, rows,
+    ...                                             pixel_contamination=0.01)
+    >>> model[-1].pixel_threshold_method_
+    'contamination'
+    """
+    from .._kernels.scores import check_has_grid
+
+    transformer, detector = split_model(model)
+    if transformer is None:
+        raise ValueError(
+            "the pixel threshold is taken from maps at the model's input size: "
+            "pass the Pipeline (DeepFeatureTransformer + DFMDetector), not a bare "
+            "DFMDetector."
+        )
+    check_has_grid(detector.score_type)
+    maps = _maps_at_input_size(transformer, detector, features)
+    threshold, method = pixel_threshold_of(
+        maps, masks, pixel_contamination=pixel_contamination
+    )
+    detector.set_pixel_threshold(threshold, method=method)
+    return model
+
+
+def calibrate_pixel_threshold(model, X, masks=None, *, pixel_contamination=0.001):
+    """Set the anomaly-map threshold that predicts defect masks.
+
+    Computes the anomaly maps of ``X`` (one backbone pass) and sets the
+    detector's ``pixel_threshold_``: with ``masks``, anomalib's F1-adaptive
+    threshold over all their pixels; without, the ``1 - pixel_contamination``
+    quantile of the map values of ``X``, which must then be good images not used
+    for fitting (about that share of their pixels is then flagged).
+    :func:`~skdfm.anomaly_maps` then returns predicted masks, and the command's
+    overlays are coloured on one scale centred there.
+
+    The maps (and the masks, resized by their nearest pixel) are taken at the
+    model's input size, so that each image weighs the same: the rule of
+    :func:`calibrate_pixel_threshold_from_features`, which the command's fits
+    use too.
+
+    Parameters
+    ----------
+    model : Pipeline
+        A fitted ``Pipeline(DeepFeatureTransformer, DFMDetector)`` with
+        ``score_type="fre"``.
+    X : images
         Validation images, not used for fitting.
     masks : sequence of 2-D arrays, default=None
         Ground truth of ``X`` (True on defective pixels), at each image's size.
@@ -217,7 +347,7 @@ def calibrate_pixel_threshold(model, X, masks=None, *, pixel_contamination=0.001
 
     Returns
     -------
-    model : Pipeline or DFMDetector
+    model : Pipeline
         The same model, with ``pixel_threshold_`` and ``pixel_threshold_method_``.
 
     Examples
@@ -237,15 +367,23 @@ def calibrate_pixel_threshold(model, X, masks=None, *, pixel_contamination=0.001
     >>> anomaly_maps(model, images[:2]).masks.shape
     (2, 64, 64)
     """
-    from .maps import anomaly_maps
+    from .._kernels.scores import check_has_grid
 
-    _, detector = split_model(model)
-    maps = anomaly_maps(model, X, size="image").maps
-    threshold, method = pixel_threshold_of(
-        maps, masks, pixel_contamination=pixel_contamination
+    transformer, detector = split_model(model)
+    if transformer is None:
+        raise ValueError(
+            "calibrate_pixel_threshold takes images: pass the Pipeline "
+            "(DeepFeatureTransformer + DFMDetector), not a bare DFMDetector."
+        )
+    check_has_grid(detector.score_type)  # before the backbone runs
+    if masks is None:
+        features = transformer.transform(X)
+    else:
+        features, sizes = transformer.transform_with_sizes(X)
+        masks = _masks_at_input_size(masks, sizes, transformer.input_size_)
+    return calibrate_pixel_threshold_from_features(
+        model, features, masks, pixel_contamination=pixel_contamination
     )
-    detector.set_pixel_threshold(threshold, method=method)
-    return model
 
 
 def normalized_scores(model, X) -> np.ndarray:

@@ -1,0 +1,283 @@
+"""``skdfm score``: score images with a saved or exported model; maps and
+predicted masks on request; on one machine or on a Dask cluster."""
+
+from __future__ import annotations
+
+import csv
+import os
+import sys
+
+from .._core.files import atomic_write
+from .common import (
+    cluster_errors,
+    collect_images,
+    connect,
+    file_batches,
+    is_exported,
+    load_model,
+    maps_root,
+)
+from .options import (
+    EXIT_OK,
+    EXIT_SKIPPED,
+    CommandError,
+    add_allow_pickle,
+    add_runtime,
+    add_scheduler,
+    check_device,
+    max_pixels,
+    say,
+)
+
+__all__ = ["add_parser", "check", "run"]
+
+
+def add_parser(commands) -> None:
+    score = commands.add_parser(
+        "score",
+        help="score images with a saved model",
+        description="Print, for each image, its anomaly score (FRE or NLL), the "
+        "score normalised to [0, 1] with 0.5 at the threshold, and its label.",
+    )
+    score.add_argument(
+        "model",
+        metavar="MODEL",
+        help="model file from 'skdfm fit', or an exported .onnx / OpenVINO .xml "
+        "from 'skdfm export' (run without torch)",
+    )
+    add_allow_pickle(score)
+    score.add_argument(
+        "images",
+        nargs="+",
+        metavar="IMAGE_OR_DIR",
+        help="image files, or folders searched recursively for images",
+    )
+    score.add_argument("--csv", metavar="FILE", help="also write the table as CSV")
+    score.add_argument(
+        "--maps",
+        metavar="DIR",
+        help="write anomaly-map overlays here, mirroring the folders of the images "
+        "(test/crack/000.png -> DIR/crack/000.png_map.png)",
+    )
+    score.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace map and mask files of an earlier run (without it, an "
+        "existing one stops the command before any image is read)",
+    )
+    score.add_argument(
+        "--masks",
+        metavar="DIR",
+        help="write predicted defect masks here (white = map at or above the "
+        "model's pixel threshold), named as --maps names overlays",
+    )
+    add_runtime(score)
+    add_scheduler(score)
+    score.set_defaults(func=run, check=check)
+
+
+def check(parser, args) -> None:
+    if not is_exported(args.model):
+        check_device(parser, args.device)
+    elif args.scheduler:  # exported models run on the CPU, without torch
+        parser.error(
+            "argument --scheduler: it runs .skdfm models; score an exported model "
+            "without it"
+        )
+
+
+def _load_exported(args):
+    """An exported model (.onnx / .xml): run by onnxruntime or OpenVINO, no torch."""
+    from .._deploy.runtime import ExportedModel
+    from .._tools.saving import ModelFileError
+
+    if args.device not in (None, "cpu"):
+        raise CommandError(
+            f"--device {args.device}: exported models run on the CPU (onnxruntime or "
+            "OpenVINO); --device is for .skdfm models"
+        )
+    try:
+        return ExportedModel(
+            args.model,
+            batch_size=args.batch_size or 16,
+            max_image_pixels=max_pixels(args),
+        )
+    except (ModelFileError, FileNotFoundError) as error:
+        raise CommandError(str(error)) from error
+    except ImportError as error:
+        raise CommandError(f"cannot run {args.model}: {error}") from error
+
+
+def run(args) -> int:
+    from .._deploy.results import AnomalyMaps, normalize_scores
+
+    exported = is_exported(args.model)
+    model = _load_exported(args) if exported else load_model(args.model, args)
+    files, problems = collect_images(args.images)
+    detector = model if exported else model[-1]
+    score_type = model.score_type_ if exported else detector.score_type
+    if args.maps and score_type != "fre":
+        raise CommandError(
+            "--maps needs a model with score_type 'fre' (nll has no maps)"
+        )
+    if args.masks and getattr(detector, "pixel_threshold_", None) is None:
+        raise CommandError(
+            "--masks needs a model with a pixel threshold (skdfm fit sets one; in "
+            "Python: skdfm.calibrate_pixel_threshold; int8 exports carry none)"
+        )
+    _refuse_overwriting(args, files)
+    if args.scheduler:
+        if args.masks:
+            raise CommandError("--masks is written on one machine, not --scheduler")
+        if not files:
+            raise CommandError("no readable images to score")
+        return _score_on_cluster(args, model, files, problems)
+    reader = model if exported else model[0]  # its batch size and pixel limit
+    root = maps_root(args.images)
+    rows, skipped = [], list(problems)
+    for batch in file_batches(files, reader, progress=not args.no_progress):
+        skipped.extend(batch.failed)
+        if not batch.images:
+            continue
+        if not exported:
+            result = _scores_and_maps(
+                model, batch.images, maps=bool(args.maps or args.masks)
+            )
+        elif args.maps or args.masks:
+            result = model.anomaly_maps(batch.images)
+        else:
+            scores = model.score_samples(batch.images)
+            result = AnomalyMaps(None, scores, model.labels_from_scores(scores))
+        if args.maps:  # written as each batch finishes: no map is kept
+            _write_maps(args.maps, root, batch.paths, batch.images, result, detector)
+        if args.masks:
+            _write_masks(args.masks, root, batch.paths, result.masks)
+        normalized = normalize_scores(
+            result.score_samples, detector.offset_, detector.score_range_
+        )
+        rows.extend(
+            (path, -score, norm, "anomalous" if label == -1 else "normal")
+            for path, score, norm, label in zip(
+                batch.paths,
+                result.score_samples,
+                normalized,
+                result.labels,
+                strict=True,
+            )
+        )
+    return _print_scores(args, rows, skipped)
+
+
+def _scores_and_maps(model, images, *, maps: bool):
+    """Scores and labels (and maps at the images' size when ``maps``), one pass."""
+    from .. import AnomalyMaps, anomaly_maps
+
+    if maps:
+        return anomaly_maps(model, images, size="image")
+    scores = model.score_samples(images)
+    return AnomalyMaps(None, scores, model[-1].labels_from_scores(scores))
+
+
+def _write_maps(folder: str, root: str, paths, images, result, detector) -> None:
+    """Overlays on the model's one colour scale, each saying its score and label."""
+    from .._evaluation.map_files import (
+        colour_scale,
+        map_caption,
+        map_file,
+        write_map_overlay,
+    )
+
+    scale = colour_scale(detector)
+    for path, image, amap, score, label in zip(
+        paths, images, result.maps, result.score_samples, result.labels, strict=True
+    ):
+        write_map_overlay(
+            map_file(folder, path, root),
+            image,
+            amap,
+            scale=scale,
+            caption=map_caption(score, label, detector.offset_),
+        )
+
+
+def _write_masks(folder: str, root: str, paths, masks) -> None:
+    from .._evaluation.map_files import mask_file, write_mask
+
+    for path, mask in zip(paths, masks, strict=True):
+        write_mask(mask_file(folder, path, root), mask)
+
+
+def _refuse_overwriting(args, files) -> None:
+    """Maps and masks never replace files silently: one that exists (an earlier
+    run's) stops the command before any image is read, unless --overwrite."""
+    from .._evaluation.map_files import map_file, mask_file
+
+    if args.overwrite:
+        return
+    root = maps_root(args.images)
+    for folder, name in ((args.maps, map_file), (args.masks, mask_file)):
+        if not folder:
+            continue
+        for path in files:
+            target = name(folder, path, root)
+            if target.exists():
+                raise CommandError(
+                    f"{target} exists (from an earlier run?): pass --overwrite to "
+                    "replace such files, or write to another folder"
+                )
+
+
+def _score_on_cluster(args, model, files, problems) -> int:
+    """``skdfm score --scheduler``: the table computed on the cluster, printed as
+    the one-machine command prints it."""
+    from ..distributed import image_bag, score
+
+    client = connect(args.scheduler)
+    try:
+        with cluster_errors():
+            table = score(
+                model,
+                image_bag([os.path.abspath(p) for p in files]),  # read by workers
+                client=client,
+                maps_dir=args.maps,
+                root=maps_root(args.images),
+            )
+            frame = client.compute(table).result()
+    finally:
+        client.close()
+    skipped, rows = list(problems), []
+    # One table row per file, in order: the paths are printed as they were given.
+    for path, value, norm, label, error in zip(
+        files,
+        frame["anomaly_score"],
+        frame["normalized"],
+        frame["label"],
+        frame["error"],
+        strict=True,
+    ):
+        if isinstance(error, str):
+            say(f"skdfm: skipped {path}: {error}")
+            skipped.append((path, error))
+        else:
+            rows.append((path, value, norm, "anomalous" if label == -1 else "normal"))
+    return _print_scores(args, rows, skipped)
+
+
+def _print_scores(args, rows, skipped) -> int:
+    """The score table on stdout (and in --csv), the summary on stderr."""
+    if not rows:
+        raise CommandError("no readable images to score")
+    flagged = sum(label == "anomalous" for *_, label in rows)
+    writer = csv.writer(sys.stdout, delimiter="\t")
+    writer.writerow(["path", "anomaly_score", "normalized", "label"])
+    for path, score, norm, label in rows:
+        writer.writerow([path, f"{score:.6g}", f"{norm:.4f}", label])
+    if args.csv:
+        with atomic_write(args.csv, "w") as handle:
+            out = csv.writer(handle)
+            out.writerow(["path", "anomaly_score", "normalized", "label"])
+            out.writerows(rows)
+    say(
+        f"skdfm: scored {len(rows)} images, {flagged} anomalous, {len(skipped)} skipped"
+    )
+    return EXIT_SKIPPED if skipped else EXIT_OK
