@@ -145,7 +145,7 @@ def test_a_small_held_out_set_is_warned_about(good_dir, tmp_path, capsys):
     args = ["fit", str(good_dir), "-o", str(tmp_path / "m.skdfm"), *TINY]
     assert main([*args, "--random-init"]) == 3  # broken.png is skipped
     err = capsys.readouterr().err
-    assert "the 1% quantile of 2 held-out images is just their most anomalous" in err
+    assert "the 1% quantile of 2 held-out images lies between their two most" in err
     assert "hold out at least 100 images" in err
 
 

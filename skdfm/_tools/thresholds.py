@@ -408,9 +408,6 @@ def normalized_scores(model, X) -> np.ndarray:
     scores : ndarray of shape (n_samples,), float64 in [0, 1]
     """
     _, detector = split_model(model)
-    return normalize(detector, model.score_samples(X))
-
-
-def normalize(detector, score_samples: np.ndarray) -> np.ndarray:
-    """:func:`normalized_scores` of already computed ``score_samples``."""
-    return normalize_scores(score_samples, detector.offset_, detector.score_range_)
+    return normalize_scores(
+        model.score_samples(X), detector.offset_, detector.score_range_
+    )

@@ -206,7 +206,8 @@ def _save_fitted(args, model, n_held: int, few: bool, skipped) -> int:
     if n_held and few:
         say(
             f"skdfm: warning: the {args.contamination:.0%} quantile of {n_held} "
-            "held-out images is just their most anomalous score; hold out at least "
+            "held-out images lies between their two most anomalous scores; hold out "
+            "at least "
             f"{math.ceil(1 / args.contamination)} images (--holdout), or raise "
             "--contamination"
         )
