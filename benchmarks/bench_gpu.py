@@ -35,7 +35,7 @@ import torch
 from sklearn.pipeline import make_pipeline
 
 from skdfm import DeepFeatureTransformer, DFMDetector, image_auroc, make_defect_images
-from skdfm._core.model import move_model
+from skdfm._tools.model import move_model
 
 
 def synchronize(device: str) -> None:

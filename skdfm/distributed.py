@@ -543,8 +543,8 @@ def fit(
     >>> np.allclose(det.score_samples(X[:5]), one_machine.score_samples(X[:5]))
     True
     """
-    from ._core.model import split_model
     from ._tools.fitting import check_threshold_request, fit_then_threshold
+    from ._tools.model import split_model
 
     try:
         transformer, detector = split_model(model, fitted=False)
@@ -650,7 +650,7 @@ def score(model, images, *, client=None, maps_dir=None, root=None, batch_size=No
     -------
     dask.dataframe.DataFrame
     """
-    from ._core.model import split_model
+    from ._tools.model import split_model
 
     transformer, detector = split_model(model)
     detector.offset_  # noqa: B018 - a model without a threshold: said now

@@ -1,5 +1,6 @@
 """The package's layout: what lives where, and what each part may import."""
 
+import ast
 import pickle
 import pkgutil
 import subprocess
@@ -78,3 +79,66 @@ def test_the_top_level_holds_only_the_chosen_modules():
     for name in set(PICKLE_PATHS) | {"__init__", "__main__", "distributed"}:
         assert f"{name}.py" in entries, name
     assert ("cli.py" in entries) != ("cli" in entries)  # one or the other
+
+
+#: The layers, lowest first: a part imports only parts of a lower rank or its own.
+RANK = {
+    "_core": 0,
+    "_kernels": 1,
+    "_imaging": 1,
+    "_deploy": 2,
+    "_cache": 3,
+    "_transformer": 3,
+    "_detector": 3,
+    "_tools": 4,
+    "_evaluation": 5,
+    "distributed": 6,
+    "cli": 6,
+    "__main__": 7,
+}
+#: Upward imports made on purpose, each inside a function, with the reason.
+UPWARD = {
+    # DFMDetector.fit goes through the one fit path, as stream_fit,
+    # distributed.fit and the command do, so their checks cannot drift
+    ("_detector", "_tools.fitting"),
+}
+
+
+def _imports_of_parts():
+    """(importing part, imported part.module, file, line, inside a function)."""
+    found = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        parts = path.relative_to(PACKAGE).parts
+        if parts == ("__init__.py",):
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if not (isinstance(node, ast.ImportFrom) and node.level >= 1):
+                continue
+            base = list(parts[: len(parts) - node.level])
+            target = base + [m for m in (node.module or "").split(".") if m]
+            if not target:  # the package root: __version__ and the public names
+                continue
+            found.append(
+                (
+                    parts[0].removesuffix(".py"),
+                    ".".join(t.removesuffix(".py") for t in target[:2]),
+                    f"{'/'.join(parts)}:{node.lineno}",
+                    node.col_offset > 0,
+                )
+            )
+    return found
+
+
+def test_each_layer_imports_only_the_layers_below_it():
+    imports = _imports_of_parts()
+    assert len(imports) > 50  # the walk finds the package's imports
+    upward = [
+        f"{where}: {part} imports {target}"
+        for part, target, where, _ in imports
+        if RANK[target.split(".")[0]] > RANK[part] and (part, target) not in UPWARD
+    ]
+    assert upward == []
+    # the allowed exceptions are still needed, and made inside a function
+    for part, target in UPWARD:
+        uses = [lazy for p, t, _, lazy in imports if (p, t) == (part, target)]
+        assert uses and all(uses), (part, target)

@@ -147,7 +147,7 @@ def test_bad_models_and_sizes(fitted_pipeline, defect_images):
 def test_maps_on_cuda_equal_cpu_maps(fitted_pipeline, defect_images):
     import copy
 
-    from skdfm._core.model import move_model
+    from skdfm._tools.model import move_model
 
     images = defect_images[0][:6]
     features = fitted_pipeline[0].transform(images)

@@ -10,7 +10,7 @@ from sklearn.pipeline import Pipeline, make_pipeline
 from sklearn.preprocessing import StandardScaler
 
 from skdfm import DeepFeatureTransformer, DFMDetector
-from skdfm._core.model import move_model, split_model
+from skdfm._tools.model import move_model, split_model
 
 from .conftest import SMALL_BACKBONE
 

@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
 
-__all__ = ["Terminated", "atomic_write", "terminate_as_exception"]
+__all__ = ["ModelFileError", "Terminated", "atomic_write", "terminate_as_exception"]
 
 
 def _umask() -> int:
@@ -124,3 +124,15 @@ def terminate_as_exception() -> Iterator[None]:
         yield
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+class ModelFileError(ValueError):
+    """A model file is damaged, foreign or holds something skdfm does not load."""
+
+    def __init__(self, path, problem: str):
+        self.path = os.fspath(path)
+        self.problem = problem
+        super().__init__(f"Model file {self.path!r} {problem}")
+
+    def __reduce__(self):  # picklable across processes (joblib workers)
+        return (type(self), (self.path, self.problem))

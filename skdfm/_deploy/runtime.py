@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from .._core.files import ModelFileError
 from .._imaging.decode import (
     LAYOUT_HELP,
     MAX_IMAGE_PIXELS,
@@ -25,7 +26,6 @@ from .._imaging.decode import (
     original_size,
     pil_pixels,
 )
-from .._tools.saving import ModelFileError
 from .results import (
     AnomalyMaps,
     bilinear_resize,

@@ -177,10 +177,10 @@ def evaluate_mvtec(model, category_dir, *, batches=None) -> MVTecEvaluation:
         ``category_dir`` is not a category (see :func:`~skdfm.load_mvtec`), or
         none of its images can be read.
     """
-    from .._core.model import split_model
     from .._deploy.results import AnomalyMaps
     from .._imaging.decode import original_size
     from .._tools.maps import anomaly_maps
+    from .._tools.model import split_model
     from .datasets import load_mvtec, read_mvtec_mask
 
     transformer, detector = split_model(model)

@@ -13,54 +13,9 @@ import numpy as np
 from scipy import ndimage
 from sklearn.metrics import roc_auc_score
 
+from .._core.validation import check_labels_and_scores, check_outlier_labels
+
 __all__ = ["aupro", "check_outlier_labels", "image_auroc", "pixel_auroc"]
-
-
-def check_outlier_labels(y, *, name: str = "y") -> np.ndarray:
-    """Validate image labels: +1 normal, -1 anomalous; anything else is an error.
-
-    0/1 labels are refused rather than guessed: in anomalib and PyOD ``1`` means
-    anomalous, in scikit-learn ``1`` means normal, and reading one as the other
-    silently turns an AUROC ``a`` into ``1 - a``.
-    """
-    y = np.asarray(y)
-    if y.ndim != 1:
-        raise ValueError(
-            f"{name} must be a 1-D array of image labels, got shape {y.shape}."
-        )
-    if y.dtype == bool or y.dtype.kind not in "iuf":
-        raise ValueError(
-            f"{name} must hold the integers 1 (normal) and -1 (anomalous), got dtype "
-            f"{y.dtype}."
-        )
-    values = set(np.unique(y).tolist())
-    if values <= {1, -1}:
-        return y.astype(int)
-    if values <= {0, 1}:
-        raise ValueError(
-            f"{name} holds 0/1 labels, which are ambiguous: skdfm follows "
-            "scikit-learn's outlier convention, 1 = normal and -1 = anomalous. If 1 "
-            "marks anomalies (anomalib, PyOD), pass np.where(y == 1, -1, 1); if 0 "
-            "marks anomalies, pass np.where(y == 0, -1, 1)."
-        )
-    raise ValueError(
-        f"{name} must hold only 1 (normal) and -1 (anomalous); found "
-        f"{sorted(values)[:10]}."
-    )
-
-
-def check_labels_and_scores(y_true, y_score) -> tuple[np.ndarray, np.ndarray]:
-    """Labels checked by :func:`check_outlier_labels`; one finite score for each."""
-    y_true = check_outlier_labels(y_true, name="y_true")
-    y_score = np.asarray(y_score, dtype=np.float64)
-    if y_score.shape != y_true.shape:
-        raise ValueError(
-            f"y_score has shape {y_score.shape}, y_true {y_true.shape}; one score "
-            "per sample is expected."
-        )
-    if not np.isfinite(y_score).all():
-        raise ValueError("y_score contains NaN or infinity.")
-    return y_true, y_score
 
 
 def image_auroc(y_true, y_score) -> float:

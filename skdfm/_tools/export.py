@@ -158,9 +158,9 @@ def _fitted_parts(model):
     """(transformer, detector) of a fitted Pipeline, or a clear error."""
     from sklearn.utils.validation import check_is_fitted
 
-    from .._core.model import split_model
     from .._detector import DFMDetector
     from .._transformer import DeepFeatureTransformer
+    from .model import split_model
 
     if isinstance(model, DFMDetector):
         raise ValueError(

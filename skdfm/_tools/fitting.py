@@ -18,9 +18,9 @@ from typing import NamedTuple
 
 import numpy as np
 
-from .._core.model import split_model
 from .._core.persistence import keep_state_on_error
 from .._core.validation import check_contamination
+from .model import split_model
 
 __all__ = [
     "HoldoutFit",

@@ -5,9 +5,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .._core.model import split_model
 from .._deploy.results import AnomalyMaps, predicted_masks, target_sizes
 from .._kernels.scores import check_has_grid
+from .model import split_model
 
 __all__ = ["AnomalyMaps", "anomaly_maps", "upsample"]
 

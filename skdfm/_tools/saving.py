@@ -33,7 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .._core.files import atomic_write
+from .._core.files import ModelFileError, atomic_write
 
 __all__ = ["SUFFIX", "ModelFileError", "is_model_file", "load", "save"]
 
@@ -57,18 +57,6 @@ _DTYPES = {
     "U8": np.uint8,
     "BOOL": np.bool_,
 }
-
-
-class ModelFileError(ValueError):
-    """A model file is damaged, foreign or holds something skdfm does not load."""
-
-    def __init__(self, path, problem: str):
-        self.path = os.fspath(path)
-        self.problem = problem
-        super().__init__(f"Model file {self.path!r} {problem}")
-
-    def __reduce__(self):  # picklable across processes (joblib workers)
-        return (type(self), (self.path, self.problem))
 
 
 def _allowed_classes() -> dict:
@@ -204,7 +192,7 @@ def _digest(document: str, tensors: dict) -> str:
 def _check_pipeline(pipeline) -> None:
     """A saved Pipeline is a DFM model: a transformer and a detector, fitted, with
     plain unique step names (ValueError otherwise)."""
-    from .._core.model import split_model
+    from .model import split_model
 
     names = [name for name, _ in pipeline.steps]
     plain = all(isinstance(n, str) and n and "__" not in n for n in names)

@@ -8,8 +8,8 @@ from itertools import islice
 
 import numpy as np
 
-from .._core.model import split_model
 from .fitting import check_threshold_request, fit_then_threshold
+from .model import split_model
 
 __all__ = ["stream_fit"]
 

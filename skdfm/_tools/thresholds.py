@@ -14,10 +14,13 @@ import warnings
 import numpy as np
 from sklearn.metrics import precision_recall_curve
 
-from .._core.model import split_model
-from .._core.validation import check_contamination
+from .._core.validation import (
+    check_contamination,
+    check_labels_and_scores,
+    check_outlier_labels,
+)
 from .._deploy.results import normalize_scores
-from .._evaluation.metrics import check_labels_and_scores, check_outlier_labels
+from .model import split_model
 
 __all__ = [
     "calibrate_pixel_threshold",

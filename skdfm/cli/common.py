@@ -125,7 +125,7 @@ def read_model(path: str, *, allow_pickle: bool):
 
 def load_model(path: str, args):
     """A saved Pipeline (images in), with the command line's runtime options."""
-    from .._core.model import move_model, split_model
+    from .._tools.model import move_model, split_model
 
     model = read_model(path, allow_pickle=args.allow_pickle)
     try:

@@ -88,8 +88,8 @@ def check(parser, args) -> None:
 
 def _load_exported(args):
     """An exported model (.onnx / .xml): run by onnxruntime or OpenVINO, no torch."""
+    from .._core.files import ModelFileError
     from .._deploy.runtime import ExportedModel
-    from .._tools.saving import ModelFileError
 
     if args.device not in (None, "cpu"):
         raise CommandError(
