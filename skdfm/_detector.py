@@ -29,8 +29,10 @@ from ._core.validation import (
     check_contamination,
     check_device_rows,
     check_magnitude,
+    check_pixel_threshold,
     check_threshold,
     check_threshold_cv,
+    check_unchanged_since_fit,
     count_at_least,
     finite_float_array,
     finite_number,
@@ -333,16 +335,12 @@ class DFMDetector(DeviceMixin, PersistenceMixin, OutlierMixin, BaseEstimator):
     finite. anomalib centres its data twice and so measures distances from the
     origin instead.
 
-    Components are found without a full SVD of the data: by an eigendecomposition
-    of the N x N Gram matrix or of the D x D scatter matrix, whichever is smaller,
-    in float64, computing every eigenvalue but only the k eigenvectors kept (on
-    CPU: LAPACK tridiagonalisation in place, MRRR, blocked back-transformation).
-    ``partial_fit`` gives the same model batch by batch, choosing the same route by
-    the rows it has seen: it keeps the rows while they are no more than the
-    features (then the Gram route, as ``fit``), and past that accumulates the
-    scatter matrix (memory D x D float64, independent of the number of rows).
-    Scores are computed in float64 from ``||x - mean||^2 - ||(x - mean) V||^2``
-    without forming the D-dimensional reconstruction.
+    Components are found without a full SVD: an eigendecomposition of the N x N
+    Gram or the D x D scatter matrix, whichever is smaller, in float64, with only
+    the k kept eigenvectors computed; ``partial_fit`` chooses the same route by the
+    rows it has seen. Scores come from ``||x - mean||^2 - ||(x - mean) V||^2``
+    without forming the reconstruction. The routes and their costs are measured in
+    the user guide's performance page.
 
     **Image scores from where the defect is.** With ``image_score="max"`` the
     score of an image is its anomaly map's largest cell on the feature grid, not
@@ -807,27 +805,6 @@ class DFMDetector(DeviceMixin, PersistenceMixin, OutlierMixin, BaseEstimator):
             scoring = self._scoring
         return scoring
 
-    def _check_score_type(self) -> None:
-        """What was fitted is what scores: a changed score_type or image_score
-        says so."""
-        for name in ("score_type", "image_score"):
-            now, fitted = getattr(self, name), getattr(self, name + "_")
-            if now != fitted:
-                raise NotFittedError(
-                    f"{name}={now!r} was set after this DFMDetector was fitted with "
-                    f"{name}={fitted!r} (its threshold offset_ is in those units): "
-                    f"fit it again, or set {name}={fitted!r} back."
-                )
-        shape = self.feature_shape
-        if shape is not None and (
-            not isinstance(shape, (tuple, list)) or tuple(shape) != self.feature_shape_
-        ):
-            raise NotFittedError(
-                f"feature_shape={shape!r} was set after this DFMDetector was fitted "
-                f"on a {self.feature_shape_} grid: fit it again, or set "
-                "feature_shape=None."
-            )
-
     def _scores(self, X, feature_shape=None):
         """``(score_samples, grid)`` of validated rows; no validation. The residual
         grid is returned when ``feature_shape`` is given."""
@@ -836,7 +813,7 @@ class DFMDetector(DeviceMixin, PersistenceMixin, OutlierMixin, BaseEstimator):
             as_tensor(X, scoring.device),
             scoring,
             self.score_type_,
-            grid_shape=feature_shape or self.feature_shape_,
+            feature_shape=feature_shape or self.feature_shape_,
             image_score=self.image_score_,
             return_grid=feature_shape is not None,
         )
@@ -858,7 +835,7 @@ class DFMDetector(DeviceMixin, PersistenceMixin, OutlierMixin, BaseEstimator):
         """
         check_is_fitted(self)
         self._finish_pending_stream()
-        self._check_score_type()
+        check_unchanged_since_fit(self)
         check_same_feature_shape(X, self.feature_shape_)
         X = self._validate_features(X, reset=False)
         return self._scores(X)[0]
@@ -889,7 +866,7 @@ class DFMDetector(DeviceMixin, PersistenceMixin, OutlierMixin, BaseEstimator):
         """
         check_is_fitted(self)
         self._finish_pending_stream()
-        self._check_score_type()
+        check_unchanged_since_fit(self)
         check_has_grid(self.score_type_)
         check_same_feature_shape(X, self.feature_shape_)
         X = self._validate_features(X, reset=False)
@@ -955,15 +932,7 @@ class DFMDetector(DeviceMixin, PersistenceMixin, OutlierMixin, BaseEstimator):
             raise ValueError(
                 "A pixel threshold needs score_type 'fre' (nll has no maps)."
             )
-        threshold = float(threshold)
-        if not (np.isfinite(threshold) and threshold >= 0) or not isinstance(
-            method, str
-        ):
-            raise ValueError(
-                "set_pixel_threshold needs a finite threshold >= 0 and a method; "
-                f"got {threshold!r}, {method!r}."
-            )
-        self.pixel_threshold_ = threshold
+        self.pixel_threshold_ = check_pixel_threshold(threshold, method)
         self.pixel_threshold_method_ = method
         return self
 

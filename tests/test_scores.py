@@ -91,7 +91,7 @@ def test_grid_is_the_channel_sum_of_the_residual_and_sums_to_the_fre():
     expected = (residual**2).reshape(-1, *shape).sum(1)
     fre_alone, none = score_rows(torch.from_numpy(new), state, "fre")
     fre, grid = score_rows(
-        torch.from_numpy(new), state, "fre", grid_shape=shape, return_grid=True
+        torch.from_numpy(new), state, "fre", feature_shape=shape, return_grid=True
     )
     assert none is None and grid.shape == (11, 3, 4)
     torch.testing.assert_close(grid, expected, rtol=1e-10, atol=1e-12)
@@ -114,7 +114,7 @@ def test_nll_has_no_grid():
     state = _state(make_features(30, 12), 3)
     with pytest.raises(ValueError, match="score_type='fre'"):
         score_rows(
-            torch.zeros(2, 12), state, "nll", grid_shape=(3, 2, 2), return_grid=True
+            torch.zeros(2, 12), state, "nll", feature_shape=(3, 2, 2), return_grid=True
         )
     with pytest.raises(ValueError, match="does not split"):
         check_has_grid("nll")
@@ -140,9 +140,9 @@ def test_image_scores_are_the_largest_cells_of_the_grid(image_score):
     shape = (5, 3, 4)
     state = _state(make_features(90, 60), 7)
     new = torch.from_numpy(make_features(11, 60, seed=5))
-    fre, grid = score_rows(new, state, "fre", grid_shape=shape, return_grid=True)
+    fre, grid = score_rows(new, state, "fre", feature_shape=shape, return_grid=True)
     scores, none = score_rows(
-        new, state, "fre", grid_shape=shape, image_score=image_score
+        new, state, "fre", feature_shape=shape, image_score=image_score
     )
     assert none is None
     k = 1 if image_score == "max" else image_score
@@ -154,7 +154,7 @@ def test_image_scores_are_the_largest_cells_of_the_grid(image_score):
         assert (scores.numpy() > fre.numpy() / 12).all()
     with config_context(working_memory=2 * 8 * 60 * 4 / 2**20):  # 4 rows a chunk
         chunked, _ = score_rows(
-            new, state, "fre", grid_shape=shape, image_score=image_score
+            new, state, "fre", feature_shape=shape, image_score=image_score
         )
     # Equal to rounding, not bit for bit: the grid comes from matrix products whose
     # kernel (so whose summation order) the BLAS may pick by the number of rows per
@@ -164,7 +164,7 @@ def test_image_scores_are_the_largest_cells_of_the_grid(image_score):
 
 def test_image_scores_need_the_grid_and_fre():
     state = _state(make_features(30, 12), 3)
-    with pytest.raises(ValueError, match="grid_shape"):
+    with pytest.raises(ValueError, match="feature_shape"):
         score_rows(torch.zeros(2, 12), state, "fre", image_score="max")
     with pytest.raises(ValueError, match="score_type='fre'"):
         check_image_score("max", "nll", (3, 2, 2))

@@ -12,6 +12,7 @@ from numbers import Integral, Real
 
 import numpy as np
 import torch
+from sklearn.exceptions import NotFittedError
 from sklearn.utils._param_validation import InvalidParameterError
 
 __all__ = [
@@ -19,9 +20,13 @@ __all__ = [
     "as_host_array",
     "check_contamination",
     "check_device_rows",
+    "check_labels_and_scores",
     "check_magnitude",
+    "check_outlier_labels",
+    "check_pixel_threshold",
     "check_threshold",
     "check_threshold_cv",
+    "check_unchanged_since_fit",
     "count_at_least",
     "finite_float_array",
     "finite_number",
@@ -273,3 +278,36 @@ def check_labels_and_scores(y_true, y_score) -> tuple[np.ndarray, np.ndarray]:
     if not np.isfinite(y_score).all():
         raise ValueError("y_score contains NaN or infinity.")
     return y_true, y_score
+
+
+def check_unchanged_since_fit(detector) -> None:
+    """What was fitted is what scores: a ``score_type``, ``image_score`` or
+    ``feature_shape`` set after ``fit`` raises ``NotFittedError`` saying so."""
+    for name in ("score_type", "image_score"):
+        now, fitted = getattr(detector, name), getattr(detector, name + "_")
+        if now != fitted:
+            raise NotFittedError(
+                f"{name}={now!r} was set after this DFMDetector was fitted with "
+                f"{name}={fitted!r} (its threshold offset_ is in those units): "
+                f"fit it again, or set {name}={fitted!r} back."
+            )
+    shape = detector.feature_shape
+    if shape is not None and (
+        not isinstance(shape, (tuple, list)) or tuple(shape) != detector.feature_shape_
+    ):
+        raise NotFittedError(
+            f"feature_shape={shape!r} was set after this DFMDetector was fitted "
+            f"on a {detector.feature_shape_} grid: fit it again, or set "
+            "feature_shape=None."
+        )
+
+
+def check_pixel_threshold(threshold, method) -> float:
+    """A pixel threshold: a finite float >= 0, chosen by a named ``method``."""
+    threshold = float(threshold)
+    if not (np.isfinite(threshold) and threshold >= 0) or not isinstance(method, str):
+        raise ValueError(
+            "set_pixel_threshold needs a finite threshold >= 0 and a method; "
+            f"got {threshold!r}, {method!r}."
+        )
+    return threshold

@@ -80,7 +80,7 @@ def cross_fitted_scores(
             X[held],
             model,
             score_type,
-            grid_shape=feature_shape,
+            feature_shape=feature_shape,
             image_score=image_score,
         )
     return scores

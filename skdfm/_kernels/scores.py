@@ -180,7 +180,7 @@ def score_rows(
     state: ScoringState,
     score_type: str,
     *,
-    grid_shape: tuple[int, int, int] | None = None,
+    feature_shape: tuple[int, int, int] | None = None,
     image_score="sum",
     return_grid: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -191,7 +191,7 @@ def score_rows(
     X : torch.Tensor of shape (n, D), float32 or float64, on ``state.device``
     state : ScoringState
     score_type : {"fre", "nll"}
-    grid_shape : tuple of (int, int, int), default=None
+    feature_shape : tuple of (int, int, int), default=None
         ``(C, h, w)`` of the feature map a row is the C-order flattening of; needed
         for ``return_grid`` and for an ``image_score`` other than ``"sum"``.
     image_score : {"sum", "max"} or int, default="sum"
@@ -213,9 +213,9 @@ def score_rows(
     grid = None
     if need_grid:
         check_has_grid(score_type)
-        if grid_shape is None:
-            raise ValueError("score_rows: the residual grid needs grid_shape.")
-        channels, rows, cols = grid_shape
+        if feature_shape is None:
+            raise ValueError("score_rows: the residual grid needs the feature_shape.")
+        channels, rows, cols = feature_shape
         if return_grid:
             grid = torch.empty((n, rows, cols), dtype=torch.float64, device=X.device)
     mean, components = state.mean, state.components
