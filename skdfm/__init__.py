@@ -35,6 +35,7 @@ _LAZY = {
     "load_mvtec": "._evaluation.datasets",
     "make_defect_images": "._evaluation.datasets",
     "normalized_scores": "._tools.thresholds",
+    "offline_weights": "._imaging.weights",
     "overlay_anomaly_map": "._evaluation.plotting",
     "pixel_auroc": "._evaluation.metrics",
     "pixel_auroc_scorer": "._evaluation.model_selection",

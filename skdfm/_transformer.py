@@ -26,6 +26,7 @@ from ._imaging.backbone import (
     build_backbone,
     layer_name,
     rebuild_backbone,
+    weights_source,
 )
 from ._imaging.features import with_feature_shape
 from ._imaging.images import MAX_IMAGE_PIXELS, as_image_collection, model_input
@@ -55,9 +56,12 @@ TRANSFORMER_ATTRIBUTES = tuple(
         "image_std_",
         "device_",
         "weights_digest_",
+        "weights_source_",
         "feature_params_",
     )
 )
+#: ``weights_source_`` of a model saved before skdfm recorded it.
+_SOURCE_NOT_RECORDED = "not recorded (saved by an skdfm that did not record it)"
 
 
 def pool_feature_maps(feature_maps, kernel: int) -> torch.Tensor:
@@ -205,6 +209,13 @@ class DeepFeatureTransformer(
         A digest of the truncated backbone's weights (every parameter and
         buffer), computed once at fit: equal digests, equal weights. Part of the
         key of :class:`~skdfm.FeatureCache`.
+    weights_source_ : str
+        Where the weights came from: ``"random init (seed N)"``, timm's
+        pretrained weights (``"timm pretrained <name>: <file or hub id>"``), or
+        a checkpoint (the origin it records, e.g. the offline EfficientNet-Lite0
+        of :func:`~skdfm.offline_weights` with its SHA-256, else
+        ``"checkpoint <file name>"``). With ``weights_digest_`` it says whether
+        two models were built alike on machines with and without network.
     feature_params_ : dict
         The values of ``backbone``, ``layer``, ``input_size``,
         ``pooling_kernel_size`` and ``precision`` at fit: what the features are
@@ -390,6 +401,9 @@ class DeepFeatureTransformer(
             seed=seed,
         )
         digest = weights_digest(built.model)  # on the host, before any device copy
+        source = weights_source(
+            self.backbone, self.pretrained, self.checkpoint_path, seed, built.model
+        )
         model = self._place(built.model, device)
         feature_shape = self._pooled_shape(model, device, size, built.layer_name)
         self.backbone_ = model
@@ -400,6 +414,7 @@ class DeepFeatureTransformer(
         self.image_std_ = built.std
         self.feature_shape_ = feature_shape
         self.weights_digest_ = digest
+        self.weights_source_ = source
         self.feature_params_ = {name: getattr(self, name) for name in _FEATURE_PARAMS}
         return self
 
@@ -684,6 +699,7 @@ class DeepFeatureTransformer(
                 )
             )
             and isinstance(vars(self).get("weights_digest_", ""), str)
+            and isinstance(vars(self).get("weights_source_", ""), str)
         ):
             raise ValueError("its fitted shapes, layer or normalisation are not valid.")
 
@@ -698,6 +714,8 @@ class DeepFeatureTransformer(
             model = rebuild_backbone(name, self.layer_, weights)
             if "weights_digest_" not in state:  # saved by skdfm 0.1.0
                 self.weights_digest_ = weights_digest(model)
+            if "weights_source_" not in state:  # saved before it was recorded
+                self.weights_source_ = _SOURCE_NOT_RECORDED
             self.backbone_ = self._place(model, self._fitted_device)
 
     def _move_fitted_state(self, device: torch.device) -> None:

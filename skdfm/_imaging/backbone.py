@@ -29,6 +29,7 @@ __all__ = [
     "build_backbone",
     "layer_name",
     "rebuild_backbone",
+    "weights_source",
 ]
 
 _PROXY_VARIABLES = ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")
@@ -322,3 +323,21 @@ def rebuild_backbone(
     model = build_backbone(name, layer, pretrained=False, seed=0).model
     model.load_state_dict({key: torch.tensor(value) for key, value in state.items()})
     return model
+
+
+def weights_source(
+    name: str, pretrained: bool, checkpoint_path, seed, model: torch.nn.Module
+) -> str:
+    """Where a backbone's weights came from, in words (``weights_source_``)."""
+    if not pretrained:
+        return f"random init (seed {seed})"
+    if checkpoint_path is not None:
+        from .weights import checkpoint_source
+
+        return checkpoint_source(checkpoint_path) or (
+            f"checkpoint {Path(checkpoint_path).name}"
+        )
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    tag = ".".join(str(p) for p in (cfg.get("architecture", name), cfg.get("tag")) if p)
+    where = cfg.get("hf_hub_id") or cfg.get("url") or "timm"
+    return f"timm pretrained {tag}: {where}"
