@@ -19,6 +19,7 @@ _LAZY = {
     "FeatureCache": "._cache",
     "InlierKFold": "._evaluation.model_selection",
     "ModelFileError": "._core.files",
+    "OutlierLabelWarning": "._core.validation",
     "SkdfmVersionWarning": "._core.persistence",
     "anomaly_map_grid": "._evaluation.plotting",
     "anomaly_maps": "._tools.maps",
@@ -40,8 +41,11 @@ _LAZY = {
     "pixel_auroc": "._evaluation.metrics",
     "pixel_auroc_scorer": "._evaluation.model_selection",
     "plot_anomaly_maps": "._evaluation.plotting",
+    "recommended_model": "._tools.recommended",
     "save": "._tools.saving",
     "stream_fit": "._tools.streaming",
+    "training_images": "._evaluation.datasets",
+    "validation_images": "._evaluation.datasets",
 }
 
 __all__ = ["__version__", *sorted(_LAZY)]

@@ -37,6 +37,7 @@ from ._core.validation import (
     finite_float_array,
     finite_number,
     largest_magnitude,
+    normal_rows,
     reject_bools,
 )
 from ._imaging.features import (
@@ -95,6 +96,11 @@ def _component_rule(pca_level, score_type, n_samples, n_features) -> ComponentRu
         return min(k, most)
 
     return n_components
+
+
+def _rows_of(rows: torch.Tensor, mask) -> torch.Tensor:
+    """The rows ``mask`` keeps (all when None)."""
+    return rows if mask is None else rows[torch.as_tensor(mask, device=rows.device)]
 
 
 def _to_host(scores: torch.Tensor) -> np.ndarray:
@@ -469,8 +475,14 @@ class DFMDetector(DeviceMixin, PersistenceMixin, OutlierMixin, BaseEstimator):
         ----------
         X : array-like or torch.Tensor of shape (n_samples, n_features)
             Feature rows of normal (defect-free) samples.
-        y : Ignored
-            Not used, present for API consistency by convention.
+        y : array-like of shape (n_samples,) or (n_samples, H, W), default=None
+            Rows labelled -1 (scikit-learn's outliers; 1 is normal), or whose
+            pixel mask has a defect, are left out of the fit with an
+            ``OutlierLabelWarning`` counting them, so that
+            ``GridSearchCV(refit=True)`` with :class:`~skdfm.InlierKFold` refits
+            on the normal images only. Labels holding -1 must hold only 1 and
+            -1, and leave 2 normal rows. A ``y`` without -1 is ignored (as
+            scikit-learn's detectors ignore ``y``); 0/1 labels with a warning.
 
         Returns
         -------
@@ -487,14 +499,15 @@ class DFMDetector(DeviceMixin, PersistenceMixin, OutlierMixin, BaseEstimator):
             device = resolve_device(self.device)
             valid = self._validate_features(X, reset=True)
             self._set_feature_shape(self._carried_shape(X, valid), valid.shape[1])
-            rows = as_tensor(valid, device)
+            mask, _ = normal_rows(y, len(valid))
+            rows = _rows_of(as_tensor(valid, device), mask)
             pca = fit_pca(
                 rows,
-                _component_rule(self.pca_level, self.score_type, *valid.shape),
+                _component_rule(self.pca_level, self.score_type, *rows.shape),
                 solver=self.solver,
             )
             self.device_ = str(device)
-            self._set_components(pca, valid.shape[0])
+            self._set_components(pca, rows.shape[0])
 
         def threshold_scores():
             if self.threshold_cv is None:
@@ -599,8 +612,8 @@ class DFMDetector(DeviceMixin, PersistenceMixin, OutlierMixin, BaseEstimator):
         ----------
         X : array-like or torch.Tensor of shape (n_samples, n_features)
             A batch of feature rows of normal samples.
-        y : Ignored
-            Not used, present for API consistency by convention.
+        y : array-like of shape (n_samples,) or (n_samples, H, W), default=None
+            As in :meth:`fit`: rows labelled -1 are left out (one must remain).
         restart : bool, default=False
             Drop whatever was fitted before and start a new streaming fit from
             this batch, without a warning.
@@ -611,9 +624,9 @@ class DFMDetector(DeviceMixin, PersistenceMixin, OutlierMixin, BaseEstimator):
             The detector, with ``n_samples_seen_`` updated.
         """
         with keep_state_on_error(self):  # a refused batch keeps what was fitted
-            return self._partial_fit(X, restart)
+            return self._partial_fit(X, y, restart)
 
-    def _partial_fit(self, X, restart: bool):
+    def _partial_fit(self, X, y, restart: bool):
         statistics = self._stream.statistics
         first = restart or statistics is None
         if first and not restart and "n_features_in_" in vars(self):
@@ -628,7 +641,8 @@ class DFMDetector(DeviceMixin, PersistenceMixin, OutlierMixin, BaseEstimator):
             statistics = FeatureStatistics(rows.shape[1], device)
         else:
             check_same_feature_shape(X, self.feature_shape_)
-        statistics.update(as_tensor(rows, statistics.device))
+        mask, _ = normal_rows(y, len(rows), min_normal=1)
+        statistics.update(_rows_of(as_tensor(rows, statistics.device), mask))
         for name in (*_STALE_AFTER_BATCH, "_scoring"):
             vars(self).pop(name, None)
         self._stream = StreamingFit(StreamPhase.GATHERING, statistics)

@@ -818,3 +818,175 @@ def test_evaluate_report_is_one_self_contained_page(model_file, tmp_path, capsys
     for source in sources:
         assert source.startswith("data:image/png;base64,")
         Image.open(io.BytesIO(base64.b64decode(source.split(",", 1)[1]))).verify()
+
+
+# -- the MVTec AD layout: what fit trains on, --validation ---------------------------
+
+
+def write_category(root, *, n_train=8, n_good=4, n_defective=4, masks=True):
+    """A small MVTec AD category of 64 px textured parts: train/good, test/good,
+    test/scratch and (``masks``) ground_truth/scratch."""
+    train, _, _ = make_defect_images(n_train, 0, image_size=64, random_state=1)
+    test, y, truth = make_defect_images(
+        n_good, n_defective, image_size=64, shuffle=False, random_state=2
+    )
+    for folder in ("train/good", "test/good", "test/scratch", "ground_truth/scratch"):
+        if masks or not folder.startswith("ground_truth"):
+            (root / folder).mkdir(parents=True)
+    for i, image in enumerate(train):
+        Image.fromarray(image).save(root / "train" / "good" / f"{i:03d}.png")
+    for i, (image, label, mask) in enumerate(zip(test, y, truth, strict=True)):
+        kind = "good" if label == 1 else "scratch"
+        Image.fromarray(image).save(root / "test" / kind / f"{i:03d}.png")
+        if label == -1 and masks:
+            Image.fromarray(mask.astype(np.uint8) * 255).save(
+                root / "ground_truth" / kind / f"{i:03d}_mask.png"
+            )
+    return root
+
+
+def test_fit_on_a_category_trains_on_train_good_only(tmp_path, capsys):
+    category = write_category(tmp_path / "brick")
+    path = tmp_path / "m.skdfm"
+    assert main(["fit", str(category), "-o", str(path), "--random-init", *TINY]) == 0
+    out = capsys.readouterr().out
+    good = category / "train" / "good"
+    assert f"training images: 8 files in {good} (the MVTec AD category's " in out
+    assert "test/ and ground_truth/ not used" in out
+    assert "fitted on 6 images" in out  # 8 train/good, 2 held out
+    detector = skdfm.load(path)[-1]
+    assert detector.n_samples_ == 6 and detector.threshold_method_ == "contamination"
+    # the same model as from train/good itself
+    other = tmp_path / "other.skdfm"
+    args = ["fit", str(category / "train" / "good"), "-o", str(other), "--random-init"]
+    assert main([*args, *TINY]) == 0
+    np.testing.assert_allclose(
+        skdfm.load(other)[-1].offset_, detector.offset_, rtol=1e-6
+    )
+
+
+def test_fit_on_a_tree_of_good_images_says_what_it_took(good_dir, tmp_path, capsys):
+    path = tmp_path / "m.skdfm"
+    assert main(["fit", str(good_dir), "-o", str(path), "--random-init", *TINY]) == 3
+    out = capsys.readouterr().out
+    assert f"training images: 13 files in {good_dir} (a folder of good images" in out
+
+
+@pytest.mark.parametrize(
+    "layout, message",
+    [
+        (["good/a.png", "scratch/a.png"], "it holds good/ beside scratch/"),
+        (["train/a.png", "test/good/a.png"], "has train/ without train/good"),
+        (["test/good/a.png", "test/hole/a.png"], "has test/ but no train/good"),
+        (["bottle/train/good/a.png"], "holds bottle/train/ (an MVTec AD split"),
+        (["day1/a.png", "day2/good/a.png", "day2/crack/a.png"], "day2/ holds good/"),
+    ],
+)
+def test_folders_mixing_kinds_of_images_are_refused_before_reading(
+    tmp_path, monkeypatch, capsys, layout, message
+):
+    import skdfm._imaging.images as images_module
+
+    def refuse(path, *args):
+        raise AssertionError("an image was read")
+
+    for module in (images_module, skdfm._imaging.decode):
+        monkeypatch.setattr(module, "decode_image_file", refuse)
+    root = tmp_path / "data"
+    for name in layout:
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (8, 8)).save(root / name)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", str(root), "-o", str(tmp_path / "m.skdfm"), "--random-init",
+              *TINY])  # fmt: skip
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "argument NORMAL_DIR: " in err and message in err
+    assert "pass an MVTec AD category (its train/good is used), CATEGORY/" in err
+    assert "a folder of good images only" in err
+    assert not (tmp_path / "m.skdfm").exists()
+
+
+def test_validation_sets_both_thresholds_by_f1(tmp_path, capsys):
+    category = write_category(tmp_path / "brick")
+    path = tmp_path / "m.skdfm"
+    args = ["fit", str(category), "-o", str(path), "--random-init", *TINY]
+    assert main([*args, "--validation", str(category)]) == 0
+    out = capsys.readouterr().out
+    assert "fitted on 8 images" in out  # none held out
+    assert (
+        "threshold: F1-adaptive on 8 labelled validation images (4 good, 4 "
+        f"defective) in {category / 'test'}, masks in" in out
+    )
+    assert "F1-adaptive over the ground-truth masks of 8 validation images" in out
+    model = skdfm.load(path)
+    detector = model[-1]
+    assert detector.threshold_method_ == "f1"
+    assert detector.pixel_threshold_method_ == "f1"
+    assert detector.n_samples_ == 8
+    # the F1 threshold of the test images' scores
+    test = sorted(str(p) for p in (category / "test").rglob("*.png"))
+    y = np.array([1 if "/good/" in p else -1 for p in test])
+    scores = model.score_samples(test)
+    assert detector.offset_ == skdfm.f1_adaptive_threshold(y, scores)
+    capsys.readouterr()
+    assert main(["evaluate", str(path), str(category), "--device", "cpu",
+                 "--no-progress"]) == 0  # fmt: skip
+    assert "image F1 at the model's threshold (f1): " in capsys.readouterr().out
+
+
+def test_validation_on_a_test_split_without_masks(tmp_path, capsys):
+    category = write_category(tmp_path / "brick", masks=False)
+    path = tmp_path / "m.skdfm"
+    args = ["fit", str(category / "train" / "good"), "-o", str(path), "--random-init"]
+    assert main([*args, *TINY, "--validation", str(category / "test")]) == 0
+    out = capsys.readouterr().out
+    assert "(4 good, 4 defective)" in out and "no ground_truth masks" in out
+    assert "quantile of the maps of 4 good validation images" in out
+    detector = skdfm.load(path)[-1]
+    assert detector.threshold_method_ == "f1"
+    assert detector.pixel_threshold_method_ == "contamination"
+
+
+@pytest.mark.parametrize(
+    "validation, extra, message",
+    [
+        ("only_good", [], "4 good and 0 defective images"),
+        ("test/scratch", [], "no labelled images"),
+        ("only_bad", [], "0 good and 4 defective images"),
+        ("brick", ["--holdout", "0.2"], "argument --holdout: not with --validation"),
+        ("brick", ["--contamination", "0.1"], "argument --contamination: not with"),
+        ("mixed", [], "2 of its images are training images too"),
+    ],
+)
+def test_bad_validation_is_refused_before_reading(
+    tmp_path, monkeypatch, capsys, validation, extra, message
+):
+    import shutil
+
+    import skdfm._imaging.images as images_module
+
+    category = write_category(tmp_path / "brick")
+    shutil.copytree(category / "test" / "scratch", tmp_path / "only_bad" / "scratch")
+    shutil.copytree(category / "test" / "good", tmp_path / "only_good" / "good")
+    (tmp_path / "mixed" / "good").mkdir(parents=True)
+    for name in ("000.png", "001.png"):
+        (tmp_path / "mixed" / "good" / name).symlink_to(
+            category / "train" / "good" / name
+        )
+    shutil.copytree(category / "test" / "scratch", tmp_path / "mixed" / "scratch")
+
+    def refuse(path, *args):
+        raise AssertionError("an image was read")
+
+    for module in (images_module, skdfm._imaging.decode):
+        monkeypatch.setattr(module, "decode_image_file", refuse)
+    target = category if validation == "brick" else tmp_path / validation
+    if validation.startswith("test"):
+        target = category / validation
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", str(category), "-o", str(tmp_path / "m.skdfm"), "--random-init",
+              *TINY, "--validation", str(target), *extra])  # fmt: skip
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "m.skdfm").exists()

@@ -1,3 +1,5 @@
+import os
+
 import numpy as np
 import pytest
 
@@ -129,3 +131,75 @@ def test_read_mvtec_mask_gives_the_mask_or_the_reason(tmp_path):
     partial = load_mvtec(tmp_path / "intact", load_masks=False, missing_masks="none")
     for i, mask in enumerate(full.masks):
         np.testing.assert_array_equal(read_mvtec_mask(partial, i, mask.shape), mask)
+
+
+def _touch_images(root, names):
+    from PIL import Image
+
+    for name in names:
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (8, 8)).save(root / name)
+    return root
+
+
+def test_training_images_of_a_category_are_train_good_only(tmp_path):
+    from skdfm import training_images
+
+    root = write_mvtec_tree(tmp_path / "cat")
+    images = training_images(root)
+    assert images.layout == "mvtec"
+    assert images.paths == sorted(str(p) for p in (root / "train/good").glob("*.png"))
+    assert {os.path.relpath(p, root).split(os.sep)[0] for p in images.paths} == {
+        "train"
+    }
+    assert "train/good" in images.description
+    # train/good itself, or a tree of good images, is a plain folder
+    assert training_images(root / "train" / "good").paths == images.paths
+    tree = _touch_images(tmp_path / "good", ["a.png", "day1/b.png", "day2/c.jpg"])
+    (tree / "notes.txt").write_text("not an image")
+    plain = training_images(tree)
+    assert plain.layout == "folder" and len(plain.paths) == 3
+
+
+@pytest.mark.parametrize(
+    "names, message",
+    [
+        (["good/a.png", "crack/a.png"], "holds good/ beside crack/"),
+        (["train/a.png"], "has train/ without train/good"),
+        (["ground_truth/crack/a_mask.png"], "has ground_truth/ but no train/good"),
+        (["x/test/good/a.png"], "holds x/test/ (an MVTec AD split"),
+    ],
+)
+def test_training_images_refuses_folders_mixing_kinds(tmp_path, names, message):
+    from skdfm import training_images
+
+    root = _touch_images(tmp_path / "data", names)
+    with pytest.raises(ValueError, match="a folder of good images only") as error:
+        training_images(root)
+    assert message in str(error.value)
+    with pytest.raises(FileNotFoundError):
+        training_images(tmp_path / "missing")
+
+
+def test_validation_images_of_a_category_and_of_a_test_split(tmp_path):
+    from skdfm import validation_images
+    from skdfm._evaluation.datasets import read_mvtec_mask
+
+    root = write_mvtec_tree(tmp_path / "cat")
+    data = validation_images(root)
+    assert (data.n_good, data.n_defective, data.has_masks) == (2, 3, True)
+    assert data.paths == load_mvtec(root, load_masks=False).paths
+    split = validation_images(root / "test")  # masks from ground_truth beside it
+    assert split.paths == data.paths and split.mask_paths == data.mask_paths
+    assert read_mvtec_mask(split, data.y.tolist().index(-1), (20, 24)).any()
+    (tmp_path / "val").mkdir()
+    for kind in ("good", "scratch"):
+        (root / "test" / kind).rename(tmp_path / "val" / kind)
+    alone = validation_images(tmp_path / "val")  # not named test: no masks
+    assert not alone.has_masks and alone.mask_paths == [None] * 4
+    with pytest.raises(ValueError, match="needs defective"):
+        validation_images(_touch_images(tmp_path / "g", ["good/a.png"]))
+    with pytest.raises(ValueError, match="needs good"):
+        validation_images(_touch_images(tmp_path / "b", ["hole/a.png"]))
+    with pytest.raises(FileNotFoundError, match="no labelled images"):
+        validation_images(_touch_images(tmp_path / "flat", ["a.png"]))

@@ -797,3 +797,102 @@ def test_every_fitted_attribute_is_in_the_table_and_documented(features):
     streamed = DFMDetector(device="cpu").partial_fit(X_train).finish_partial_fit()
     for fitted in (det, streamed):
         assert {k for k in vars(fitted) if k.endswith("_")} <= set(names)
+
+
+# -- y: rows labelled -1 are left out of the fit --------------------------------------
+
+
+def labelled_rows(n=40, n_anomalous=8, n_features=30):
+    """Feature rows and labels: the last ``n_anomalous`` rows shifted, labelled -1."""
+    X = make_features(n, n_features)
+    y = np.ones(n, dtype=int)
+    y[-n_anomalous:] = -1
+    X[-n_anomalous:] += 5.0
+    return X, y
+
+
+FITTED = ("mean_", "components_", "singular_values_", "offset_", "n_samples_")
+
+
+def assert_same_fit(a, b):
+    for name in FITTED:
+        np.testing.assert_allclose(getattr(a, name), getattr(b, name), rtol=1e-12)
+
+
+@pytest.mark.parametrize("threshold_cv", [None, 3])
+def test_fit_leaves_out_rows_labelled_anomalous(threshold_cv):
+    from skdfm import OutlierLabelWarning
+
+    X, y = labelled_rows()
+    detector = DFMDetector(device="cpu", threshold_cv=threshold_cv)
+    with pytest.warns(OutlierLabelWarning, match="Left 8 of 40 rows out"):
+        detector.fit(X, y)
+    assert_same_fit(detector, DFMDetector(**detector.get_params()).fit(X[y == 1]))
+    assert detector.n_features_in_ == X.shape[1]
+    masks = np.zeros((len(X), 4, 4), dtype=bool)
+    masks[y == -1, 1, 2] = True  # pixel masks mark the same rows
+    with pytest.warns(OutlierLabelWarning, match="Left 8 of 40"):
+        assert_same_fit(DFMDetector(**detector.get_params()).fit(X, masks), detector)
+
+
+def test_partial_fit_leaves_out_rows_labelled_anomalous():
+    from skdfm import OutlierLabelWarning
+
+    X, y = labelled_rows()
+    streamed = DFMDetector(device="cpu")
+    with pytest.warns(OutlierLabelWarning, match="Left 8 of 40"):
+        streamed.partial_fit(X, y)
+    assert streamed.n_samples_seen_ == 32
+    with pytest.raises(ValueError, match="at least 1 normal row"):
+        streamed.partial_fit(X[y == -1], y[y == -1])
+    assert streamed.n_samples_seen_ == 32  # the refused batch changed nothing
+    streamed.finish_partial_fit()
+    clean = DFMDetector(device="cpu").partial_fit(X[y == 1]).finish_partial_fit()
+    np.testing.assert_allclose(streamed.components_, clean.components_, rtol=1e-12)
+
+
+@pytest.mark.parametrize("n_normal", [0, 1])
+def test_fit_refuses_labels_leaving_too_few_normal_rows(n_normal):
+    X, _ = labelled_rows()
+    y = -np.ones(len(X), dtype=int)
+    y[:n_normal] = 1
+    with pytest.raises(ValueError, match="needs at least 2 normal row"):
+        DFMDetector(device="cpu").fit(X, y)
+
+
+@pytest.mark.parametrize(
+    "y, match",
+    [
+        ([1, -1, 0, 1] * 10, "must hold only 1 \\(normal\\) and -1"),
+        ([1, -1] * 10, "y has 20 labels or masks for 40 rows"),
+        (np.ones((40, 2), dtype=int) * -1, "must be a 1-D array"),
+    ],
+)
+def test_fit_refuses_malformed_outlier_labels(y, match):
+    X, _ = labelled_rows()
+    with pytest.raises(ValueError, match=match):
+        DFMDetector(device="cpu").fit(X, y)
+
+
+def test_fit_ignores_zero_one_labels_with_the_label_guards_message():
+    from skdfm import OutlierLabelWarning
+
+    X, y = labelled_rows()
+    detector = DFMDetector(device="cpu")
+    with pytest.warns(OutlierLabelWarning, match="0/1 labels, which are ambiguous"):
+        detector.fit(X, np.where(y == -1, 1, 0))  # anomalib's 1 = anomalous
+    assert_same_fit(detector, DFMDetector(device="cpu").fit(X))
+
+
+@pytest.mark.parametrize("kind", ["ones", "classes", "floats", "strings"])
+def test_fit_with_y_holding_no_minus_one_is_unchanged(kind, recwarn):
+    X, _ = labelled_rows()
+    y = {
+        "ones": np.ones(len(X), dtype=int),
+        "classes": np.arange(len(X)) % 3,  # scikit-learn's checks pass these
+        "floats": np.linspace(0.5, 3.0, len(X)),
+        "strings": np.array(["good", "bad"] * 20),
+    }[kind]
+    detector = DFMDetector(device="cpu").fit(X, y)
+    assert not recwarn.list
+    assert_same_fit(detector, DFMDetector(device="cpu").fit(X))

@@ -152,3 +152,57 @@ def test_refit_on_inliers_hits_the_cache(defect_images, monkeypatch):
     counts = count_forwards(monkeypatch)
     pipe.fit(images[y == 1]).score_samples(images)
     assert counts["images"] == 0
+
+
+def assert_fitted_like(detector, reference):
+    for name in ("mean_", "components_", "offset_", "n_samples_"):
+        np.testing.assert_allclose(
+            getattr(detector, name), getattr(reference, name), rtol=1e-10
+        )
+
+
+def test_refit_trains_on_normal_rows_only():
+    from skdfm import OutlierLabelWarning
+
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(36, 12)) @ rng.normal(size=(12, 12))
+    y = np.where(np.arange(36) % 4 == 0, -1, 1)
+    X[y == -1] += 4.0
+    search = GridSearchCV(
+        DFMDetector(device="cpu"),
+        {"pca_level": [0.6, 0.9]},
+        cv=InlierKFold(3),
+        scoring=image_auroc_scorer,
+        refit=True,
+        error_score="raise",
+    )
+    with pytest.warns(OutlierLabelWarning, match="Left 9 of 36 rows out"):
+        search.fit(X, y)
+    best = search.best_estimator_
+    assert_fitted_like(best, DFMDetector(**best.get_params()).fit(X[y == 1]))
+
+
+def test_refit_of_a_pipeline_trains_on_normal_images_only(defect_images):
+    from sklearn.base import clone
+
+    from skdfm import OutlierLabelWarning
+
+    images, y, masks = defect_images
+    pipe = make_pipeline(
+        DeepFeatureTransformer(**SMALL_BACKBONE, layer="layer2", cache=FeatureCache()),
+        DFMDetector(device="cpu"),
+    )
+    search = GridSearchCV(
+        pipe,
+        {"dfmdetector__pca_level": [0.9, 0.97]},
+        cv=InlierKFold(3),
+        scoring={"image_auroc": image_auroc_scorer, "pixel_auroc": pixel_auroc_scorer},
+        refit="image_auroc",
+        error_score="raise",
+    )
+    with pytest.warns(OutlierLabelWarning, match=f"Left {(y == -1).sum()} of"):
+        search.fit(images, masks)  # the masks of the refit mark the defects
+    best = search.best_estimator_
+    reference = clone(best).fit(images[y == 1])
+    assert_fitted_like(best[-1], reference[-1])
+    assert best[-1].feature_shape_ == reference[-1].feature_shape_

@@ -8,6 +8,7 @@ fitted attributes names).
 
 from __future__ import annotations
 
+import warnings
 from numbers import Integral, Real
 
 import numpy as np
@@ -16,6 +17,7 @@ from sklearn.exceptions import NotFittedError
 from sklearn.utils._param_validation import InvalidParameterError
 
 __all__ = [
+    "OutlierLabelWarning",
     "a_string",
     "as_host_array",
     "check_contamination",
@@ -31,6 +33,7 @@ __all__ = [
     "finite_float_array",
     "finite_number",
     "largest_magnitude",
+    "normal_rows",
     "reject_bools",
 ]
 
@@ -264,6 +267,63 @@ def check_outlier_labels(y, *, name: str = "y") -> np.ndarray:
         f"{name} must hold only 1 (normal) and -1 (anomalous); found "
         f"{sorted(values)[:10]}."
     )
+
+
+class OutlierLabelWarning(UserWarning):
+    """``DFMDetector.fit``'s ``y`` changed what was fitted: rows labelled -1 (or
+    with a defect in their mask) were left out, or 0/1 labels, ambiguous, were
+    ignored."""
+
+
+def normal_rows(y, n_samples: int, *, min_normal: int = 2):
+    """The rows a detector fits on, from ``fit``'s ``y``: ``(mask, n_dropped)``.
+
+    ``mask`` is None (fit on every row) unless ``y`` marks anomalous rows: outlier
+    labels holding -1 (checked by :func:`check_outlier_labels`), or pixel masks
+    of shape (n_samples, H, W) (anomalous: any nonzero pixel). A ``y`` without -1
+    (scikit-learn's class labels or targets, as generic tools pass) is ignored as
+    scikit-learn's outlier detectors ignore it; 0/1 labels with an
+    :class:`OutlierLabelWarning`, since 1 means anomalous in anomalib and PyOD.
+    Dropped rows are counted in an :class:`OutlierLabelWarning`; fewer than
+    ``min_normal`` rows left raise a ValueError.
+    """
+    y = None if y is None else np.asarray(y)
+    if y is None or y.dtype.kind not in "biuf" or y.size == 0:
+        return None, 0
+    if y.ndim == 3:
+        anomalous = y.reshape(len(y), -1).any(axis=1)
+    elif (y == -1).any():
+        anomalous = check_outlier_labels(y) == -1
+    else:
+        if 0 in y and set(np.unique(y).tolist()) <= {0, 1}:
+            try:
+                check_outlier_labels(y)
+            except ValueError as labels_error:
+                warnings.warn(
+                    f"{labels_error} fit ignores this y and fits on every row.",
+                    OutlierLabelWarning,
+                    stacklevel=2,
+                )
+        return None, 0
+    if len(anomalous) != n_samples:
+        raise ValueError(
+            f"y has {len(anomalous)} labels or masks for {n_samples} rows of X."
+        )
+    n_dropped = int(anomalous.sum())
+    if n_samples - n_dropped < min_normal:
+        raise ValueError(
+            f"y marks {n_dropped} of the {n_samples} rows anomalous: fitting "
+            f"needs at least {min_normal} normal row(s), labelled 1, to fit on."
+        )
+    if n_dropped:
+        warnings.warn(
+            f"Left {n_dropped} of {n_samples} rows out of the fit: y marks them "
+            "anomalous (-1, or a defect in their mask); the detector fits on "
+            "normal rows only.",
+            OutlierLabelWarning,
+            stacklevel=2,
+        )
+    return ~anomalous, n_dropped
 
 
 def check_labels_and_scores(y_true, y_score) -> tuple[np.ndarray, np.ndarray]:

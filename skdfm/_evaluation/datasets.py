@@ -13,7 +13,14 @@ from sklearn.utils._param_validation import Interval, StrOptions, validate_param
 
 from .._imaging.images import IMAGE_SUFFIXES, open_image, read_image_size
 
-__all__ = ["load_mvtec", "make_defect_images", "read_mask", "read_mvtec_mask"]
+__all__ = [
+    "load_mvtec",
+    "make_defect_images",
+    "read_mask",
+    "read_mvtec_mask",
+    "training_images",
+    "validation_images",
+]
 
 TEXTURES = ("woven", "brushed", "grain")
 DEFECTS = ("scratch", "crack", "stain", "hole")
@@ -221,6 +228,31 @@ def _mask_of(image: Path, mask_folder: Path) -> Path:
     )
 
 
+def _split_listing(folder: Path, ground_truth: Path | None, missing_masks: str):
+    """``(paths, y, kinds, mask_paths)`` of ``folder/<defect>/`` (``good``: normal);
+    the masks looked for in ``ground_truth/<defect>/`` (None: no masks)."""
+    paths, y, kinds, mask_paths = [], [], [], []
+    for defect_dir in sorted(p for p in folder.iterdir() if p.is_dir()):
+        kind = defect_dir.name
+        for image in _image_files(defect_dir):
+            paths.append(os.fspath(image))
+            kinds.append(kind)
+            y.append(1 if kind == "good" else -1)
+            if kind == "good" or ground_truth is None:
+                mask_paths.append(None)
+                continue
+            try:
+                mask = os.fspath(_mask_of(image, ground_truth / kind))
+            except FileNotFoundError:
+                if missing_masks == "raise":
+                    raise
+                mask = None
+            mask_paths.append(mask)
+    if not paths:
+        raise FileNotFoundError(f"No images found under {folder}/<defect>/.")
+    return paths, y, kinds, mask_paths
+
+
 def read_mask(path) -> np.ndarray:
     """A ground-truth mask file as a boolean array (True where the pixel is not 0);
     errors name the file."""
@@ -280,25 +312,9 @@ def load_mvtec(category_dir, *, split="test", load_masks=True, missing_masks="ra
             f"{folder} is not a folder; {root} does not look like an MVTec AD "
             "category (expected train/good, test/<defect>, ground_truth/<defect>)."
         )
-    paths, y, kinds, mask_paths = [], [], [], []
-    for defect_dir in sorted(p for p in folder.iterdir() if p.is_dir()):
-        kind = defect_dir.name
-        for image in _image_files(defect_dir):
-            paths.append(os.fspath(image))
-            kinds.append(kind)
-            y.append(1 if kind == "good" else -1)
-            if kind == "good" or split == "train":
-                mask_paths.append(None)
-                continue
-            try:
-                mask = os.fspath(_mask_of(image, root / "ground_truth" / kind))
-            except FileNotFoundError:
-                if missing_masks == "raise":
-                    raise
-                mask = None
-            mask_paths.append(mask)
-    if not paths:
-        raise FileNotFoundError(f"No images found under {folder}/<defect>/.")
+    paths, y, kinds, mask_paths = _split_listing(
+        folder, root / "ground_truth" if split == "test" else None, missing_masks
+    )
     masks = None
     if load_masks and split == "test":
         masks = [
@@ -359,3 +375,215 @@ def read_mvtec_mask(data, index: int, size: tuple[int, int]) -> np.ndarray:
             f"{size[0]}x{size[1]}"
         )
     return mask
+
+
+#: What to pass instead of a folder that mixes kinds of images.
+_TRAINING_ADVICE = (
+    "pass an MVTec AD category (its train/good is used), CATEGORY/train/good, or a "
+    "folder of good images only"
+)
+
+
+def _images_below(folder: Path) -> list[str]:
+    """Image files at any depth below ``folder``, sorted; symlinks kept even when
+    broken (a reader lists them as unreadable), never pipes or devices; symlinked
+    folders are not entered."""
+    found = []
+    for top, _, names in os.walk(folder):
+        for name in names:
+            path = Path(top) / name
+            if path.suffix.lower() in IMAGE_SUFFIXES and (
+                path.is_symlink() or path.is_file()
+            ):
+                found.append(os.fspath(path))
+    return sorted(found)
+
+
+def _check_good_images_only(root: Path, files: list[str]) -> None:
+    """Refuse a folder whose tree has the marks of the MVTec AD layout: a split
+    (``train``, ``test``), ground-truth masks, or ``good/`` beside other folders
+    of images (good and defective images side by side)."""
+
+    def refuse(why: str):
+        raise ValueError(f"{root}: {why}; {_TRAINING_ADVICE}")
+
+    if root.name == "ground_truth":
+        refuse("holds ground-truth masks (ground_truth/), not training images")
+    if (root / "train").is_dir():
+        refuse("has train/ without train/good (the MVTec AD training images)")
+    for name in ("test", "ground_truth"):
+        if (root / name).is_dir():
+            refuse(
+                f"has {name}/ but no train/good: it looks like an MVTec AD category "
+                "without its training images"
+            )
+    # every folder below root that holds images (at any depth), as relative parts
+    holding = {Path(f).relative_to(root).parent.parts for f in files}
+    holding = {parts[:n] for parts in holding for n in range(len(parts) + 1)}
+    for parts in sorted(holding):
+        if parts and parts[-1] in ("train", "test", "ground_truth"):
+            refuse(
+                f"holds {Path(*parts)}/ (an MVTec AD split or its masks) among its "
+                "images"
+            )
+        children = sorted(c[-1] for c in holding if c[:-1] == parts and c != parts)
+        if "good" in children and len(children) > 1:
+            others = ", ".join(f"{c}/" for c in children if c != "good")
+            where = f"{Path(*parts)}/" if parts else "it"
+            refuse(
+                f"{where} holds good/ beside {others} (the layout of a test split: "
+                "good and defective images)"
+            )
+
+
+def training_images(folder) -> Bunch:
+    """The good images to fit on in a folder: an MVTec AD category's ``train/good``,
+    or a folder (tree) of good images.
+
+    The rule of ``skdfm fit``, so that defective images and masks never become
+    training images:
+
+    * a folder with ``train/good`` is an MVTec AD category: the images of
+      ``train/good`` are taken (at any depth), ``test/`` and ``ground_truth/``
+      never;
+    * any other folder is a folder of good images: every image file in its tree
+      (subfolders, e.g. one per day or per camera, are searched), unless the tree
+      has the marks of the MVTec AD layout, which are refused: ``train/`` without
+      ``good``, ``test/`` or ``ground_truth/`` (at any depth), or a ``good/``
+      folder beside other folders of images (``good/`` and ``scratch/`` side by
+      side: a test split). Defect folders named otherwise cannot be told from
+      good ones: keep them out of the folder.
+
+    Nothing is decoded; the file names alone decide.
+
+    Parameters
+    ----------
+    folder : str or path-like
+        The category folder, or a folder of good images.
+
+    Returns
+    -------
+    images : :class:`~sklearn.utils.Bunch`
+        ``paths`` (list of str, sorted; may be empty), ``layout`` (``"mvtec"`` or
+        ``"folder"``), ``folder`` (str, the folder the images were taken from) and
+        ``description`` (str, what was taken, for messages).
+
+    Raises
+    ------
+    FileNotFoundError
+        ``folder`` is not a folder.
+    ValueError
+        The folder mixes kinds of images (the message says what to pass).
+
+    Examples
+    --------
+    >>> import tempfile, pathlib
+    >>> from PIL import Image
+    >>> from skdfm import training_images
+    >>> root = pathlib.Path(tempfile.mkdtemp())
+    >>> for name in ("train/good/000.png", "test/good/000.png",
+    ...              "test/crack/000.png", "ground_truth/crack/000_mask.png"):
+    ...     (root / name).parent.mkdir(parents=True, exist_ok=True)
+    ...     Image.new("RGB", (8, 8)).save(root / name)
+    >>> images = training_images(root)
+    >>> images.layout, [pathlib.Path(p).relative_to(root).as_posix()
+    ...                 for p in images.paths]
+    ('mvtec', ['train/good/000.png'])
+    >>> training_images(root / "test")  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    ValueError: ...test: it holds good/ beside crack/ (the layout of a test split: ...
+    """
+    root = Path(folder)
+    if not root.is_dir():
+        raise FileNotFoundError(f"{folder} is not a folder")
+    good = root / "train" / "good"
+    if good.is_dir():
+        files = _images_below(good)
+        _check_good_images_only(good, files)
+        return Bunch(
+            paths=files,
+            layout="mvtec",
+            folder=os.fspath(good),
+            description=f"{good} (the MVTec AD category's train/good; test/ and "
+            "ground_truth/ not used)",
+        )
+    files = _images_below(root)
+    _check_good_images_only(root, files)
+    return Bunch(
+        paths=files,
+        layout="folder",
+        folder=os.fspath(root),
+        description=f"{root} (a folder of good images, searched recursively)",
+    )
+
+
+def validation_images(folder) -> Bunch:
+    """Labelled validation images in the MVTec AD layout, for F1 thresholds.
+
+    ``folder`` is a category (its ``test/<defect>/`` images, ``good`` for normal
+    ones, and the masks of ``ground_truth/<defect>/``) or a test split itself
+    (``good/`` beside defect folders; the masks of a ``ground_truth/`` folder
+    beside it when it is named ``test``). Image files directly in the split are
+    not labelled and left out. Nothing is decoded.
+
+    Parameters
+    ----------
+    folder : str or path-like
+
+    Returns
+    -------
+    data : :class:`~sklearn.utils.Bunch`
+        What :func:`load_mvtec` gives with ``load_masks=False,
+        missing_masks="none"`` (``paths``, ``y``, ``defect_type``,
+        ``mask_paths``, ``masks=None``; :func:`read_mvtec_mask` reads a mask),
+        plus ``has_masks`` (a ``ground_truth`` folder was found), ``n_good``,
+        ``n_defective`` and ``description`` (str, for messages).
+
+    Raises
+    ------
+    FileNotFoundError
+        ``folder`` is not a folder, or holds no labelled image.
+    ValueError
+        No good or no defective image: the F1 threshold needs both.
+    """
+    root = Path(folder)
+    if (root / "test").is_dir():
+        split, truth = root / "test", root / "ground_truth"
+    elif root.is_dir():
+        split = root
+        truth = root.parent / "ground_truth" if root.name == "test" else None
+    else:
+        raise FileNotFoundError(f"{folder} is not a folder")
+    has_masks = truth is not None and truth.is_dir()
+    try:
+        paths, y, kinds, mask_paths = _split_listing(
+            split, truth if has_masks else None, "none"
+        )
+    except FileNotFoundError:
+        raise FileNotFoundError(
+            f"{folder}: no labelled images: expected an MVTec AD category "
+            "(test/good/ and test/<defect>/) or a test split (good/ beside defect "
+            "folders)"
+        ) from None
+    y = np.asarray(y, int)
+    n_good, n_defective = int(np.sum(y == 1)), int(np.sum(y == -1))
+    if not n_good or not n_defective:
+        missing = "good (good/)" if not n_good else "defective (<defect>/)"
+        raise ValueError(
+            f"{folder}: {n_good} good and {n_defective} defective images under "
+            f"{split}: the F1 threshold needs {missing} images too (an MVTec AD "
+            "test split: good/ beside defect folders)"
+        )
+    truth_text = f", masks in {truth}" if has_masks else ", no ground_truth masks"
+    return Bunch(
+        paths=paths,
+        y=y,
+        defect_type=kinds,
+        mask_paths=mask_paths,
+        masks=None,
+        has_masks=has_masks,
+        n_good=n_good,
+        n_defective=n_defective,
+        description=f"{split}{truth_text}",
+    )

@@ -18,7 +18,13 @@ from sklearn.metrics import average_precision_score, precision_recall_fscore_sup
 
 from .metrics import aupro, image_auroc, pixel_auroc
 
-__all__ = ["MVTecEvaluation", "evaluate_mvtec", "evaluation_metrics"]
+__all__ = [
+    "MVTecEvaluation",
+    "ValidationCalibration",
+    "calibrate_on_validation",
+    "evaluate_mvtec",
+    "evaluation_metrics",
+]
 
 
 def _image_metrics(y, scores, labels) -> dict:
@@ -224,3 +230,139 @@ def evaluate_mvtec(model, category_dir, *, batches=None) -> MVTecEvaluation:
         data, index, y, scores, labels, kinds, masks, maps, metrics, skipped,
         unmasked, has_maps, has_masks,
     )  # fmt: skip
+
+
+class ValidationCalibration(NamedTuple):
+    """Result of :func:`calibrate_on_validation`: what set the thresholds."""
+
+    #: :func:`~skdfm.validation_images`' listing of the validation images
+    data: object
+    #: readable good images the image threshold was taken from
+    n_good: int
+    #: readable defective images the image threshold was taken from
+    n_defective: int
+    #: images whose masks set the pixel threshold by F1 (good ones included); 0
+    #: when it is the quantile of the good images' maps, or the model has no maps
+    n_masks: int
+    #: ``(path, reason)`` of the images that could not be read
+    skipped: list
+    #: ``(path, reason)`` of the defective images left out of the pixel threshold
+    #: (no usable mask)
+    no_pixel_masks: list
+
+
+def calibrate_on_validation(
+    model, validation, *, batches=None, pixel_contamination=0.001
+) -> ValidationCalibration:
+    """Set a fitted model's thresholds by F1 on labelled validation images.
+
+    The images of an MVTec AD test split (:func:`~skdfm.validation_images`),
+    decoded once, one batch at a time, are passed through the backbone once; then
+    the image threshold is anomalib's F1-adaptive one over their labels
+    (:func:`~skdfm.calibrate_threshold` with ``method="f1"``:
+    ``threshold_method_ == "f1"``) and, for an ``fre`` model, the pixel threshold
+    is the F1-adaptive one over the pixels of the masks of ``ground_truth/``
+    (:func:`~skdfm._tools.thresholds.calibrate_pixel_threshold_from_features`,
+    maps and masks at the model's input size: ``pixel_threshold_method_ ==
+    "f1"``). Without masks (no ``ground_truth`` folder, or no usable mask with a
+    defective pixel) the pixel threshold is the ``1 - pixel_contamination``
+    quantile of the good images' maps (``"contamination"``). Defective images
+    without a usable mask are left out of the pixel threshold only. A failure
+    leaves the detector as it was.
+
+    Parameters
+    ----------
+    model : Pipeline
+        A fitted ``Pipeline(DeepFeatureTransformer, DFMDetector)``, not fitted on
+        the validation images.
+    validation : str, path-like or Bunch
+        A category or a test split (see :func:`~skdfm.validation_images`), or
+        that function's result.
+    batches : callable, default=None
+        ``batches(paths)`` yields the files decoded, as in
+        :func:`evaluate_mvtec`.
+    pixel_contamination : float in (0, 1), default=0.001
+        Share of good pixels above the pixel threshold, without masks.
+
+    Returns
+    -------
+    calibration : ValidationCalibration
+
+    Raises
+    ------
+    FileNotFoundError, ValueError
+        ``validation`` is not a labelled set with good and defective images, or
+        too few of them can be read.
+    """
+    import os
+
+    from .._core.persistence import keep_state_on_error
+    from .._imaging.decode import original_size
+    from .._imaging.features import with_feature_shape
+    from .._tools.model import split_model
+    from .._tools.thresholds import (
+        calibrate_pixel_threshold_from_features,
+        calibrate_threshold,
+        masks_at_input_size,
+    )
+    from .datasets import read_mvtec_mask, validation_images
+
+    transformer, detector = split_model(model)
+    if isinstance(validation, (str, os.PathLike)):
+        validation = validation_images(validation)
+    data = validation
+    has_maps = detector.score_type == "fre"
+    read = batches if batches is not None else _batches_of(transformer)
+    position = {path: i for i, path in enumerate(data.paths)}
+    parts, y, masks, skipped, unmasked = [], [], [], [], []
+    for batch in read(data.paths):
+        skipped.extend(batch.failed)
+        if not batch.images:
+            continue
+        parts.append(transformer.transform(batch.images))
+        for path, image in zip(batch.paths, batch.images, strict=True):
+            i = position[path]
+            y.append(data.y[i])
+            mask = None
+            if has_maps and data.has_masks:
+                size = original_size(image)
+                try:
+                    mask = read_mvtec_mask(data, i, size)
+                except ValueError as error:
+                    unmasked.append((path, str(error)))
+                else:
+                    (mask,) = masks_at_input_size(
+                        [mask], [size], transformer.input_size_
+                    )
+            masks.append(mask)
+    y = np.asarray(y, int)
+    n_good, n_defective = int(np.sum(y == 1)), int(np.sum(y == -1))
+    if not n_good or not n_defective:
+        raise ValueError(
+            f"{n_good} good and {n_defective} defective validation images could be "
+            "read: the F1 threshold needs both"
+        )
+    if hasattr(parts[0], "device"):  # torch rows (the transformer's output="torch")
+        import torch
+
+        rows = torch.cat(parts)
+    else:
+        rows = np.concatenate(parts)
+    rows = with_feature_shape(rows, transformer.feature_shape_)
+    n_masks = 0
+    with keep_state_on_error(detector):
+        calibrate_threshold(detector, rows, y, method="f1")
+        if has_maps:
+            masked = [i for i, mask in enumerate(masks) if mask is not None]
+            if any(masks[i].any() for i in masked):
+                calibrate_pixel_threshold_from_features(
+                    model, rows[np.asarray(masked)], [masks[i] for i in masked]
+                )
+                n_masks = len(masked)
+            else:
+                calibrate_pixel_threshold_from_features(
+                    model,
+                    rows[np.flatnonzero(y == 1)],
+                    pixel_contamination=pixel_contamination,
+                )
+    return ValidationCalibration(data, n_good, n_defective, n_masks, skipped, unmasked)

@@ -69,9 +69,11 @@ class InlierKFold(BaseCrossValidator):
     masks (n_images, H, W). 0/1 labels raise a ``ValueError`` rather than being
     guessed, since 1 means "anomalous" in anomalib and "normal" in scikit-learn.
 
-    ``GridSearchCV(refit=True)`` refits on all of ``X``, anomalous images
-    included; pass ``refit=False`` and fit the best parameters on the normal
-    images yourself (see the user guide).
+    ``GridSearchCV(refit=True)`` refits on all of ``X`` with all of ``y``;
+    :meth:`DFMDetector.fit <skdfm.DFMDetector.fit>` leaves out the rows ``y``
+    marks anomalous (with an :class:`~skdfm.OutlierLabelWarning`), so
+    ``best_estimator_`` is fitted on the normal images only, as a Pipeline
+    ending in the detector is.
 
     Examples
     --------

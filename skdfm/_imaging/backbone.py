@@ -29,6 +29,7 @@ __all__ = [
     "build_backbone",
     "layer_name",
     "rebuild_backbone",
+    "timm_weights_unavailable",
     "weights_source",
 ]
 
@@ -341,3 +342,17 @@ def weights_source(
     tag = ".".join(str(p) for p in (cfg.get("architecture", name), cfg.get("tag")) if p)
     where = cfg.get("hf_hub_id") or cfg.get("url") or "timm"
     return f"timm pretrained {tag}: {where}"
+
+
+def timm_weights_unavailable(name: str) -> str | None:
+    """Why timm's pretrained weights of ``name`` cannot be had here, or None when
+    they can (in the local cache, or a download may work; no download is made)."""
+    from timm.models import get_pretrained_cfg
+
+    _check_model_name(name)
+    cfg = get_pretrained_cfg(name, allow_unregistered=True)
+    if cfg is None or not (cfg.hf_hub_id or cfg.url):
+        return f"timm has no pretrained weights for {name!r}"
+    if _cached_weights(cfg) is not None:
+        return None
+    return _download_blocker(cfg)

@@ -27,6 +27,7 @@ __all__ = [
     "calibrate_pixel_threshold_from_features",
     "calibrate_threshold",
     "f1_adaptive_threshold",
+    "masks_at_input_size",
     "normalized_scores",
 ]
 
@@ -225,8 +226,9 @@ def _nearest_resize(mask: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     return mask[rows[:, None], cols[None, :]]
 
 
-def _masks_at_input_size(masks, sizes, input_size):
-    """Masks given at each image's size, checked, brought to the input size."""
+def masks_at_input_size(masks, sizes, input_size):
+    """Masks given at each image's size, checked, brought to the input size (by
+    their nearest pixel): what the pixel threshold's rule compares maps with."""
     if len(masks) != len(sizes):
         raise ValueError(f"{len(sizes)} images but {len(masks)} masks.")
     resized = []
@@ -383,7 +385,7 @@ def calibrate_pixel_threshold(model, X, masks=None, *, pixel_contamination=0.001
         features = transformer.transform(X)
     else:
         features, sizes = transformer.transform_with_sizes(X)
-        masks = _masks_at_input_size(masks, sizes, transformer.input_size_)
+        masks = masks_at_input_size(masks, sizes, transformer.input_size_)
     return calibrate_pixel_threshold_from_features(
         model, features, masks, pixel_contamination=pixel_contamination
     )

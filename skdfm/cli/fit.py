@@ -1,5 +1,6 @@
-"""``skdfm fit``: fit a model on a folder of good images, thresholds from a
-held-out share of them, on one machine or on a Dask cluster."""
+"""``skdfm fit``: fit a model on a folder of good images (an MVTec AD category's
+``train/good``), thresholds from a held-out share of them or by F1 on labelled
+validation images, on one machine or on a Dask cluster."""
 
 from __future__ import annotations
 
@@ -13,7 +14,6 @@ import numpy as np
 from .common import (
     build_pipeline,
     cluster_errors,
-    collect_images,
     connect,
     file_batches,
     fit_transformer,
@@ -36,6 +36,8 @@ __all__ = ["PIXEL_CONTAMINATION", "add_parser", "check", "run"]
 
 #: Share of the good images' map pixels above the pixel threshold ``skdfm fit`` sets.
 PIXEL_CONTAMINATION = 0.001
+#: ``--holdout`` and ``--contamination`` when not given (and no ``--validation``).
+HOLDOUT, CONTAMINATION = 0.2, 0.01
 #: At most this many images (an even spread) set a cluster fit's pixel threshold.
 CLUSTER_PIXEL_IMAGES = 256
 
@@ -44,12 +46,19 @@ def add_parser(commands) -> None:
     fit = commands.add_parser(
         "fit",
         help="fit a model on a folder of good images",
-        description="Fit DeepFeatureTransformer + DFMDetector on the images in a "
-        "folder (searched recursively) and save the Pipeline with joblib. A share "
-        "of the images (--holdout) is kept back to set the threshold honestly.",
+        description="Fit DeepFeatureTransformer + DFMDetector on good images and "
+        "save the Pipeline (.skdfm). NORMAL_DIR is an MVTec AD category (its "
+        "train/good is used; test/ and ground_truth/ never) or a folder of good "
+        "images (searched recursively; a folder mixing kinds, such as good/ beside "
+        "scratch/, or train/ without good/, is refused). The threshold comes from "
+        "a held-out share of the good images (--holdout), or by F1 from labelled "
+        "images (--validation).",
     )
     fit.add_argument(
-        "normal_images", metavar="NORMAL_DIR", help="folder of good images"
+        "normal_images",
+        metavar="NORMAL_DIR",
+        help="an MVTec AD category (CATEGORY: its train/good), or a folder of good "
+        "images only",
     )
     fit.add_argument(
         "-o",
@@ -61,18 +70,29 @@ def add_parser(commands) -> None:
     fit.add_argument(
         "--holdout",
         type=share(0.0, 1.0, low_closed=True, high_closed=False),
-        default=0.2,
-        help="share of images held out to set the threshold (default 0.2; 0 = "
-        "in-sample threshold)",
+        help=f"share of images held out to set the threshold (default {HOLDOUT:g}; "
+        "0 = in-sample threshold; not with --validation)",
     )
     fit.add_argument(
         "--contamination",
         type=share(0.0, 0.5, low_closed=False, high_closed=True),
-        default=0.01,
         help="share of held-out good images allowed above the threshold (default "
-        "0.01, for a production line; DFMDetector's own default, 0.1, is "
-        "scikit-learn's; --holdout 0 uses it). A held-out set needs at least "
-        "1/contamination images for the quantile to mean more than its maximum",
+        f"{CONTAMINATION:g}, for a production line; DFMDetector's own default, "
+        "0.1, is scikit-learn's; --holdout 0 uses it). A held-out set needs at "
+        "least 1/contamination images for the quantile to mean more than its "
+        "maximum. Not with --validation",
+    )
+    fit.add_argument(
+        "--validation",
+        metavar="DIR",
+        help="labelled images to set the thresholds by F1 (anomalib's rule): an "
+        "MVTec AD category (its test/ and ground_truth/) or a test split (good/ "
+        "beside defect folders; masks from a ground_truth/ beside it when it is "
+        "named test). The image threshold is the F1-adaptive one over good and "
+        "defective images, the pixel threshold the F1-adaptive one over the masks "
+        "(without masks: the 99.9%% quantile of the good images' maps). Needs good "
+        "and defective images. Every training image is then fitted on: --holdout "
+        "and --contamination are refused with it",
     )
     add_model_options(fit, backbone="resnet50", layer="layer3", pooling=4)
     add_runtime(fit)
@@ -81,14 +101,59 @@ def add_parser(commands) -> None:
 
 
 def check(parser, args) -> None:
+    from .._evaluation.datasets import training_images, validation_images
+
     check_device(parser, args.device)
     check_image_score(parser, args)
+    try:  # the layout rule: file names only, nothing decoded
+        training = training_images(args.normal_images)
+    except (OSError, ValueError) as error:
+        parser.error(f"argument NORMAL_DIR: {error}")
+    if args.validation is None:
+        args.holdout = HOLDOUT if args.holdout is None else args.holdout
+        args.contamination = (
+            CONTAMINATION if args.contamination is None else args.contamination
+        )
+        return
+    for flag in ("holdout", "contamination"):
+        if getattr(args, flag) is not None:
+            parser.error(
+                f"argument --{flag}: not with --validation: the thresholds are set "
+                "by F1 on the labelled validation images, and every training image "
+                "is fitted on (none held out)"
+            )
+    args.holdout = 0.0
+    try:
+        validation = validation_images(args.validation)
+    except (OSError, ValueError) as error:
+        parser.error(f"argument --validation: {error}")
+    shared = {os.path.realpath(p) for p in training.paths} & {
+        os.path.realpath(p) for p in validation.paths
+    }
+    if shared:
+        parser.error(
+            f"argument --validation: {len(shared)} of its images are training "
+            f"images too (e.g. {min(shared)}): a threshold needs images the model "
+            "was not fitted on"
+        )
+
+
+def _training_files(args) -> tuple[list[str], list[tuple[str, str]]]:
+    """The training files (the layout rule, checked already) and the problems."""
+    from .._evaluation.datasets import training_images
+
+    training = training_images(args.normal_images)
+    print(f"training images: {len(training.paths)} files in {training.description}")
+    if training.paths:
+        return training.paths, []
+    say(f"skdfm: skipped {training.folder}: no image files in this folder")
+    return [], [(training.folder, "no image files in this folder")]
 
 
 def run(args) -> int:
     from .._tools.fitting import fit_with_holdout
 
-    files, problems = collect_images([args.normal_images])
+    files, problems = _training_files(args)
     model = build_pipeline(args)
     transformer, detector = model[0], model[1]
     t = time.perf_counter()
@@ -122,16 +187,23 @@ def run(args) -> int:
                 features,
                 holdout=args.holdout,
                 # --holdout 0: fit's in-sample threshold, the detector's own
+                # (--validation: replaced next)
                 contamination=args.contamination if args.holdout else None,
-                pixel_contamination=PIXEL_CONTAMINATION if fre else None,
+                pixel_contamination=(
+                    PIXEL_CONTAMINATION if fre and not args.validation else None
+                ),
             )
         except ValueError as error:
             raise CommandError(str(error)) from error
     few = _few_threshold_samples(caught)
     _say_fitted(model, len(train), time.perf_counter() - t)
-    if fre:
-        _say_pixel_threshold(detector, len(held))
-    return _save_fitted(args, model, len(held), few, skipped)
+    if args.validation:
+        skipped += _calibrate_on_validation(args, model)
+    else:
+        if fre:
+            _say_pixel_threshold(detector, len(held))
+        _say_holdout_threshold(args, model, len(held), few)
+    return _save_fitted(args, model, skipped)
 
 
 def _features_of_files(transformer, files, *, progress: bool, check=None):
@@ -199,10 +271,52 @@ def _say_pixel_threshold(detector, n_held: int) -> None:
     )
 
 
-def _save_fitted(args, model, n_held: int, few: bool, skipped) -> int:
-    """Say how the threshold was set, save the model, and the exit code."""
-    from .. import save
+def _calibrate_on_validation(args, model) -> list:
+    """``--validation``: both thresholds by F1 on the labelled images, said; the
+    unreadable validation files are returned."""
+    from .._evaluation.datasets import validation_images
+    from .._evaluation.evaluation import calibrate_on_validation
 
+    detector = model[-1]
+    try:
+        result = calibrate_on_validation(
+            model,
+            validation_images(args.validation),
+            batches=lambda paths: file_batches(
+                paths, model[0], progress=not args.no_progress
+            ),
+            pixel_contamination=PIXEL_CONTAMINATION,
+        )
+    except (OSError, ValueError) as error:
+        raise CommandError(f"--validation {args.validation}: {error}") from error
+    for path, reason in result.no_pixel_masks:
+        say(f"skdfm: left out of the pixel threshold: {path}: {reason}")
+    n = result.n_good + result.n_defective
+    if detector.score_type == "fre":
+        if detector.pixel_threshold_method_ == "f1":
+            how = (
+                f"F1-adaptive over the ground-truth masks of {result.n_masks} "
+                "validation images"
+            )
+        else:
+            how = (
+                f"the {1 - PIXEL_CONTAMINATION:.1%} quantile of the maps of "
+                f"{result.n_good} good validation images (no ground-truth masks)"
+            )
+        print(
+            f"pixel threshold: {detector.pixel_threshold_:.4g}, {how} (their "
+            "predicted masks, the overlays' colour scale)"
+        )
+    print(
+        f"threshold: F1-adaptive on {n} labelled validation images "
+        f"({result.n_good} good, {result.n_defective} defective) in "
+        f"{result.data.description} (--validation)"
+    )
+    return list(result.skipped)
+
+
+def _say_holdout_threshold(args, model, n_held: int, few: bool) -> None:
+    """How the threshold was set without --validation."""
     if n_held and few:
         say(
             f"skdfm: warning: the {args.contamination:.0%} quantile of {n_held} "
@@ -222,6 +336,12 @@ def _save_fitted(args, model, n_held: int, few: bool, skipped) -> int:
             "training images (--holdout 0; --contamination applies to held-out "
             "images); expect more false alarms"
         )
+
+
+def _save_fitted(args, model, skipped) -> int:
+    """Save the model; the exit code."""
+    from .. import save
+
     # Saved as a Python user builds it: numpy features (the command's own torch
     # output only saves a host copy on a GPU), the progress bar as asked.
     model[0].set_params(progress=not args.no_progress, output="numpy")
@@ -292,8 +412,15 @@ def _fit_on_cluster(args, model, files, problems, check) -> int:
                 model,
                 image_bag([os.path.abspath(p) for p in train]),
                 client=client,
-                threshold_images=image_bag([os.path.abspath(p) for p in held or train]),
-                contamination=args.contamination if held else detector.contamination,
+                # --validation: no threshold pass here, set next on the client
+                threshold_images=None
+                if args.validation
+                else image_bag([os.path.abspath(p) for p in held or train]),
+                contamination=None
+                if args.validation
+                else args.contamination
+                if held
+                else detector.contamination,
             )
     finally:
         client.close()
@@ -302,10 +429,14 @@ def _fit_on_cluster(args, model, files, problems, check) -> int:
     skipped = list(problems) + cluster_skipped
     _say_fitted(model, detector.n_samples_seen_, time.perf_counter() - t)
     print(f"cluster: {args.scheduler}")
+    if args.validation:  # on the client: a small labelled set
+        skipped += _calibrate_on_validation(args, model)
+        return _save_fitted(args, model, skipped)
     if detector.score_type == "fre":  # on the client, from a few normal images
         _pixel_threshold_from_files(model, held or train)
         _say_pixel_threshold(detector, len(held))
-    return _save_fitted(args, model, len(held), few, skipped)
+    _say_holdout_threshold(args, model, len(held), few)
+    return _save_fitted(args, model, skipped)
 
 
 def _pixel_threshold_from_files(model, files) -> None:
