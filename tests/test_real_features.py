@@ -5,11 +5,10 @@ The backbone is the offline ImageNet EfficientNet-Lite0 (the weights extra, whic
 the dev extra installs); the data are MVTec-style sets cut from scikit-image's
 photographs (``skdfm._evaluation.textures``). Each floor is the image AUROC
 measured when it was set, less a margin of about 0.03 for library versions
-(see FLOORS); the anomalib-default head (``image_score="sum"``) on the same
-features is measured beside it and printed.
+(see FLOORS); the anomalib-default head (``image_score="sum"``; anomalib's
+resnet50 has no weights offline) on the same features is measured beside it.
 """
 
-import numpy as np
 import pytest
 
 from skdfm import image_auroc, load_mvtec, recommended_model
@@ -22,11 +21,13 @@ pytest.importorskip("skimage", reason="scikit-image (the bench extra) makes the 
 
 from skdfm._evaluation.textures import write_texture_set  # noqa: E402
 
-#: texture -> (recommended floor, measured then); anomalib's head measured beside
-#: it: see the module docstring and the closing note of the change that set them.
+#: texture -> (floor of the recommended configuration's image AUROC, what it
+#: measured, what anomalib's head measured beside it), on these sets (60 good
+#: crops fitted, 20 good and 24 defective tested), offline EfficientNet-Lite0, a
+#: 2-core Xeon, torch 2.14.1, timm 1.0.31 (2026-12-03). Floors: measured - ~0.03.
 FLOORS = {
-    "brick": (0.0, None),
-    "gravel": (0.0, None),
+    "brick": (0.85, 0.883, 0.729),
+    "gravel": (0.62, 0.656, 0.635),
 }
 
 
@@ -55,6 +56,10 @@ def test_the_recommended_configuration_keeps_its_floor(texture_sets, texture):
     print(
         f"{texture}: recommended {recommended:.3f}, anomalib's head {anomalib_head:.3f}"
     )
-    floor, _ = FLOORS[texture]
-    assert recommended >= floor
-    assert np.isfinite(anomalib_head)
+    floor, measured, measured_anomalib = FLOORS[texture]
+    assert recommended >= floor, (recommended, measured)
+    # anomalib's head on the same features: recorded, and on brick (small defects
+    # in a regular texture) the map's maximum must keep its lead
+    assert abs(anomalib_head - measured_anomalib) < 0.1
+    if texture == "brick":
+        assert recommended > anomalib_head + 0.05

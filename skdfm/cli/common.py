@@ -154,17 +154,30 @@ def is_exported(path: str) -> bool:
     return Path(path).suffix.lower() in EXPORTED_SUFFIXES
 
 
-def build_pipeline(args, *, progress: bool = False):
-    """A new Pipeline from the model options."""
+def build_pipeline(args, *, progress: bool = False, allow_random: bool = False):
+    """A new Pipeline from the model options, its weights chosen by ``--weights``
+    (said on stdout); ``allow_random``: random weights as the last resort."""
     from sklearn.pipeline import make_pipeline
 
     from .. import DeepFeatureTransformer, DFMDetector
+    from .._tools.recommended import choose_weights
 
+    if args.checkpoint is not None:
+        weights = dict(pretrained=True, checkpoint_path=args.checkpoint)
+        why = f"checkpoint {args.checkpoint} (--checkpoint)"
+    else:
+        asked = "random" if args.random_init else args.weights
+        try:
+            weights, why = choose_weights(
+                args.backbone, asked, allow_random=allow_random
+            )
+        except OSError as error:
+            raise CommandError(f"{error}; or pass --checkpoint FILE") from None
+    print(f"weights: {why}")
     transformer = DeepFeatureTransformer(
         backbone=args.backbone,
         layer=args.layer,
-        pretrained=not args.random_init,
-        checkpoint_path=args.checkpoint,
+        **weights,
         pooling_kernel_size=args.pooling_kernel_size,
         input_size=args.input_size,
         batch_size=args.batch_size or 16,

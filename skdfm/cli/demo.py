@@ -47,7 +47,7 @@ def add_parser(commands) -> None:
         "--texture", choices=["woven", "brushed", "grain"], default="woven"
     )
     demo.add_argument("--random-state", type=int, default=0)
-    add_model_options(demo, backbone="resnet18", layer="layer2", pooling=2)
+    add_model_options(demo)
     add_runtime(demo)
     demo.set_defaults(func=run, check=check)
 
@@ -127,14 +127,13 @@ def run(args) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     images, y, masks, train, val, test = _split(args)
-    model = build_pipeline(args, progress=not args.no_progress)
+    model = build_pipeline(args, progress=not args.no_progress, allow_random=True)
     transformer, detector = model[0], model[1]
     t = time.perf_counter()
     fit_transformer(transformer, images[train], allow_random=True)
     detector.fit(transformer.transform(images[train]))
-    weights = "pretrained" if transformer.pretrained else "random init"
     print(
-        f"fit: {transformer.backbone} ({weights}) {layer_text(transformer.layer_)}, "
+        f"fit: {transformer.backbone} {layer_text(transformer.layer_)}, "
         f"{detector.n_features_in_} features, {detector.n_components_} components, "
         f"{time.perf_counter() - t:.1f} s on {transformer.device_}"
     )

