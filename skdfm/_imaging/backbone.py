@@ -28,6 +28,7 @@ __all__ = [
     "backbone_state",
     "build_backbone",
     "layer_name",
+    "mismatched_tensors",
     "rebuild_backbone",
     "timm_weights_unavailable",
     "weights_source",
@@ -295,6 +296,14 @@ def backbone_state(model: torch.nn.Module) -> dict[str, np.ndarray]:
     }
 
 
+def mismatched_tensors(expected: dict, given: dict) -> list[str]:
+    """The tensor names (sorted) whose presence or shape differ between two
+    ``{name: shape}`` maps; empty when they fit."""
+    return sorted(set(expected) ^ set(given)) or sorted(
+        k for k in expected if expected[k] != given[k]
+    )
+
+
 def rebuild_backbone(
     name: str, layer: str | tuple[str, ...], state: dict[str, np.ndarray]
 ) -> torch.nn.Module:
@@ -312,10 +321,8 @@ def rebuild_backbone(
         skeleton = timm.create_model(name, pretrained=False, **features)
     expected = {k: tuple(v.shape) for k, v in skeleton.state_dict().items()}
     given = {k: tuple(np.shape(v)) for k, v in state.items()}
-    if given != expected:
-        wrong = sorted(set(expected) ^ set(given)) or sorted(
-            k for k in expected if expected[k] != given[k]
-        )
+    wrong = mismatched_tensors(expected, given)
+    if wrong:
         raise ValueError(
             f"the saved weights do not fit {name!r} cut after {layer!r} "
             f"({len(given)} arrays for {len(expected)} expected; first mismatches: "

@@ -185,16 +185,16 @@ def offline_weights(*, cache_dir=None) -> Path:
     import timm
     from safetensors.torch import save
 
+    from .backbone import mismatched_tensors
+
     state = torch.load(source, map_location="cpu", weights_only=True)
     with torch.device("meta"):
         model = timm.create_model(OFFLINE_BACKBONE, pretrained=False)
     converted = convert_lukemelas_lite0(state, [len(s) for s in model.blocks])
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     given = {k: tuple(v.shape) for k, v in converted.items()}
-    if given != expected:
-        wrong = sorted(set(given) ^ set(expected)) or sorted(
-            k for k in given if given[k] != expected[k]
-        )
+    wrong = mismatched_tensors(expected, given)
+    if wrong:
         raise ValueError(
             f"{source}: converted tensors do not fit timm's {OFFLINE_BACKBONE} "
             f"(first mismatches: {wrong[:3]})."
