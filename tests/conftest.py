@@ -4,6 +4,21 @@ import torch
 from PIL import Image
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _own_weights_cache(tmp_path_factory):
+    """The offline weights are converted into a folder of the test run (as on a
+    clean machine), never into the user's ~/.cache/skdfm."""
+    import os
+
+    previous = os.environ.get("SKDFM_CACHE")
+    os.environ["SKDFM_CACHE"] = str(tmp_path_factory.mktemp("skdfm-cache"))
+    yield
+    if previous is None:
+        del os.environ["SKDFM_CACHE"]
+    else:
+        os.environ["SKDFM_CACHE"] = previous
+
+
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return
