@@ -499,7 +499,7 @@ class DFMDetector(DeviceMixin, PersistenceMixin, OutlierMixin, BaseEstimator):
             device = resolve_device(self.device)
             valid = self._validate_features(X, reset=True)
             self._set_feature_shape(self._carried_shape(X, valid), valid.shape[1])
-            mask, _ = normal_rows(y, len(valid))
+            mask = normal_rows(y, len(valid))
             rows = _rows_of(as_tensor(valid, device), mask)
             pca = fit_pca(
                 rows,
@@ -641,7 +641,7 @@ class DFMDetector(DeviceMixin, PersistenceMixin, OutlierMixin, BaseEstimator):
             statistics = FeatureStatistics(rows.shape[1], device)
         else:
             check_same_feature_shape(X, self.feature_shape_)
-        mask, _ = normal_rows(y, len(rows), min_normal=1)
+        mask = normal_rows(y, len(rows), min_normal=1)
         statistics.update(_rows_of(as_tensor(rows, statistics.device), mask))
         for name in (*_STALE_AFTER_BATCH, "_scoring"):
             vars(self).pop(name, None)

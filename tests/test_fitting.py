@@ -135,7 +135,7 @@ def test_fit_with_holdout_fits_on_the_rest_and_thresholds_on_the_held_out_rows()
 
 
 def test_fit_with_holdout_refuses_like_every_fit_and_keeps_the_model():
-    from skdfm._tools.fitting import fit_with_holdout, strict_holdout_split
+    from skdfm._tools.fitting import fit_with_holdout, holdout_split
 
     X = make_features(100, 20)
     det = DFMDetector(pca_level=0.9, device="cpu").fit(X)
@@ -145,7 +145,7 @@ def test_fit_with_holdout_refuses_like_every_fit_and_keeps_the_model():
     with pytest.raises(ValueError, match="holds none out"):
         fit_with_holdout(det, X[:4], holdout=0.1, contamination=0.01)
     with pytest.raises(ValueError, match="holds none out"):
-        strict_holdout_split(4, 0.1)
+        holdout_split(4, 0.1)
     with pytest.raises(ValueError, match="fewer than 2 to fit on"):
         fit_with_holdout(det, X[:3], holdout=0.5)
     with pytest.raises(ValueError, match="contamination=0.7"):

@@ -276,9 +276,9 @@ class OutlierLabelWarning(UserWarning):
 
 
 def normal_rows(y, n_samples: int, *, min_normal: int = 2):
-    """The rows a detector fits on, from ``fit``'s ``y``: ``(mask, n_dropped)``.
+    """The rows a detector fits on, from ``fit``'s ``y``: a boolean mask.
 
-    ``mask`` is None (fit on every row) unless ``y`` marks anomalous rows: outlier
+    The mask is None (fit on every row) unless ``y`` marks anomalous rows: outlier
     labels holding -1 (checked by :func:`check_outlier_labels`), or pixel masks
     of shape (n_samples, H, W) (anomalous: any nonzero pixel). A ``y`` without -1
     (scikit-learn's class labels or targets, as generic tools pass) is ignored as
@@ -289,7 +289,7 @@ def normal_rows(y, n_samples: int, *, min_normal: int = 2):
     """
     y = None if y is None else np.asarray(y)
     if y is None or y.dtype.kind not in "biuf" or y.size == 0:
-        return None, 0
+        return None
     if y.ndim == 3:
         anomalous = y.reshape(len(y), -1).any(axis=1)
     elif (y == -1).any():
@@ -304,7 +304,7 @@ def normal_rows(y, n_samples: int, *, min_normal: int = 2):
                     OutlierLabelWarning,
                     stacklevel=2,
                 )
-        return None, 0
+        return None
     if len(anomalous) != n_samples:
         raise ValueError(
             f"y has {len(anomalous)} labels or masks for {n_samples} rows of X."
@@ -323,7 +323,7 @@ def normal_rows(y, n_samples: int, *, min_normal: int = 2):
             OutlierLabelWarning,
             stacklevel=2,
         )
-    return ~anomalous, n_dropped
+    return ~anomalous
 
 
 def check_labels_and_scores(y_true, y_score) -> tuple[np.ndarray, np.ndarray]:

