@@ -30,6 +30,7 @@ from ._core.validation import (
     check_device_rows,
     check_magnitude,
     check_pixel_threshold,
+    check_real,
     check_threshold,
     check_threshold_cv,
     check_unchanged_since_fit,
@@ -450,9 +451,11 @@ class DFMDetector(DeviceMixin, PersistenceMixin, OutlierMixin, BaseEstimator):
                 self.n_features_in_ = X.shape[1]
                 vars(self).pop("feature_names_in_", None)
         else:
+            X = as_host_array(X)
+            check_real(X)
             X = validate_data(
                 self,
-                as_host_array(X),
+                X,
                 reset=reset,
                 dtype=[np.float64, np.float32],
                 ensure_min_samples=min_samples,

@@ -12,7 +12,12 @@ import numpy as np
 import pytest
 
 import skdfm
-from skdfm._core.files import Terminated, atomic_write, terminate_as_exception
+from skdfm._core.files import (
+    Terminated,
+    atomic_write,
+    temporary_name,
+    terminate_as_exception,
+)
 
 SIZE = 32 * 2**20  # each version: 32 MiB of one repeated byte, written in 1 MiB chunks
 
@@ -155,3 +160,104 @@ def test_terminate_as_exception_restores_the_handler():
             os.kill(os.getpid(), signal.SIGTERM)
             time.sleep(1)  # the handler raises before this ends
     assert signal.getsignal(signal.SIGTERM) is before
+
+
+def test_terminate_as_exception_restores_the_wakeup_fd():
+    before = signal.set_wakeup_fd(-1)
+    signal.set_wakeup_fd(before)
+    with terminate_as_exception():
+        pass
+    assert signal.set_wakeup_fd(before) == before
+
+
+# A process stuck in native code that never returns to Python: onnxruntime running a
+# Loop of 2**62 iterations (it releases the GIL, as torch and Pillow do). Python's
+# SIGTERM handler cannot run there; the watchdog must end the process and remove the
+# temporary file being written.
+STUCK = textwrap.dedent(
+    """
+    import importlib.util, sys
+    import numpy as np, onnx, onnxruntime
+    from onnx import TensorProto, helper
+    spec = importlib.util.spec_from_file_location("files", {module!r})
+    files = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(files)
+    value = helper.make_tensor_value_info
+    body = helper.make_graph(
+        [helper.make_node("Identity", ["c_in"], ["c_out"]),
+         helper.make_node("Add", ["x_in", "one"], ["x_out"])],
+        "body",
+        [value("i", TensorProto.INT64, []), value("c_in", TensorProto.BOOL, []),
+         value("x_in", TensorProto.FLOAT, [1])],
+        [value("c_out", TensorProto.BOOL, []), value("x_out", TensorProto.FLOAT, [1])],
+        [helper.make_tensor("one", TensorProto.FLOAT, [1], [1.0])])
+    graph = helper.make_graph(
+        [helper.make_node("Loop", ["n", "c", "x0"], ["y"], body=body)], "loop",
+        [value("x0", TensorProto.FLOAT, [1])], [value("y", TensorProto.FLOAT, [1])],
+        [helper.make_tensor("n", TensorProto.INT64, [], [2**62]),
+         helper.make_tensor("c", TensorProto.BOOL, [], [True])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    session = onnxruntime.InferenceSession(model.SerializeToString())
+    with files.terminate_as_exception(grace=0.5):
+        with files.atomic_write(sys.argv[1]) as out:
+            out.write(b"partial")
+            print("ready", flush=True)
+            session.run(None, {{"x0": np.zeros(1, np.float32)}})
+    """
+)
+
+
+def test_sigterm_ends_a_process_stuck_in_native_code(tmp_path):
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnx")
+    module = str(Path(skdfm.__file__).parent / "_core" / "files.py")
+    target = tmp_path / "out.bin"
+    target.write_bytes(b"old")
+    process = subprocess.Popen(
+        [sys.executable, "-c", STUCK.format(module=module), str(target)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        assert process.stdout.readline() == b"ready\n"
+        time.sleep(0.2)  # inside session.run
+        process.send_signal(signal.SIGTERM)
+        start = time.monotonic()
+        code = process.wait(timeout=30)
+        elapsed = time.monotonic() - start
+    finally:
+        process.kill()
+        process.wait()
+    assert code == 143
+    assert elapsed < 10, elapsed  # the 0.5 s grace, plus the exit
+    assert b"terminated" in process.stderr.read()
+    # The temporary file was removed, the old file kept.
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.bin"]
+    assert target.read_bytes() == b"old"
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "m" * 249 + ".skdfm",  # 255 bytes: the longest name the folder takes
+        "é" * 124 + ".skdfm",  # 254 bytes in 130 characters
+    ],
+)
+def test_the_longest_file_names_are_written(tmp_path, name):
+    # The temporary name (".name.XXXXXXXX.tmp") is 14 bytes longer than the name;
+    # it is shortened to fit, the file keeps its name.
+    target = tmp_path / name
+    with atomic_write(target) as handle:
+        handle.write(b"new")
+    assert target.read_bytes() == b"new"
+    assert os.listdir(tmp_path) == [name]
+
+
+def test_temporary_names_fit_and_keep_whole_characters():
+    for name in ("a" * 300, "é" * 200, "short.csv"):
+        prefix = temporary_name(name)
+        assert len(prefix.encode()) + 8 + len(".tmp") <= 255
+        assert prefix.startswith(".") and prefix.endswith(".")
+        assert name.startswith(prefix[1:-1])
+    assert temporary_name("short.csv") == ".short.csv."

@@ -5,6 +5,12 @@ bytes go to a temporary file next to the target (same file system, so the rename
 atomic), are flushed and fsynced, and only then ``os.replace`` puts the complete file
 in place. A writer killed at any moment leaves either the old file or the new one,
 never a stub; a write that fails removes its temporary file.
+
+SIGTERM (``terminate_as_exception``) unwinds the command like Ctrl-C, so every
+``finally`` runs; when the process sits in native code that does not return (a
+runtime executing a hostile graph, a blocking system call), a watchdog thread woken
+by the signal itself removes the temporary files still open and ends the process
+after a short grace period.
 """
 
 from __future__ import annotations
@@ -17,7 +23,26 @@ from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
 
-__all__ = ["ModelFileError", "Terminated", "atomic_write", "terminate_as_exception"]
+__all__ = [
+    "TERMINATE_GRACE_SECONDS",
+    "ModelFileError",
+    "Terminated",
+    "atomic_write",
+    "longest_file_name",
+    "temporary_name",
+    "terminate_as_exception",
+]
+
+#: How long SIGTERM waits for the command to unwind before the process is ended.
+TERMINATE_GRACE_SECONDS = 2.0
+# Longest file name most file systems take (bytes); ``os.pathconf`` where it answers.
+_NAME_MAX = 255
+_TEMPORARY_SUFFIX = ".tmp"
+_RANDOM_CHARACTERS = 8  # what tempfile.mkstemp puts between prefix and suffix
+
+# Temporary files being written right now: removed by a forced exit.
+_temporaries: set[str] = set()
+_temporaries_lock = threading.Lock()
 
 
 def _umask() -> int:
@@ -52,7 +77,9 @@ def atomic_write(path, mode: str = "wb") -> Iterator:
     held = _hold_sigterm()
     try:
         fd, temporary = tempfile.mkstemp(
-            prefix=f".{path.name}.", suffix=".tmp", dir=folder
+            prefix=temporary_name(path.name, longest_file_name(folder)),
+            suffix=_TEMPORARY_SUFFIX,
+            dir=folder,
         )
     except PermissionError as error:
         _release(held)
@@ -60,6 +87,8 @@ def atomic_write(path, mode: str = "wb") -> Iterator:
     except BaseException:
         _release(held)
         raise
+    with _temporaries_lock:
+        _temporaries.add(temporary)
     try:
         _release(held)  # a SIGTERM held meanwhile is raised here
         # mkstemp creates 0600: keep the permissions of the file being replaced, or
@@ -78,12 +107,35 @@ def atomic_write(path, mode: str = "wb") -> Iterator:
         with suppress(OSError):
             os.unlink(temporary)
         raise
+    finally:
+        with _temporaries_lock:
+            _temporaries.discard(temporary)
     with suppress(OSError):  # make the rename itself durable (POSIX)
         directory = os.open(folder, os.O_RDONLY)
         try:
             os.fsync(directory)
         finally:
             os.close(directory)
+
+
+def temporary_name(name: str, name_max: int = _NAME_MAX) -> str:
+    """The prefix of the temporary file written for ``name``: ``.name.``, the name
+    shortened (at a character boundary) so that prefix, random part and suffix fit
+    in ``name_max`` bytes, the longest file name the folder takes."""
+    room = name_max - len(_TEMPORARY_SUFFIX) - _RANDOM_CHARACTERS - 2
+    encoded = name.encode("utf-8", "surrogateescape")
+    if len(encoded) > room:
+        name = encoded[:room].decode("utf-8", "ignore")
+    return f".{name}."
+
+
+def longest_file_name(folder) -> int:
+    """The longest file name, in bytes, that ``folder`` takes (255 where the system
+    does not say)."""
+    try:
+        return int(os.pathconf(folder, "PC_NAME_MAX"))
+    except (AttributeError, OSError, ValueError):
+        return _NAME_MAX
 
 
 def _hold_sigterm():
@@ -105,12 +157,26 @@ class Terminated(BaseException):
 
 
 @contextmanager
-def terminate_as_exception() -> Iterator[None]:
+def terminate_as_exception(
+    grace: float = TERMINATE_GRACE_SECONDS, exit_code: int = 143
+) -> Iterator[None]:
     """Turn SIGTERM into :class:`Terminated` while the block runs (main thread only).
 
     Python's default SIGTERM handling ends the process at once, leaving temporary
     files behind; raising instead runs every ``finally`` and ``except`` on the way
-    out.
+    out. But Python runs its handler only between bytecodes: in native code that does
+    not return (an onnxruntime graph looping for ever, a read that blocks) it would
+    never run. So the signal also wakes a watchdog thread (``signal.set_wakeup_fd``,
+    written by the C-level handler); if the block has not ended ``grace`` seconds
+    later, the watchdog removes the temporary files of :func:`atomic_write` still
+    open, says so on stderr and ends the process with ``exit_code``.
+
+    Parameters
+    ----------
+    grace : float, default=TERMINATE_GRACE_SECONDS
+        Seconds the block has to unwind before the process is ended.
+    exit_code : int, default=143
+        The exit status of a forced end (128 + SIGTERM, as the shell reports it).
     """
     if threading.current_thread() is not threading.main_thread():
         yield
@@ -119,11 +185,62 @@ def terminate_as_exception() -> Iterator[None]:
     def handler(signum, frame):
         raise Terminated()
 
+    finished = threading.Event()
+    wake_read, wake_write = os.pipe()
+    os.set_blocking(wake_write, False)  # set_wakeup_fd needs a non-blocking fd
+    watchdog = threading.Thread(
+        target=_watch,
+        args=(wake_read, finished, grace, exit_code),
+        name="skdfm-sigterm-watchdog",
+        daemon=True,
+    )
     previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        previous_fd = signal.set_wakeup_fd(wake_write, warn_on_full_buffer=False)
+    except BaseException:
+        signal.signal(signal.SIGTERM, previous)
+        os.close(wake_read)
+        os.close(wake_write)
+        raise
+    watchdog.start()
     try:
         yield
     finally:
+        finished.set()
+        signal.set_wakeup_fd(previous_fd)
         signal.signal(signal.SIGTERM, previous)
+        os.close(wake_write)  # the watchdog reads the end of the pipe and returns
+        watchdog.join()
+        os.close(wake_read)
+
+
+def _watch(wake_read: int, finished: threading.Event, grace: float, code: int):
+    """The watchdog: waits for SIGTERM's byte on the wake-up pipe, then for the
+    block to end; past ``grace``, cleans up and ends the process."""
+    while True:
+        try:
+            woken_by = os.read(wake_read, 64)
+        except OSError:
+            return
+        if not woken_by or finished.is_set():
+            return
+        if signal.SIGTERM in woken_by:
+            if not finished.wait(grace):
+                _end_now(code)
+            return
+
+
+def _end_now(code: int) -> None:
+    """Remove the temporary files being written, say why, end the process."""
+    with _temporaries_lock:
+        for temporary in list(_temporaries):
+            with suppress(OSError):
+                os.unlink(temporary)
+    with suppress(OSError):
+        os.write(
+            2, b"skdfm: terminated (inside native code; temporary files removed)\n"
+        )
+    os._exit(code)
 
 
 class ModelFileError(ValueError):

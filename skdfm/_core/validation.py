@@ -26,6 +26,7 @@ __all__ = [
     "check_magnitude",
     "check_outlier_labels",
     "check_pixel_threshold",
+    "check_real",
     "check_threshold",
     "check_threshold_cv",
     "check_unchanged_since_fit",
@@ -129,6 +130,27 @@ def as_host_array(X):
             X = X.to(torch.float32)
         return X.cpu().numpy()
     return X
+
+
+def check_real(X, what: str = "X") -> None:
+    """Refuse complex input in one line: scikit-learn's own message prints the whole
+    array (megabytes for a feature matrix)."""
+    dtype = getattr(X, "dtype", None)
+    if dtype is None and hasattr(X, "dtypes"):  # a DataFrame: one dtype per column
+        kinds = {getattr(kind, "kind", "O") for kind in X.dtypes}
+        complex_ = "c" in kinds
+    elif dtype is None:  # a list: what numpy makes of it
+        try:
+            complex_ = np.iscomplexobj(np.asarray(X))
+        except (ValueError, TypeError):  # ragged: validate_data says so
+            complex_ = False
+    else:
+        complex_ = getattr(dtype, "kind", None) == "c"
+    if complex_:
+        raise ValueError(
+            f"Complex data not supported: {what} has complex values; the detector "
+            "takes real feature rows."
+        )
 
 
 def check_device_rows(

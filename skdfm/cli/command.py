@@ -13,6 +13,7 @@ from .options import (
     CommandError,
     check_output,
     check_report,
+    describe,
     say,
 )
 
@@ -62,10 +63,8 @@ def main(argv=None) -> int:
     try:
         with terminate_as_exception():
             return args.func(args)
-    except CommandError as error:
-        say(f"skdfm: error: {error}")
-    except (OSError, ValueError, MemoryError) as error:
-        say(f"skdfm: error: {error}")
+    except (CommandError, OSError, ValueError, MemoryError) as error:
+        say(f"skdfm: error: {describe(error)}")
     except KeyboardInterrupt:
         say("skdfm: interrupted")
         return EXIT_INTERRUPTED

@@ -9,6 +9,7 @@ import os
 import sys
 from pathlib import Path
 
+from .._core.files import longest_file_name
 from .._imaging.decode import MAX_IMAGE_PIXELS
 
 __all__ = [
@@ -29,6 +30,7 @@ __all__ = [
     "check_image_score",
     "check_output",
     "check_report",
+    "describe",
     "image_score",
     "layer_spec",
     "max_pixels",
@@ -52,6 +54,15 @@ class CommandError(Exception):
 def say(message: str) -> None:
     """A line on stderr: what was skipped, warnings, errors."""
     print(message, file=sys.stderr)
+
+
+def describe(error: BaseException) -> str:
+    """An error in words, never empty: its message, else what its kind means
+    (``MemoryError()`` says nothing; "out of memory" does)."""
+    text = str(error).strip()
+    if isinstance(error, MemoryError):
+        return f"out of memory: {text}" if text else "out of memory"
+    return text or f"{type(error).__name__} (no message)"
 
 
 # -- argument types -------------------------------------------------------------------
@@ -265,10 +276,17 @@ def check_output(parser, output, *, flag="-o/--output", model=True) -> None:
             "(data, safe to load), not pickles; name it e.g. model.skdfm"
         )
     folder = path.parent if str(path.parent) else Path(".")
-    if path.is_dir():
-        parser.error(f"argument {flag}: {output} is a folder")
     if not folder.is_dir():
         parser.error(f"argument {flag}: no folder {folder} to write {path.name} in")
+    longest = longest_file_name(folder)
+    if len(os.fsencode(path.name)) > longest:
+        parser.error(
+            f"argument {flag}: the file name {path.name[:40]}... is "
+            f"{len(os.fsencode(path.name))} bytes long; {folder} takes at most "
+            f"{longest}"
+        )
+    if path.is_dir():
+        parser.error(f"argument {flag}: {output} is a folder")
     if not os.access(folder, os.W_OK | os.X_OK):
         parser.error(f"argument {flag}: folder {folder} is not writable")
 
