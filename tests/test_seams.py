@@ -7,6 +7,10 @@ import skdfm
 
 PACKAGE = Path(skdfm.__file__).parent
 OWN = {"self", "cls"}
+#: the standard library's public names that start with an underscore, each with the
+#: reason: ``os._exit`` ends a process stuck in native code (``_core.files``' SIGTERM
+#: watchdog), where ``sys.exit`` would wait for the stuck thread
+PUBLIC_UNDERSCORED = {"os._exit"}
 
 
 def _private(name: str) -> bool:
@@ -38,7 +42,7 @@ def cross_module_reaches(source: str) -> list[str]:
                 if _private(alias.name)
             ]
         elif isinstance(node, ast.Attribute) and _private(node.attr):
-            if not _owner(node.value):
+            if not _owner(node.value) and ast.unparse(node) not in PUBLIC_UNDERSCORED:
                 found.append(f"{node.lineno}: uses {ast.unparse(node)}")
         elif (  # getattr(obj, "_x"), setattr(obj, "fitted_", ...) and the like
             isinstance(node, ast.Call)
