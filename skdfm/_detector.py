@@ -39,7 +39,10 @@ from ._core.validation import (
     finite_number,
     largest_magnitude,
     normal_rows,
+    number_range,
+    one_of,
     reject_bools,
+    strings,
 )
 from ._imaging.features import (
     agreed_feature_shape,
@@ -118,26 +121,37 @@ def _to_host(scores: torch.Tensor) -> np.ndarray:
 #: docstring documents each row (a test holds the two equal).
 DETECTOR_ATTRIBUTES = (
     FittedAttribute("n_features_in_", "input"),
-    FittedAttribute("feature_names_in_", "input", default=OPTIONAL),
+    FittedAttribute("feature_names_in_", "input", strings("d"), default=OPTIONAL),
     FittedAttribute("feature_shape_", "input", _feature_shape, default=None),
     FittedAttribute("device_", "input"),
-    FittedAttribute("n_samples_seen_", "stream"),
+    FittedAttribute("n_samples_seen_", "stream", count_at_least(1)),
     FittedAttribute("mean_", "components", finite_float_array("d")),
     FittedAttribute("components_", "components", finite_float_array("k", "d")),
     FittedAttribute("n_components_", "components"),
-    FittedAttribute("singular_values_", "components", finite_float_array("k")),
-    FittedAttribute("explained_variance_", "components", finite_float_array("k")),
-    FittedAttribute("explained_variance_ratio_", "components", finite_float_array("k")),
+    FittedAttribute(
+        "singular_values_", "components", finite_float_array("k", minimum=0)
+    ),
+    FittedAttribute(
+        "explained_variance_", "components", finite_float_array("k", minimum=0)
+    ),
+    FittedAttribute(  # shares of the total variance, up to rounding
+        "explained_variance_ratio_",
+        "components",
+        finite_float_array("k", minimum=0, maximum=1 + 1e-6),
+    ),
     FittedAttribute("n_samples_", "components", count_at_least(2)),
-    FittedAttribute("solver_", "components"),
+    FittedAttribute("solver_", "components", one_of("gram", "covariance")),
     # skdfm 0.1.0 scored with its score_type parameter
     FittedAttribute(
-        "score_type_", "components", default=lambda state: state["score_type"]
+        "score_type_",
+        "components",
+        one_of(*SCORE_TYPES),
+        default=lambda state: state["score_type"],
     ),
     FittedAttribute("image_score_", "components", _image_score, default="sum"),
     FittedAttribute("offset_", "threshold", finite_number()),
     FittedAttribute("threshold_method_", "threshold", a_string),
-    FittedAttribute("score_range_", "threshold"),
+    FittedAttribute("score_range_", "threshold", number_range),
     FittedAttribute("pixel_threshold_", "pixel threshold", finite_number(0)),
     FittedAttribute("pixel_threshold_method_", "pixel threshold", a_string),
 )

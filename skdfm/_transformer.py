@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import reprlib
 from numbers import Integral
 
 import numpy as np
@@ -18,8 +19,19 @@ from tqdm.auto import tqdm
 from ._cache import FeatureCache, weights_digest
 from ._core.device import DeviceMixin, resolve_device
 from ._core.memory import check_fits_in_memory
-from ._core.persistence import FittedAttribute, PersistenceMixin
-from ._core.validation import reject_bools
+from ._core.persistence import (
+    OPTIONAL,
+    FittedAttribute,
+    PersistenceMixin,
+    check_fitted,
+)
+from ._core.validation import (
+    a_string,
+    finite_floats,
+    layer_names,
+    positive_ints,
+    reject_bools,
+)
 from ._imaging.allocator import keep_freed_memory
 from ._imaging.backbone import (
     backbone_state,
@@ -43,22 +55,48 @@ _FEATURE_PARAMS = (
     "pooling_kernel_size",
     "precision",
 )
+_PRECISIONS = ("float32", *_AUTOCAST_DTYPES)
+
+
+def _feature_params(name, value, sizes):
+    """The recorded feature parameters: known names, values fit accepts."""
+
+    def kernel(v):
+        return isinstance(v, Integral) and not isinstance(v, bool) and v >= 1
+
+    if not (
+        isinstance(value, dict)
+        and "backbone" in value
+        and set(value) <= set(_FEATURE_PARAMS)
+        and isinstance(value["backbone"], str)
+        and kernel(value.get("pooling_kernel_size", 1))
+        and value.get("precision", "float32") in _PRECISIONS
+    ):
+        raise ValueError(
+            f"{name} is not a dict of {', '.join(_FEATURE_PARAMS)} holding values "
+            "fit accepts."
+        )
+    return value
+
+
 #: Every fitted attribute, all set by fit (the ``.skdfm`` allow-list reads it; the
-#: class docstring documents each; ``_check_state`` checks them on load).
-TRANSFORMER_ATTRIBUTES = tuple(
-    FittedAttribute(name, "fit")
-    for name in (
-        "backbone_",
-        "layer_",
-        "feature_shape_",
-        "input_size_",
-        "image_mean_",
-        "image_std_",
-        "device_",
-        "weights_digest_",
-        "weights_source_",
-        "feature_params_",
-    )
+#: class docstring documents each; ``_check_state`` checks them on load, with the
+#: check each row names).
+TRANSFORMER_ATTRIBUTES = (
+    # checked by rebuilding the network from them (and, in a model file, by
+    # weights_digest_), after the rest is checked
+    FittedAttribute("backbone_", "fit", default=OPTIONAL),
+    FittedAttribute("layer_", "fit", layer_names),
+    FittedAttribute("feature_shape_", "fit", positive_ints(3)),
+    FittedAttribute("input_size_", "fit", positive_ints(2)),
+    FittedAttribute("image_mean_", "fit", finite_floats(3)),
+    # images are divided by it
+    FittedAttribute("image_std_", "fit", finite_floats(3, positive=True)),
+    FittedAttribute("device_", "fit"),
+    # skdfm 0.1.0 did not record these: __setstate__ computes them
+    FittedAttribute("weights_digest_", "fit", a_string, default=OPTIONAL),
+    FittedAttribute("weights_source_", "fit", a_string, default=OPTIONAL),
+    FittedAttribute("feature_params_", "fit", _feature_params, default=OPTIONAL),
 )
 #: ``weights_source_`` of a model saved before skdfm recorded it.
 _SOURCE_NOT_RECORDED = "not recorded (saved by an skdfm that did not record it)"
@@ -668,40 +706,39 @@ class DeepFeatureTransformer(
 
     def _check_state(self) -> None:
         super()._check_state()
-        if "feature_shape_" not in vars(self):
+        fitted = vars(self)
+        if "feature_shape_" not in fitted:
             return
+        check_fitted(TRANSFORMER_ATTRIBUTES, fitted, {})
+        if "feature_params_" in fitted:
+            self._check_recorded_params()
 
-        def positive_ints(value, n):
-            return (
-                isinstance(value, tuple)
-                and len(value) == n
-                and all(isinstance(v, Integral) and v >= 1 for v in value)
+    def _check_recorded_params(self) -> None:
+        """``feature_params_`` names the input size and layer fit resolved into
+        ``input_size_`` and ``layer_`` (a loaded model's record must agree)."""
+        recorded = self.feature_params_
+        size = recorded.get("input_size", self.input_size_)
+        if isinstance(size, Integral) and not isinstance(size, bool):
+            size = (size, size)
+        if not (isinstance(size, (tuple, list)) and tuple(size) == self.input_size_):
+            raise ValueError(
+                f"feature_params_ records input_size={reprlib.repr(size)}, but "
+                f"input_size_ is {self.input_size_}."
             )
-
-        def floats(value):
-            return (
-                isinstance(value, tuple)
-                and len(value) == 3
-                and all(isinstance(v, float) and np.isfinite(v) for v in value)
-            )
-
-        if not (
-            positive_ints(self.feature_shape_, 3)
-            and positive_ints(self.input_size_, 2)
-            and floats(self.image_mean_)
-            and floats(self.image_std_)
-            and (
-                isinstance(self.layer_, str)
-                or (
-                    isinstance(self.layer_, tuple)
-                    and self.layer_
-                    and all(isinstance(name, str) for name in self.layer_)
-                )
-            )
-            and isinstance(vars(self).get("weights_digest_", ""), str)
-            and isinstance(vars(self).get("weights_source_", ""), str)
+        layer = recorded.get("layer", self.layer_)
+        if layer == self.layer_ or (
+            isinstance(layer, (tuple, list)) and tuple(layer) == self.layer_
         ):
-            raise ValueError("its fitted shapes, layer or normalisation are not valid.")
+            return
+        try:
+            named = layer_name(recorded["backbone"], layer)
+        except (ValueError, TypeError):
+            named = None
+        if named != self.layer_:
+            raise ValueError(
+                f"feature_params_ records layer={reprlib.repr(layer)} of "
+                f"{recorded['backbone']!r}, but layer_ is {self.layer_!r}."
+            )
 
     def __setstate__(self, state):
         state.setdefault("max_image_pixels", MAX_IMAGE_PIXELS)  # skdfm 0.1.0

@@ -10,9 +10,13 @@ on the same images up to float64 rounding.
 
 Everything runs on Dask (``dask``, ``distributed``: ``pip install 'skdfm[dask]'``):
 its scheduler places the tasks, moves the data, and recomputes what a lost worker
-held, so a worker that dies in the middle of a fit loses no image and counts none
-twice. The model's weights are sent to every worker once
-(``Client.scatter(..., broadcast=True)``), not once per task. Without a
+held, so a worker that dies in the middle of a fit or a scoring loses no image and
+counts none twice. The model (its weights) is sent to the scheduler once per call,
+as a task of its own (``Client.persist``), not once per task: workers fetch it
+from each other, and when every worker holding it is lost the scheduler runs that
+task again (data sent with ``Client.scatter`` would be lost for good). The image
+tasks are retried (``retries``) when they fail, and every wait has a bound: the
+handshake (:func:`connect`) and, with ``timeout``, the computation. Without a
 ``distributed.Client`` (none given and none current), Dask's local scheduler runs
 the same graph in this process.
 
@@ -28,7 +32,10 @@ from __future__ import annotations
 
 import math
 import os
+import socket
+import struct
 import threading
+import time
 import warnings
 from dataclasses import dataclass, field
 
@@ -38,7 +45,7 @@ from ._core.device import resolve_device
 from ._deploy.runtime import require
 from ._imaging.decode import read_image_files
 
-__all__ = ["SkippedImagesWarning", "fit", "image_bag", "score"]
+__all__ = ["SkippedImagesWarning", "connect", "fit", "image_bag", "score"]
 
 #: Columns of :func:`score`'s table, in order (``map`` only with ``maps_dir``).
 SCORE_COLUMNS = (
@@ -370,20 +377,81 @@ def _partitions(images, what: str) -> list:
     )
 
 
+#: Retries of an image task that raised (a flaky file system, a worker's device
+#: out of memory). A task lost with its worker is rerun by the scheduler anyway,
+#: up to ``distributed.scheduler.allowed-failures`` times.
+RETRIES = 2
+
+
 def _shared(obj, client):
-    """``obj`` placed once where every task can read it: scattered to every worker
-    of a distributed client, else one key of the local graph."""
+    """``obj`` placed once where every task can read it, and recomputable.
+
+    On a distributed client it is persisted as a task of its own: the scheduler
+    keeps the task (the pickled object) and runs it again when every worker that
+    held the result is lost, which scattered data cannot survive. Else it is one
+    key of the local graph."""
     dask = _dask()
-    if client is not None:
-        return client.scatter(obj, broadcast=True, hash=False)
-    return dask.delayed(obj, pure=False)
+    shared = dask.delayed(obj, pure=False, traverse=False)
+    if client is None:
+        return shared
+    # Sent once, on purpose: Dask's warning is about data sent again and again.
+    with dask.config.set({"distributed.admin.large-graph-warning-threshold": "1 PiB"}):
+        return client.persist(shared)
 
 
-def _compute(value, client):
+def _image_task(function):
+    """``function`` as a pure Delayed whose calls are retried when they raise:
+    image tasks read their inputs only, so running one again is safe (the
+    in-place merges are not retried: a merge that failed may have changed its
+    inputs)."""
     dask = _dask()
-    if client is not None:
-        return client.gather(client.compute(value))
-    return dask.compute(value)[0]
+    task = dask.delayed(function, pure=True)
+
+    def call(*args):
+        with dask.annotate(retries=RETRIES):
+            return task(*args)
+
+    return call
+
+
+def _check_timeout(timeout, caller: str):
+    if timeout is None:
+        return None
+    if (
+        isinstance(timeout, bool)
+        or not isinstance(timeout, (int, float))
+        or not math.isfinite(timeout)
+        or timeout <= 0
+    ):
+        raise ValueError(
+            f"{caller}: timeout must be a positive number of seconds or None, "
+            f"got {timeout!r}."
+        )
+    return time.monotonic() + float(timeout)
+
+
+def _compute(value, client, *, deadline=None, timeout=None, what="", caller=""):
+    """``value`` computed; on a distributed client the wait ends by ``deadline``
+    (a ``time.monotonic()`` time) with a TimeoutError naming ``what`` and the
+    cluster, its tasks cancelled."""
+    dask = _dask()
+    if client is None:
+        return dask.compute(value)[0]
+    futures = client.compute(value)
+    if deadline is not None:
+        from distributed import wait
+
+        try:
+            wait(futures, timeout=max(deadline - time.monotonic(), 0.001))
+        except TimeoutError:
+            client.cancel(futures)
+            raise TimeoutError(
+                f"{caller}: {what} did not finish within timeout={timeout:g} s on "
+                f"the Dask cluster at {client.scheduler.address} (its tasks were "
+                "cancelled); give a larger timeout, or None to wait as long as the "
+                "cluster works."
+            ) from None
+    return client.gather(futures)
 
 
 def _tree(parts: list, combine):
@@ -424,6 +492,176 @@ def _warn_skipped(skipped: list, what: str) -> None:
         ),
         stacklevel=3,
     )
+
+
+#: The most a scheduler's first message (its handshake: a few hundred bytes) may
+#: announce: a larger one is not Dask's protocol, and is refused before anything is
+#: allocated for it.
+HANDSHAKE_LIMIT = 1 << 20
+
+
+def _read_exactly(sock, n: int, address: str, deadline: float) -> bytes:
+    data = bytearray()
+    while len(data) < n:
+        sock.settimeout(max(deadline - time.monotonic(), 0.001))
+        try:
+            chunk = sock.recv(n - len(data))
+        except TimeoutError:
+            raise TimeoutError(
+                "it accepted the connection but sent no Dask handshake"
+                if not data
+                else f"its handshake stopped after {len(data)} of {n} bytes"
+            ) from None
+        if not chunk:
+            raise ConnectionError(
+                f"the server at {address} closed the connection during Dask's "
+                "handshake: is it a Dask scheduler?"
+            )
+        data += chunk
+    return bytes(data)
+
+
+def _check_handshake(address: str, deadline: float) -> None:
+    """Read the first message of the server at a ``tcp://`` ``address`` (a Dask
+    scheduler sends its handshake first) with every size and wait bounded, so that
+    a server that stays silent or answers something else is refused before
+    ``distributed`` waits on it without a bound or allocates what it announces."""
+    from distributed.comm import parse_address, parse_host_port
+    from distributed.protocol import loads
+    from distributed.protocol.utils import unpack_frames
+
+    scheme, location = parse_address(address)
+    if scheme != "tcp":  # tls, ucx, inproc: their own handshakes
+        return
+    host, port = parse_host_port(location, default_port=8786)
+    remaining = max(deadline - time.monotonic(), 0.001)
+    try:
+        sock = socket.create_connection((host, port), timeout=remaining)
+    except TimeoutError:
+        raise TimeoutError("the connection was not accepted") from None
+    except OSError as error:  # refused, unreachable, unknown host
+        raise ConnectionError(
+            f"cannot connect to a Dask scheduler at {address}: {error}"
+        ) from None
+    with sock:
+        header = "Q"
+        (size,) = struct.unpack(
+            header, _read_exactly(sock, struct.calcsize(header), address, deadline)
+        )
+        if size > HANDSHAKE_LIMIT:
+            raise ConnectionError(
+                f"the server at {address} does not speak Dask's protocol: its first "
+                f"message announces {size} bytes (a Dask handshake is under "
+                f"{HANDSHAKE_LIMIT} bytes); is the address a Dask scheduler's?"
+            )
+        try:
+            frames, more = unpack_frames(
+                _read_exactly(sock, size, address, deadline), partial=True
+            )
+            if sum(more) > HANDSHAKE_LIMIT:
+                raise ValueError(f"{sum(more)} more bytes announced")
+            frames += [_read_exactly(sock, n, address, deadline) for n in more]
+            handshake = loads(frames, deserialize=False)
+        except (ValueError, TypeError, IndexError, KeyError, struct.error) as error:
+            raise ConnectionError(
+                f"the server at {address} does not speak Dask's protocol (its "
+                f"first message is not a handshake: {error}); is the address a "
+                "Dask scheduler's?"
+            ) from None
+        if not isinstance(handshake, dict):
+            raise ConnectionError(
+                f"the server at {address} does not speak Dask's protocol (its "
+                "first message is not a handshake); is the address a Dask "
+                "scheduler's?"
+            )
+
+
+def connect(address, *, timeout=None):
+    """A ``distributed.Client`` of the scheduler at ``address``, every wait bounded.
+
+    ``distributed.Client(address, timeout=...)`` bounds the TCP connection but not
+    the handshake that follows: a server that accepts and stays silent holds it
+    forever, and one that answers other bytes makes it allocate whatever size they
+    spell. Here the server's first message is read first, bounded in time and in
+    size (``HANDSHAKE_LIMIT``, 1 MiB), and the client is made within what is left of
+    ``timeout``.
+
+    Parameters
+    ----------
+    address : str
+        The scheduler's address, e.g. ``"tcp://10.0.0.5:8786"``; for ``tcp`` (the
+        default scheme) the server is checked to speak Dask's protocol first.
+    timeout : float, default=None
+        Seconds for the whole connection, handshake included. Default Dask's
+        ``distributed.comm.timeouts.connect`` (30 s unless configured).
+
+    Returns
+    -------
+    distributed.Client
+        Connected, and the current client (as ``distributed.Client`` makes it).
+
+    Raises
+    ------
+    TimeoutError
+        Nothing answered as a Dask scheduler within ``timeout``.
+    ConnectionError
+        The connection was refused or closed, or the server does not speak Dask's
+        protocol.
+    ValueError
+        ``address`` or ``timeout`` is malformed.
+    """
+    _dask()
+    import dask
+    from dask.utils import parse_timedelta
+    from distributed import Client
+
+    if timeout is None:
+        timeout = parse_timedelta(
+            dask.config.get("distributed.comm.timeouts.connect"), default="seconds"
+        )
+    deadline = _check_timeout(timeout, "skdfm.distributed.connect")
+    address = str(address)
+    try:
+        _check_handshake(address, deadline)
+    except TimeoutError as error:
+        raise TimeoutError(
+            f"the server at {address} did not answer as a Dask scheduler within "
+            f"timeout={timeout:g} s ({error}); is the address a Dask scheduler's, "
+            "and is it running?"
+        ) from None
+    # What is left of the timeout bounds the client's own connection too: a daemon
+    # thread makes it, and a client not made in time is given up.
+    made: dict = {}
+
+    def make():
+        try:
+            made["client"] = Client(
+                address, timeout=max(deadline - time.monotonic(), 0.001)
+            )
+        except BaseException as error:  # noqa: BLE001 - raised below, in the caller
+            made["error"] = error
+
+    thread = threading.Thread(target=make, name="skdfm-connect", daemon=True)
+    thread.start()
+    thread.join(max(deadline - time.monotonic(), 0) + 1.0)
+    if thread.is_alive():
+        raise TimeoutError(
+            f"the Dask scheduler at {address} did not accept this client within "
+            f"timeout={timeout:g} s."
+        )
+    error = made.get("error")
+    if isinstance(error, TimeoutError):
+        raise TimeoutError(
+            f"the Dask scheduler at {address} did not accept this client within "
+            f"timeout={timeout:g} s: {error}"
+        ) from error
+    if isinstance(error, OSError):
+        raise ConnectionError(
+            f"cannot connect to the Dask scheduler at {address}: {error}"
+        ) from error
+    if error is not None:
+        raise error
+    return made["client"]
 
 
 def image_bag(paths, *, npartitions=None, partition_size=None):
@@ -471,6 +709,7 @@ def fit(
     threshold_images=None,
     contamination=None,
     batch_size=None,
+    timeout=None,
 ):
     """Fit a model on a Dask cluster; equal to fitting it on one machine.
 
@@ -492,6 +731,10 @@ def fit(
     again for the in-sample rule), scored on the workers, it sets ``offset_`` to
     their ``contamination`` quantile; without it ``offset_`` stays unset and
     :func:`~skdfm.calibrate_threshold` can set it later.
+
+    A worker lost on the way costs time, not images: its tasks run again, on
+    another worker or its restarted self, and the model (held by the scheduler as
+    a task, see the module's notes) is sent again to workers that need it.
 
     Parameters
     ----------
@@ -515,11 +758,22 @@ def fit(
     batch_size : int, default=None
         Images per backbone call on a worker; the transformer's ``batch_size``
         when None.
+    timeout : float, default=None
+        Seconds the whole fit (both passes) may wait for a distributed cluster;
+        past it the tasks are cancelled and a ``TimeoutError`` names the pass.
+        Default None: wait as long as the cluster works, as Dask does (a fit's
+        length grows with the images, and lost workers are recovered from).
+        Dask's local scheduler (no client) runs in this process, unbounded.
 
     Returns
     -------
     model : DFMDetector or Pipeline
         The fitted model.
+
+    Raises
+    ------
+    TimeoutError
+        The cluster did not finish within ``timeout``.
 
     Warns
     -----
@@ -558,6 +812,7 @@ def fit(
         data_name="threshold_images",
     )
     size = _batch_size(transformer, batch_size)
+    deadline = _check_timeout(timeout, "skdfm.distributed.fit")
     parts = _partitions(images, "images")
     threshold_parts = (
         None
@@ -565,7 +820,6 @@ def fit(
         else _partitions(threshold_images, "threshold_images")
     )
     client = _current_client(client)
-    dask = _dask()
     weights = None
 
     def fit_statistics():
@@ -574,14 +828,21 @@ def fit(
             # Builds the backbone (only the form of X is checked): what the workers
             # get is what this process would run.
             transformer.fit(np.zeros((1, 32, 32, 3), np.uint8))
-        # The weights travel once: the transformer is placed on every worker for
-        # both passes; the unfitted detector is a few parameters.
+        # The weights travel once, for both passes, and stay recomputable; the
+        # unfitted detector is a few parameters.
         weights = None if transformer is None else _shared(transformer, client)
-        task = dask.delayed(_fit_partition, pure=True)
+        task = _image_task(_fit_partition)
         partials = [
             task(part, i, weights, detector, size) for i, part in enumerate(parts)
         ]
-        result = _compute(_tree(partials, _merge), client)
+        result = _compute(
+            _tree(partials, _merge),
+            client,
+            deadline=deadline,
+            timeout=timeout,
+            what=f"the statistics pass over {len(parts)} partitions",
+            caller="skdfm.distributed.fit",
+        )
         if result.statistics is None:
             raise ValueError(
                 f"none of the images could be read ({len(result.skipped)} skipped; "
@@ -594,13 +855,17 @@ def fit(
 
     def threshold_scores():
         fitted = _shared(detector, client)  # the components, once
-        task = dask.delayed(_threshold_partition, pure=True)
+        task = _image_task(_threshold_partition)
         pieces = _compute(
             [
                 task(part, i, weights, fitted, size)
                 for i, part in enumerate(threshold_parts)
             ],
             client,
+            deadline=deadline,
+            timeout=timeout,
+            what=f"the threshold pass over {len(threshold_parts)} partitions",
+            caller="skdfm.distributed.fit",
         )
         _warn_skipped([x for _, s in pieces for x in s], "threshold images")
         return np.concatenate([s for s, _ in pieces])
@@ -608,12 +873,25 @@ def fit(
     return fit_then_threshold(model, fit_statistics, threshold_scores, request)
 
 
-def score(model, images, *, client=None, maps_dir=None, root=None, batch_size=None):
+def score(
+    model,
+    images,
+    *,
+    client=None,
+    maps_dir=None,
+    root=None,
+    batch_size=None,
+    compute=False,
+    timeout=None,
+):
     """Score images on a Dask cluster: a lazy dask DataFrame, one row per image.
 
     Nothing runs until the table is computed (``.compute()``, ``.to_csv(...)``,
-    ``.to_parquet(...)``); the model's weights are sent to the workers here, once.
-    Each partition of ``images`` is one partition of the table, in order.
+    ``.to_parquet(...)``, or here with ``compute=True``); the model's weights are
+    sent to the scheduler here, once, and stay recomputable: a table computed
+    after every worker holding them was lost, or while workers die, equals one
+    computed without a loss. Each partition of ``images`` is one partition of the
+    table, in order.
 
     Columns: ``partition`` and ``position`` (where the image is in ``images``),
     ``path`` (the file, or missing for an image given as an array),
@@ -645,10 +923,23 @@ def score(model, images, *, client=None, maps_dir=None, root=None, batch_size=No
         path is mirrored.
     batch_size : int, default=None
         Images per backbone call; the transformer's ``batch_size`` when None.
+    compute : bool, default=False
+        Compute the table here and return it as a pandas DataFrame.
+    timeout : float, default=None
+        With ``compute=True``: seconds to wait for a distributed cluster; past
+        it the tasks are cancelled and a ``TimeoutError`` says so. Default None:
+        wait as long as the cluster works. (A lazy table is bounded where it is
+        computed, e.g. ``client.compute(table).result(timeout=...)``.)
 
     Returns
     -------
-    dask.dataframe.DataFrame
+    dask.dataframe.DataFrame or pandas.DataFrame
+        Lazy; a pandas DataFrame with ``compute=True``.
+
+    Raises
+    ------
+    TimeoutError
+        With ``compute=True``, the cluster did not finish within ``timeout``.
     """
     from ._tools.model import split_model
 
@@ -659,16 +950,23 @@ def score(model, images, *, client=None, maps_dir=None, root=None, batch_size=No
             "maps_dir needs a model with score_type 'fre' (nll has no maps)."
         )
     size = _batch_size(transformer, batch_size)
+    if not isinstance(compute, bool):
+        raise ValueError(f"compute must be True or False, got {compute!r}.")
+    if timeout is not None and not compute:
+        raise ValueError(
+            "skdfm.distributed.score: timeout bounds computing the table: pass "
+            "compute=True, or bound the wait where the lazy table is computed."
+        )
+    deadline = _check_timeout(timeout, "skdfm.distributed.score")
     parts = _partitions(images, "images")
     require("pandas", "dask")
     import dask.dataframe as dd
     import pandas as pd
 
     client = _current_client(client)
-    dask = _dask()
     weights = None if transformer is None else _shared(transformer, client)
     fitted = _shared(detector, client)
-    task = dask.delayed(_score_partition, pure=True)
+    task = _image_task(_score_partition)
     # Absolute here: a worker's working directory is not this one.
     folder = None if maps_dir is None else os.path.abspath(maps_dir)
     root = None if root is None else os.path.abspath(root)
@@ -688,4 +986,14 @@ def score(model, images, *, client=None, maps_dir=None, root=None, batch_size=No
             **({"map": pd.Series([], dtype="string")} if folder else {}),
         }
     )
-    return dd.from_delayed(frames, meta=meta, verify_meta=False)
+    table = dd.from_delayed(frames, meta=meta, verify_meta=False)
+    if not compute:
+        return table
+    return _compute(
+        table,
+        client,
+        deadline=deadline,
+        timeout=timeout,
+        what=f"scoring {len(parts)} partitions",
+        caller="skdfm.distributed.score",
+    )

@@ -653,8 +653,11 @@ def test_pipes_in_folders_are_never_opened(model_file, good_dir, tmp_path, capsy
         (folder / path.name).write_bytes(path.read_bytes())
     os.mkfifo(folder / "camera.png")  # reading it would block forever
     capsys.readouterr()
-    assert main(["score", str(model_file), str(folder), "--no-progress"]) == 0
-    assert len(capsys.readouterr().out.strip().splitlines()) == 1 + 2
+    # refused before it is opened, and listed: never silently dropped
+    assert main(["score", str(model_file), str(folder), "--no-progress"]) == 3
+    captured = capsys.readouterr()
+    assert len(captured.out.strip().splitlines()) == 1 + 2
+    assert "camera.png' is a FIFO (named pipe), not a regular file" in captured.err
 
 
 @pytest.mark.parametrize(

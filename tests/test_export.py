@@ -277,10 +277,10 @@ def test_damaged_and_foreign_files_are_clear_errors(exported, tmp_path):
     )
     foreign = tmp_path / "foreign.onnx"
     onnx.save(helper.make_model(graph), foreign)
-    forged = tmp_path / "forged.onnx"
-    proto = onnx.load(exported["onnx"])
-    proto.metadata_props[0].value = json.dumps({"input_size": "big"})
-    onnx.save(proto, forged)
+    forged = _forge(
+        exported["onnx"], tmp_path / "forged.onnx",
+        lambda m: json.dumps({"input_size": "big"}),
+    )  # fmt: skip
     cases = [
         (broken, "onnxruntime", "cannot be loaded by onnxruntime"),
         (broken, "openvino", "cannot be read by OpenVINO"),
@@ -413,13 +413,18 @@ def test_import_skdfm_is_cheap():
 
 
 def _forge(source, target, change):
-    """A copy of an exported .onnx whose skdfm metadata ``change`` edits."""
+    """A copy of an exported .onnx whose skdfm metadata ``change`` edits, its digest
+    recomputed (as a forger would): the checks after the digest's are tested."""
     import onnx
+
+    from skdfm._deploy.runtime import UNSEALED, seal_export
 
     proto = onnx.load(source)
     metadata = json.loads(proto.metadata_props[0].value)
     proto.metadata_props[0].value = change(metadata)
+    proto.metadata_props[1].value = UNSEALED
     onnx.save(proto, target)
+    seal_export(target)
     return target
 
 
@@ -472,7 +477,7 @@ def test_an_xml_with_another_exports_weights_is_refused(data, tmp_path):
     )
     (tmp_path / "mixed.xml").write_bytes(first.read_bytes())
     (tmp_path / "mixed.bin").write_bytes(second.with_suffix(".bin").read_bytes())
-    with pytest.raises(ModelFileError, match="does not match its weights"):
+    with pytest.raises(ModelFileError, match="does not match its SHA-256 digest"):
         ExportedModel(tmp_path / "mixed.xml")
 
 

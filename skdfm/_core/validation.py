@@ -8,6 +8,8 @@ fitted attributes names).
 
 from __future__ import annotations
 
+import math
+import reprlib
 import warnings
 from numbers import Integral, Real
 
@@ -32,10 +34,16 @@ __all__ = [
     "check_unchanged_since_fit",
     "count_at_least",
     "finite_float_array",
+    "finite_floats",
     "finite_number",
     "largest_magnitude",
+    "layer_names",
     "normal_rows",
+    "number_range",
+    "one_of",
+    "positive_ints",
     "reject_bools",
+    "strings",
 ]
 
 
@@ -204,21 +212,147 @@ def largest_magnitude(X) -> float:
 # a ValueError naming the attribute.
 
 
-def finite_float_array(*dims: str):
-    """A finite float ndarray whose shape is ``dims`` looked up in ``sizes``."""
+_SHORT = reprlib.Repr()
+_SHORT.maxstring = _SHORT.maxother = 60
+_shown = _SHORT.repr  # a value read from a (maybe forged) file, shortened
+
+
+def _finite_real(value) -> bool:
+    """A real number (not a bool) float64 holds finite (10**400 does not)."""
+    if isinstance(value, bool) or not isinstance(value, Real):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False
+
+
+def finite_float_array(
+    *dims: str, minimum: float | None = None, maximum: float | None = None
+):
+    """A finite float32 or float64 ndarray (what fits make) whose shape is ``dims``
+    looked up in ``sizes``, its values within ``[minimum, maximum]`` when given."""
 
     def check(name, value, sizes):
         shape = tuple(sizes[dim] for dim in dims)
         if not (
             isinstance(value, np.ndarray)
             and value.shape == shape
-            and value.dtype.kind == "f"
+            and value.dtype in (np.float32, np.float64)
             and np.isfinite(value).all()
         ):
-            raise ValueError(f"{name} is not a finite float array of shape {shape}.")
+            raise ValueError(
+                f"{name} is not a finite float32 or float64 array of shape {shape}."
+            )
+        if value.size and (
+            (minimum is not None and value.min() < minimum)
+            or (maximum is not None and value.max() > maximum)
+        ):
+            bounds = f"[{'-inf' if minimum is None else minimum}, "
+            bounds += f"{'inf' if maximum is None else maximum}]"
+            raise ValueError(
+                f"{name} holds values outside {bounds} (from {value.min():.6g} to "
+                f"{value.max():.6g}): no fit makes them."
+            )
         return value
 
     return check
+
+
+def finite_floats(n: int, *, positive: bool = False):
+    """A tuple of ``n`` finite numbers (a list read from a file becomes the
+    tuple), each > 0 when ``positive``."""
+
+    def check(name, value, sizes):
+        if not (
+            isinstance(value, (tuple, list))
+            and len(value) == n
+            and all(_finite_real(v) and (v > 0 or not positive) for v in value)
+        ):
+            kind = "positive finite numbers" if positive else "finite numbers"
+            raise ValueError(f"{name}={_shown(value)} is not {n} {kind}.")
+        return tuple(float(v) for v in value)
+
+    return check
+
+
+def positive_ints(n: int):
+    """A tuple of ``n`` ints >= 1, not bools (a list read from a file becomes the
+    tuple)."""
+
+    def check(name, value, sizes):
+        if not (
+            isinstance(value, (tuple, list))
+            and len(value) == n
+            and all(
+                isinstance(v, Integral) and not isinstance(v, bool) and v >= 1
+                for v in value
+            )
+        ):
+            raise ValueError(f"{name}={_shown(value)} is not {n} positive ints.")
+        return tuple(int(v) for v in value)
+
+    return check
+
+
+def number_range(name, value, sizes):
+    """``(min, max)``: two finite numbers, ``min <= max``, as a tuple of floats."""
+    if not (
+        isinstance(value, (tuple, list))
+        and len(value) == 2
+        and all(_finite_real(v) for v in value)
+    ):
+        raise ValueError(
+            f"{name}={_shown(value)} is not a (min, max) pair of finite numbers."
+        )
+    low, high = float(value[0]), float(value[1])
+    if low > high:
+        raise ValueError(f"{name}={_shown(value)} is reversed: min > max.")
+    return (low, high)
+
+
+def one_of(*options: str):
+    """One of the strings ``options``."""
+
+    def check(name, value, sizes):
+        if not (isinstance(value, str) and value in options):
+            raise ValueError(
+                f"{name}={_shown(value)} is not one of "
+                f"{', '.join(repr(option) for option in options)}."
+            )
+        return value
+
+    return check
+
+
+def strings(dim: str):
+    """A 1-D ndarray of ``sizes[dim]`` str (feature names)."""
+
+    def check(name, value, sizes):
+        if not (
+            isinstance(value, np.ndarray)
+            and value.shape == (sizes[dim],)
+            and all(isinstance(v, str) for v in value)
+        ):
+            raise ValueError(
+                f"{name} is not an array of {sizes[dim]} str (one per feature)."
+            )
+        return value
+
+    return check
+
+
+def layer_names(name, value, sizes):
+    """A layer name, or a non-empty tuple of them (a list becomes the tuple)."""
+    if isinstance(value, str):
+        return value
+    if (
+        isinstance(value, (tuple, list))
+        and value
+        and all(isinstance(v, str) for v in value)
+    ):
+        return tuple(value)
+    raise ValueError(f"{name}={_shown(value)} is not a layer name or a tuple of them.")
 
 
 def count_at_least(minimum: int):
@@ -228,7 +362,7 @@ def count_at_least(minimum: int):
         if isinstance(value, bool) or not (
             isinstance(value, Integral) and value >= minimum
         ):
-            raise ValueError(f"{name}={value!r} is not a count >= {minimum}.")
+            raise ValueError(f"{name}={_shown(value)} is not a count >= {minimum}.")
         return value
 
     return check
@@ -238,14 +372,11 @@ def finite_number(minimum: float | None = None):
     """A finite real number (not a bool), at least ``minimum`` when given."""
 
     def check(name, value, sizes):
-        if (
-            isinstance(value, bool)
-            or not isinstance(value, Real)
-            or not np.isfinite(value)
-            or (minimum is not None and value < minimum)
-        ):
+        if not _finite_real(value) or (minimum is not None and value < minimum):
             at_least = "" if minimum is None else f" >= {minimum:g}"
-            raise ValueError(f"{name}={value!r} is not a finite number{at_least}.")
+            raise ValueError(
+                f"{name}={_shown(value)} is not a finite number{at_least}."
+            )
         return value
 
     return check
@@ -254,7 +385,7 @@ def finite_number(minimum: float | None = None):
 def a_string(name, value, sizes):
     """A str."""
     if not isinstance(value, str):
-        raise ValueError(f"{name}={value!r} is not a str.")
+        raise ValueError(f"{name}={_shown(value)} is not a str.")
     return value
 
 

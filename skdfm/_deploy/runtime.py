@@ -7,8 +7,11 @@ modules) load without torch, timm or scikit-learn: a line-side PC needs only
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import re
+import warnings
 from numbers import Integral
 from pathlib import Path
 
@@ -37,17 +40,34 @@ from .results import (
 __all__ = [
     "RUNTIMES",
     "ExportedModel",
+    "error_reason",
     "file_sha256",
     "first_line",
     "prepare_images",
     "require",
+    "seal_export",
+    "weights_backups",
 ]
 
 RUNTIMES = ("auto", "onnxruntime", "openvino")
 _METADATA_KEY = "skdfm"
-#: Limits on a file's declared input size (16384 px a side, 64 MP): what a model can
-#: take, and no 12 GiB batch from a forged header.
-_MAX_SIDE, _MAX_INPUT_PIXELS = 2**14, 2**26
+#: Key of the export's SHA-256 digest beside its metadata (ONNX metadata_props,
+#: OpenVINO rt_info).
+DIGEST_KEY = "skdfm_sha256"
+#: Metadata format: 2 carries the digest; 1 (skdfm exports before it) loads unverified.
+FORMAT_VERSION = 2
+#: Limits on a file's declared input size (16384 px a side, 16 MP, e.g. 4096 x 4096):
+#: what a model can take, and no 13 GiB batch from a forged header.
+_MAX_SIDE, _MAX_INPUT_PIXELS = 2**14, 2**24
+#: Bytes a batch's input and its backbone's first activations may take: larger inputs
+#: are scored fewer at a time. ~140 bytes per input pixel (see the transformer's
+#: memory check) plus the float32 RGB input.
+_BATCH_BYTES, _BYTES_PER_PIXEL = 2**30, 140 + 12
+#: Labels from the graph and from the metadata's threshold may differ only for scores
+#: this close (relative to the threshold) to it: the graph compares at the threshold
+#: rounded to its own precision.
+_LABEL_TOLERANCE = {"bfloat16": 2**-6}
+_DEFAULT_LABEL_TOLERANCE = 1e-4
 #: OpenVINO's inference precision for each exported precision.
 _OPENVINO_HINTS = {
     "float32": "f32",
@@ -217,21 +237,288 @@ def require(module: str, extra: str):
         ) from error
 
 
-def first_line(error: BaseException) -> str:
-    """The first non-empty line of an error from a runtime (theirs run long)."""
+#: Lines of a runtime's error that say where, not why: OpenVINO's "Exception from
+#: src/...cpp:84:" and "Check '...' failed at src/...:" head every message.
+_WHERE_LINE = re.compile(r"^(Exception from \S+:\d+:?|Check '.*' failed at \S+:?)$")
+
+
+def error_reason(error: BaseException, limit: int = 300) -> str:
+    """What a runtime's error says went wrong, on one line of at most ``limit``
+    characters: its lines without OpenVINO's source locations, joined."""
     lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    return lines[0] if lines else type(error).__name__
+    reason = " ".join(line for line in lines if not _WHERE_LINE.match(line))
+    reason = reason or (lines[-1] if lines else type(error).__name__)
+    return reason if len(reason) <= limit else reason[: limit - 3] + "..."
+
+
+#: The name the package used for :func:`error_reason`.
+first_line = error_reason
 
 
 def file_sha256(path) -> str:
     """SHA-256 of a file, read a MiB at a time."""
-    import hashlib
-
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
         for block in iter(lambda: handle.read(2**20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+# -- the export's digest -----------------------------------------------------------
+
+#: How the digest sits in a file's bytes: in an ONNX file, a StringStringEntryProto
+#: (key field, then a 64-byte value field); in OpenVINO's .xml, an rt_info attribute.
+_DIGEST_MARKS = {
+    ".onnx": b"\x0a\x0c" + DIGEST_KEY.encode() + b"\x12\x40",
+    ".xml": b"<" + DIGEST_KEY.encode() + b' value="',
+}
+#: The digest's value while the digest is computed (written by export, then replaced).
+UNSEALED = "0" * 64
+
+
+def _digest_span(path: Path, data: bytes) -> slice | None:
+    """Where the 64 hex digits of the digest lie in ``data``, None if it has none."""
+    mark = _DIGEST_MARKS[path.suffix.lower()]
+    start = data.find(mark)
+    if start < 0:
+        return None
+    if data.find(mark, start + 1) >= 0:
+        raise ModelFileError(path, "holds more than one skdfm digest: it was forged.")
+    start += len(mark)
+    return slice(start, start + 64)
+
+
+def _digest_of(data: bytes, span: slice, weights: bytes | None) -> str:
+    """SHA-256 of an export's graph file (its digest read as :data:`UNSEALED`) and of
+    its weights file (OpenVINO's .bin) when it has one."""
+    digest = hashlib.sha256(b"skdfm-export\0")
+    digest.update(len(data).to_bytes(8, "little"))
+    digest.update(data[: span.start])
+    digest.update(UNSEALED.encode())
+    digest.update(data[span.stop :])
+    if weights is not None:
+        digest.update(weights)
+    return digest.hexdigest()
+
+
+def seal_export(path) -> str:
+    """Write the digest into an exported file whose digest is :data:`UNSEALED`.
+
+    The digest covers every byte of the ``.onnx`` or ``.xml`` file (graph, weights,
+    metadata) and, for OpenVINO, of its ``.bin``. It detects damage and edits made
+    without skdfm, not a forger who recomputes it. Rewrites ``path`` in place: call
+    it on a file being written (:func:`skdfm.export` seals in its scratch folder).
+
+    Returns
+    -------
+    digest : str
+        The 64 hex digits written.
+    """
+    path = Path(path)
+    data = path.read_bytes()
+    span = _digest_span(path, data)
+    if span is None or data[span] != UNSEALED.encode():
+        raise ValueError(f"{path} has no unsealed skdfm digest to set.")
+    weights = path.with_suffix(".bin").read_bytes() if path.suffix == ".xml" else None
+    digest = _digest_of(data, span, weights)
+    path.write_bytes(data[: span.start] + digest.encode() + data[span.stop :])
+    return digest
+
+
+def weights_backups(weights: Path) -> list[Path]:
+    """The previous weights an OpenVINO export keeps while it replaces a pair
+    (``.model.bin.<16 hex>`` beside ``model.bin``), newest first."""
+    pattern = re.compile(re.escape(f".{weights.name}.") + "[0-9a-f]{16}")
+    try:
+        found = [p for p in weights.parent.iterdir() if pattern.fullmatch(p.name)]
+    except OSError:
+        return []
+    return sorted(found, key=lambda p: p.stat().st_mtime, reverse=True)[:8]
+
+
+def _unverified(path, metadata: dict, stacklevel: int = 5) -> None:
+    """A file without a digest: skdfm's exports before it (format 1) load with a
+    warning; a newer one has lost its digest."""
+    if metadata.get("format_version") != 1:
+        raise ModelFileError(
+            path, "has no skdfm digest although its metadata needs one: it was "
+            "changed or damaged after export (re-export the model).",
+        )  # fmt: skip
+    warnings.warn(
+        f"{os.fspath(path)!r} was exported by an skdfm without digests: damage to "
+        "it cannot be detected. Re-export the model to verify it when loaded.",
+        UserWarning,
+        stacklevel=stacklevel,
+    )
+
+
+def _check_digest(path, data: bytes, span, recorded, weights=None) -> None:
+    """The digest in ``data`` (at ``span``) is the file's (and ``weights``') and the
+    one its metadata records (``recorded``); else the file was changed."""
+    if recorded is None:
+        raise ModelFileError(path, "has a damaged skdfm digest.")
+    if recorded != data[span].decode("ascii", "replace") or recorded != _digest_of(
+        data, span, weights
+    ):
+        raise ModelFileError(
+            path, "does not match its SHA-256 digest: it was changed or damaged after "
+            "export (re-export the model).",
+        )  # fmt: skip
+
+
+# -- what a file may hold ----------------------------------------------------------
+
+#: ONNX operators of skdfm's exports (default domain): those the exporter emits for
+#: ResNets, EfficientNet(-Lite), MobileNetV3, ConvNeXt and RegNet backbones, several
+#: layers on uneven grids (adaptive pooling: GatherND), every image score and int8
+#: (Q/DQ), and their activation and normalisation relatives.
+#: No control flow (Loop, Scan, If) and no custom domains: a file with other
+#: operators was not written by skdfm.export.
+ONNX_OPERATORS = frozenset(
+    """Abs Add AveragePool BatchNormalization Cast Clip Concat Constant Conv Div
+    DequantizeLinear Elu Equal Erf Exp Flatten Gather GatherElements GatherND Gelu
+    Gemm GlobalAveragePool
+    GlobalMaxPool Greater GreaterOrEqual GroupNormalization HardSigmoid HardSwish
+    Identity InstanceNormalization LayerNormalization LeakyRelu Less LessOrEqual Log
+    MatMul Max MaxPool Mean Min Mish Mul Neg Not PRelu Pad Pow QuantizeLinear
+    Reciprocal ReduceL2 ReduceMax ReduceMean ReduceMin ReduceSum Relu Reshape Resize
+    Selu Shape Sigmoid Slice Softmax Softplus Split Sqrt Squeeze Sub Sum Tanh TopK
+    Transpose Unsqueeze Where""".split()
+)
+#: The same operators as OpenVINO's own (its .xml and the ONNX files it reads).
+OPENVINO_OPERATORS = frozenset(
+    """Abs Add AvgPool BatchNormInference Ceiling Clamp Concat Constant Convert
+    Convolution Divide Elu Equal Erf Exp FakeQuantize Floor Gather GatherElements
+    GatherND Gelu Greater
+    GreaterEqual GroupConvolution GroupNormalization HSigmoid HSwish HardSigmoid
+    Interpolate Less LessEqual Log LogicalNot MVN MatMul MaxPool Maximum Minimum Mish
+    Multiply Negative NormalizeL2 PRelu Pad Parameter Power ReduceL2 ReduceMax
+    ReduceMean ReduceMin ReduceSum Relu Reshape Result Select Selu ShapeOf Sigmoid
+    Slice SoftMax Softmax SoftPlus Split Sqrt Squeeze StridedSlice Subtract Swish Tanh
+    TopK Transpose Unsqueeze VariadicSplit""".split()
+)
+
+
+def _check_operators(path, found, allowed) -> None:
+    """Refuse a graph with operators skdfm's exports never hold (a Loop of 2**62
+    iterations would run forever)."""
+    foreign = sorted(set(found) - allowed)
+    if foreign:
+        shown = ", ".join(foreign[:5]) + (", ..." if len(foreign) > 5 else "")
+        raise ModelFileError(
+            path, f"holds operators skdfm's exports never hold ({shown}): refused, "
+            "it was not written by skdfm.export.",
+        )  # fmt: skip
+
+
+def _onnx_model(path: Path, data: bytes, refusal: str):
+    """The parsed ONNX model of ``data``; ``refusal`` says who cannot load it."""
+    onnx = require("onnx", "onnx")
+    try:
+        return onnx.load_model_from_string(data)
+    except Exception as error:  # protobuf's and onnx's own classes
+        raise ModelFileError(
+            path, f"{refusal}: it is not a readable ONNX file ({error_reason(error)})"
+        ) from None
+
+
+def _check_onnx_operators(path: Path, proto) -> None:
+    from onnx import AttributeProto
+
+    _check_operators(
+        path,
+        {n.op_type if n.domain in ("", "ai.onnx") else f"{n.domain}.{n.op_type}"
+         for n in proto.graph.node},
+        ONNX_OPERATORS,
+    )  # fmt: skip
+    if len(proto.functions) or any(
+        attribute.type in (AttributeProto.GRAPH, AttributeProto.GRAPHS)
+        for node in proto.graph.node
+        for attribute in node.attribute
+    ):  # fmt: skip
+        raise ModelFileError(
+            path, "holds subgraphs or functions, which skdfm's exports never hold: "
+            "refused, it was not written by skdfm.export.",
+        )  # fmt: skip
+
+
+def _read_onnx(path: Path, refusal: str) -> tuple[bytes, dict]:
+    """The bytes of an exported ONNX file and its checked metadata: its digest, then
+    its operators and metadata verified (the runtime then reads these bytes)."""
+    data = path.read_bytes()
+    span = _digest_span(path, data)
+    proto = _onnx_model(path, data, refusal)
+    properties = {p.key: p.value for p in proto.metadata_props}
+    if span is not None:
+        _check_digest(path, data, span, properties.get(DIGEST_KEY))
+    elif DIGEST_KEY in properties:
+        raise ModelFileError(path, "has a damaged skdfm digest.")
+    _check_onnx_operators(path, proto)
+    metadata = _check_metadata(path, properties.get(_METADATA_KEY))
+    if span is None:
+        _unverified(path, metadata)
+    return data, metadata
+
+
+def _finite(value) -> bool:
+    return (
+        isinstance(value, (int, float))
+        and not isinstance(value, bool)
+        and bool(np.isfinite(value))
+    )
+
+
+def _check_values(path, metadata: dict) -> None:
+    """The numbers of the metadata are ones a fitted model has: positive sizes under
+    the limits, a finite ordered score range, a threshold on its scale."""
+    size, score_range = metadata["input_size"], metadata["score_range"]
+    if not (
+        len(size) == 2
+        and all(isinstance(s, int) and not isinstance(s, bool) for s in size)
+        and all(0 < s <= _MAX_SIDE for s in size)
+        and size[0] * size[1] <= _MAX_INPUT_PIXELS
+    ):
+        raise ModelFileError(
+            path, f"has skdfm metadata with an invalid input_size {size!r:.80}: "
+            f"(height, width) of positive ints, at most {_MAX_SIDE} a side and "
+            f"{_MAX_INPUT_PIXELS} pixels.",
+        )  # fmt: skip
+    if not (
+        len(score_range) == 2
+        and all(_finite(v) for v in score_range)
+        and score_range[0] <= score_range[1]
+    ):
+        raise ModelFileError(
+            path, f"has skdfm metadata with an invalid score_range {score_range!r:.80}"
+            ": (low, high) finite, low <= high.",
+        )  # fmt: skip
+    low, high = score_range
+    offset = metadata["offset"]
+    # Thresholds are taken among scores whose (min, max) is the score range; int8
+    # carries both by a line, so allow some distance, on the scores' own scale.
+    scale = max(high - low, abs(low), abs(high), np.finfo(np.float32).tiny)
+    if not (_finite(offset) and low - 10 * scale <= offset <= high + 10 * scale):
+        raise ModelFileError(
+            path, f"has skdfm metadata with an invalid offset {offset!r:.40}: a "
+            f"finite threshold near its score_range [{low:.6g}, {high:.6g}].",
+        )  # fmt: skip
+    pixel = metadata.get("pixel_threshold")
+    # Map values are parts of image scores (grid cells, interpolated): far above the
+    # scores' scale, a threshold would mark no pixel of any image.
+    bound = 1e4 * max(scale, abs(offset))
+    if pixel is not None and not (_finite(pixel) and 0 <= pixel <= bound):
+        raise ModelFileError(
+            path, f"has skdfm metadata with an invalid pixel_threshold {pixel!r:.40}: "
+            f"finite, in [0, {bound:.3g}] for scores of this scale.",
+        )  # fmt: skip
+    version = metadata.get("format_version")
+    if not (isinstance(version, int) and not isinstance(version, bool)):
+        raise ModelFileError(path, "has skdfm metadata without a valid format_version.")
+    if version > FORMAT_VERSION:
+        raise ModelFileError(
+            path, f"was exported in format {version}; this skdfm reads formats up to "
+            f"{FORMAT_VERSION} (upgrade skdfm).",
+        )  # fmt: skip
 
 
 def _check_metadata(path, text) -> dict:
@@ -247,44 +534,37 @@ def _check_metadata(path, text) -> dict:
         reason = "nested too deeply" if isinstance(error, RecursionError) else error
         raise ModelFileError(path, f"has unreadable skdfm metadata: {reason}") from None
     required = {
-        "input_size": list, "offset": float, "score_range": list, "score_type": str,
-        "precision": str, "outputs": list, "feature_shape": list,
+        "input_size": list, "offset": (int, float), "score_range": list,
+        "score_type": str, "precision": str, "outputs": list, "feature_shape": list,
     }  # fmt: skip
     for key, kind in required.items():
         if not isinstance(metadata, dict) or not isinstance(metadata.get(key), kind):
             raise ModelFileError(path, f"has skdfm metadata without a valid {key!r}.")
-    size, score_range = metadata["input_size"], metadata["score_range"]
-
-    def number(value) -> bool:
-        return (
-            isinstance(value, (int, float))
-            and not isinstance(value, bool)
-            and bool(np.isfinite(value))
-        )
-
-    if not (
-        len(size) == 2
-        and all(isinstance(s, int) and not isinstance(s, bool) for s in size)
-        and all(0 < s <= _MAX_SIDE for s in size)
-        and size[0] * size[1] <= _MAX_INPUT_PIXELS
-        and len(score_range) == 2
-        and all(number(v) for v in score_range)
-        and number(metadata["offset"])
-        and metadata["score_type"] in ("fre", "nll")
-    ):
-        raise ModelFileError(path, "has skdfm metadata with invalid sizes or scores.")
+    if metadata["score_type"] not in ("fre", "nll"):
+        raise ModelFileError(
+            path, f"has skdfm metadata with an invalid score_type "
+            f"{metadata['score_type']!r:.40}: 'fre' or 'nll'.",
+        )  # fmt: skip
+    _check_values(path, metadata)
     return metadata
+
+
+def output_names(score_type: str) -> list[str]:
+    """The outputs of an exported graph, by name, for its score type."""
+    names = ["score_samples", "label"]
+    return names + (["anomaly_map", "grid_map"] if score_type == "fre" else [])
 
 
 def _check_graph(path, metadata: dict, inputs, outputs) -> None:
     """The graph must be the one the metadata describes: one input ``images`` of
-    (N, 3, H, W) at the input size, the outputs of its score type."""
-    expected = 4 if metadata["score_type"] == "fre" else 2
+    (N, 3, H, W) at the input size, the outputs of its score type by name."""
+    expected = output_names(metadata["score_type"])
     height, width = metadata["input_size"]
-    if len(inputs) != 1 or len(outputs) != expected:
+    if len(inputs) != 1 or sorted(outputs) != sorted(expected):
         raise ModelFileError(
-            path, f"has a graph with {len(inputs)} input(s) and {len(outputs)} "
-            f"output(s); its skdfm metadata describes 1 and {expected}."
+            path, f"has a graph with {len(inputs)} input(s) and outputs "
+            f"{sorted(outputs)!r:.200}; its skdfm metadata describes 1 input and "
+            f"outputs {sorted(expected)}.",
         )  # fmt: skip
     name, shape = inputs[0]
     fixed = [None if not isinstance(d, int) or d < 0 else d for d in shape]
@@ -300,33 +580,36 @@ class _OnnxRuntime:
 
     def __init__(self, path: Path):
         ort = require("onnxruntime", "onnx")
+        data, self.metadata = _read_onnx(path, "cannot be loaded by onnxruntime")
         options = ort.SessionOptions()
         options.log_severity_level = 3  # errors only
         try:
             self.session = ort.InferenceSession(
-                os.fspath(path), options, providers=["CPUExecutionProvider"]
+                data, options, providers=["CPUExecutionProvider"]
             )
         except Exception as error:  # onnxruntime raises its own exception classes
             raise ModelFileError(
-                path, f"cannot be loaded by onnxruntime: {first_line(error)}"
+                path, f"cannot be loaded by onnxruntime: {error_reason(error)}"
             ) from None
-        meta = self.session.get_modelmeta().custom_metadata_map
-        self.metadata = _check_metadata(path, meta.get(_METADATA_KEY))
+        self.outputs = [o.name for o in self.session.get_outputs()]
         _check_graph(
             path,
             self.metadata,
             [(i.name, i.shape) for i in self.session.get_inputs()],
-            self.session.get_outputs(),
+            self.outputs,
         )
         self.path = path
 
-    def __call__(self, batch: np.ndarray) -> list[np.ndarray]:
+    def __call__(self, batch: np.ndarray) -> dict[str, np.ndarray]:
         try:
-            return self.session.run(None, {"images": batch})
+            results = self.session.run(self.outputs, {"images": batch})
         except Exception as error:  # onnxruntime's own classes
+            if isinstance(error, MemoryError):
+                raise
             raise ModelFileError(
-                self.path, f"failed in onnxruntime: {first_line(error)}"
+                self.path, f"failed in onnxruntime: {error_reason(error)}"
             ) from None
+        return dict(zip(self.outputs, results, strict=True))
 
 
 class _OpenVinoRuntime:
@@ -335,26 +618,22 @@ class _OpenVinoRuntime:
     def __init__(self, path: Path):
         ov = require("openvino", "openvino")
         core = ov.Core()
-        try:
-            model = core.read_model(os.fspath(path))
-        except Exception as error:  # OpenVINO raises RuntimeError and its own
-            raise ModelFileError(
-                path, f"cannot be read by OpenVINO: {first_line(error)}"
-            ) from None
-        text = None
-        if model.has_rt_info([_METADATA_KEY]):
-            text = model.get_rt_info([_METADATA_KEY]).astype(str)
-        elif path.suffix.lower() == ".onnx":
-            text = _onnx_metadata(path)
-        self.metadata = _check_metadata(path, text)
-        _check_openvino_weights(path, self.metadata)
+        if path.suffix.lower() == ".onnx":
+            require("onnx", "onnx")  # the digest and operators are checked with it
+            data, self.metadata = _read_onnx(path, "cannot be read by OpenVINO")
+            model = self._read(path, core, data)
+        else:
+            model, self.metadata = self._read_ir(path, core, ov)
+        _check_operators(
+            path, {op.get_type_name() for op in model.get_ops()}, OPENVINO_OPERATORS
+        )
+        self.outputs = [_name(o) for o in model.outputs]
         _check_graph(
             path,
             self.metadata,
-            [(i.get_any_name() if i.get_names() else "", _dims(i.get_partial_shape()))
-             for i in model.inputs],
-            model.outputs,
-        )  # fmt: skip
+            [(_name(i), _dims(i.get_partial_shape())) for i in model.inputs],
+            self.outputs,
+        )
         hint = _OPENVINO_HINTS.get(self.metadata["precision"], "f32")
         try:
             self.compiled = core.compile_model(
@@ -362,50 +641,122 @@ class _OpenVinoRuntime:
             )
         except Exception as error:
             raise ModelFileError(
-                path, f"cannot be compiled by OpenVINO: {first_line(error)}"
+                path, f"cannot be compiled by OpenVINO: {error_reason(error)}"
             ) from None
         self.path = path
 
-    def __call__(self, batch: np.ndarray) -> list[np.ndarray]:
+    @staticmethod
+    def _read(path: Path, core, data: bytes, weights=None):
+        try:
+            if weights is None:
+                return core.read_model(data)
+            return core.read_model(data, weights)
+        except Exception as error:  # OpenVINO raises RuntimeError and its own
+            raise ModelFileError(
+                path, f"cannot be read by OpenVINO: {error_reason(error)}"
+            ) from None
+
+    def _read_ir(self, path: Path, core, ov):
+        """An .xml and the weights its digest names: its .bin, or the previous
+        weights an interrupted export kept (see :func:`weights_backups`)."""
+        data = path.read_bytes()
+        span = _digest_span(path, data)
+        weights = path.with_suffix(".bin")
+        # None: no weights file (OpenVINO says what it makes of the .xml alone)
+        candidates = [weights] * weights.is_file() + weights_backups(weights) or [None]
+        if span is None:
+            return self._read_unsealed_ir(path, core, ov, data, candidates)
+        sealed = data[span].decode("ascii", "replace")
+        for candidate in candidates:
+            blob = b"" if candidate is None else candidate.read_bytes()
+            if _digest_of(data, span, blob) == sealed:
+                break
+        else:
+            raise ModelFileError(
+                path, f"does not match its SHA-256 digest: it or its weights "
+                f"{weights.name} were changed or damaged after export, or they belong "
+                "to different exports (re-export the model).",
+            )  # fmt: skip
+        model = self._read(path, core, data, _tensor(ov, blob))
+        recorded = None
+        if model.has_rt_info([DIGEST_KEY]):
+            recorded = model.get_rt_info([DIGEST_KEY]).astype(str)
+        _check_digest(path, data, span, recorded, blob)
+        metadata = _check_metadata(path, _ir_metadata(model))
+        if candidate not in (weights, None):
+            warnings.warn(
+                f"{weights.name} does not belong to {path.name} (an export to it was "
+                f"interrupted); scoring with its own weights, kept in "
+                f"{candidate.name}. Export the model again.",
+                UserWarning,
+                stacklevel=4,
+            )
+        return model, metadata
+
+    def _read_unsealed_ir(self, path: Path, core, ov, data: bytes, candidates):
+        """An .xml of skdfm's exports before the digest: the weights whose SHA-256 its
+        metadata records (``weights_sha256``, when it does)."""
+        for candidate in candidates:
+            blob = b"" if candidate is None else candidate.read_bytes()
+            try:
+                model = self._read(path, core, data, _tensor(ov, blob))
+            except ModelFileError:
+                if candidate is candidates[-1]:
+                    raise
+                continue
+            if model.has_rt_info([DIGEST_KEY]):
+                raise ModelFileError(path, "has a damaged skdfm digest.")
+            metadata = _check_metadata(path, _ir_metadata(model))
+            digest = _sha256(blob)
+            if metadata.get("weights_sha256", digest) == digest:
+                break
+        else:
+            raise ModelFileError(
+                path, f"does not match its weights {path.with_suffix('.bin').name}: "
+                "they belong to another export (re-export the model).",
+            )  # fmt: skip
+        _unverified(path, metadata, stacklevel=6)
+        return model, metadata
+
+    def __call__(self, batch: np.ndarray) -> dict[str, np.ndarray]:
         try:
             result = self.compiled(batch)
         except Exception as error:  # OpenVINO's own classes
+            if isinstance(error, MemoryError):
+                raise
             raise ModelFileError(
-                self.path, f"failed in OpenVINO: {first_line(error)}"
+                self.path, f"failed in OpenVINO: {error_reason(error)}"
             ) from None
-        return [result[output] for output in self.compiled.outputs]
+        return {
+            name: result[output]
+            for name, output in zip(self.outputs, self.compiled.outputs, strict=True)
+        }
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _tensor(ov, blob: bytes):
+    """An OpenVINO weights tensor of ``blob`` (None for no weights)."""
+    return ov.Tensor(np.frombuffer(blob, np.uint8).copy()) if blob else None
+
+
+def _ir_metadata(model):
+    """The skdfm metadata text in an OpenVINO model's rt_info, or None."""
+    if model.has_rt_info([_METADATA_KEY]):
+        return model.get_rt_info([_METADATA_KEY]).astype(str)
+    return None
+
+
+def _name(port) -> str:
+    """The name of an OpenVINO input or output ("" when it has none)."""
+    return port.get_any_name() if port.get_names() else ""
 
 
 def _dims(shape) -> list:
     """An OpenVINO partial shape as ints, -1 for dynamic dimensions."""
     return [d.get_length() if d.is_static else -1 for d in shape]
-
-
-def _check_openvino_weights(path: Path, metadata: dict) -> None:
-    """The .bin must be the one the .xml was saved with (a pair half-replaced by an
-    interrupted export would otherwise load new weights under old metadata)."""
-    expected = metadata.get("weights_sha256")
-    if path.suffix.lower() != ".xml" or expected is None:
-        return
-    if file_sha256(path.with_suffix(".bin")) != expected:
-        raise ModelFileError(
-            path, f"does not match its weights {path.with_suffix('.bin').name}: they "
-            "belong to another export (re-export the model)."
-        )  # fmt: skip
-
-
-def _onnx_metadata(path: Path):
-    onnx = require("onnx", "onnx")
-    try:
-        proto = onnx.load(os.fspath(path), load_external_data=False)
-    except Exception as error:
-        raise ModelFileError(
-            path, f"is not a readable ONNX file: {first_line(error)}"
-        ) from None
-    for entry in proto.metadata_props:
-        if entry.key == _METADATA_KEY:
-            return entry.value
-    return None
 
 
 class ExportedModel:
@@ -427,7 +778,8 @@ class ExportedModel:
         with OpenVINO's ``INFERENCE_PRECISION_HINT`` set to f32 (its CPU plugin
         would otherwise choose bf16 on CPUs with AVX-512 BF16).
     batch_size : int, default=16
-        Images decoded and scored at a time.
+        Images decoded and scored at a time (at most: models with large input
+        sizes score fewer, so that a batch takes about 1 GiB at most).
     max_image_pixels : int or None, default=2**28
         Image files with more pixels are refused before decoding (see
         :class:`~skdfm.DeepFeatureTransformer`).
@@ -446,6 +798,32 @@ class ExportedModel:
         ``masks`` of :meth:`anomaly_maps` and the command's overlay colours.
     input_size_ : tuple of (int, int)
         ``(height, width)`` images are resized to.
+
+    Raises
+    ------
+    ModelFileError
+        The file is not one skdfm exported as it was written: its SHA-256 digest
+        (over the graph, its weights, OpenVINO's ``.bin`` and the metadata) does
+        not match; its metadata holds values no fitted model has (sizes beyond the
+        limits, non-finite or reversed score ranges, a threshold off the scores'
+        scale); its graph's inputs or named outputs are not the metadata's; or it
+        holds operators skdfm's exports never hold (control flow such as ``Loop``,
+        custom domains). When scoring: the graph's own labels disagree with the
+        metadata's threshold.
+
+    Warns
+    -----
+    UserWarning
+        The file was exported by an skdfm before exports carried a digest (format
+        1): it loads unverified. Or an OpenVINO export to this path was interrupted
+        and the ``.xml`` runs with the previous weights it kept.
+
+    Notes
+    -----
+    The digest detects damage and edits made without skdfm (a flipped bit, an
+    edited threshold); it is not a signature: whoever can write the file can
+    recompute it. Outputs are read by name, and the graph's ``label`` output is
+    checked against the labels the metadata's ``offset_`` gives on every batch.
 
     Examples
     --------
@@ -488,15 +866,8 @@ class ExportedModel:
         self.offset_ = float(metadata["offset"])
         self.score_range_ = tuple(float(v) for v in metadata["score_range"])
         self.score_type_ = metadata["score_type"]
-        pixel = metadata.get("pixel_threshold")
-        if pixel is not None:
-            if (
-                isinstance(pixel, bool)
-                or not isinstance(pixel, (int, float))
-                or not (np.isfinite(pixel) and pixel >= 0)
-            ):
-                raise ModelFileError(path, "has an invalid pixel_threshold.")
-            self.pixel_threshold_ = float(pixel)
+        if metadata.get("pixel_threshold") is not None:  # checked with the metadata
+            self.pixel_threshold_ = float(metadata["pixel_threshold"])
 
     def __repr__(self):
         return f"ExportedModel({os.fspath(self.path)!r}, runtime={self.runtime_!r})"
@@ -510,21 +881,63 @@ class ExportedModel:
                 "locations."
             )
         items = _items(X)
+        height, width = self.input_size_
+        # Large inputs are scored fewer at a time (a 4096 x 4096 model, one by one).
+        per_image = _BYTES_PER_PIXEL * height * width
+        step = min(self.batch_size, max(1, _BATCH_BYTES // per_image))
         scores, grids, sizes = [], [], []
-        for start in range(0, len(items), self.batch_size):
-            batch, batch_sizes = _prepare_items(
-                items[start : start + self.batch_size],
-                self.input_size_,
-                self.max_image_pixels,
-                start,
-            )
-            outputs = self._engine(batch)
-            scores.append(np.asarray(outputs[0], dtype=np.float64))
+        for start in range(0, len(items), step):
+            try:
+                batch, batch_sizes = _prepare_items(
+                    items[start : start + step],
+                    self.input_size_,
+                    self.max_image_pixels,
+                    start,
+                )
+                outputs = self._engine(batch)
+            except MemoryError as error:  # numpy's says nothing
+                reason = f" ({error})" if str(error).strip() else ""
+                raise MemoryError(
+                    f"Out of memory scoring {min(step, len(items) - start)} "
+                    f"image(s) at {height}x{width} with {os.fspath(self.path)!r}"
+                    f"{reason}: use a smaller batch_size, or a model with a smaller "
+                    "input size."
+                ) from None
+            score_samples = np.asarray(outputs["score_samples"], dtype=np.float64)
+            self._check_labels(score_samples, outputs["label"], start)
+            scores.append(score_samples)
             if maps:
-                grids.append(np.asarray(outputs[3], dtype=np.float64))
+                grids.append(np.asarray(outputs["grid_map"], dtype=np.float64))
             sizes.extend(batch_sizes)
         score_samples = np.concatenate(scores)
         return score_samples, (np.concatenate(grids) if maps else None), sizes
+
+    def _check_labels(self, score_samples, graph_labels, first_index: int) -> None:
+        """The graph's own labels must be those of the metadata's threshold: a graph
+        that labels at another threshold than the one it declares is refused, never
+        trusted for either verdict."""
+        graph_labels = np.asarray(graph_labels).reshape(-1)
+        labels = self.labels_from_scores(score_samples)
+        if graph_labels.shape != labels.shape:
+            raise ModelFileError(
+                self.path, f"returned {graph_labels.size} labels for "
+                f"{labels.size} scores.",
+            )  # fmt: skip
+        tolerance = _LABEL_TOLERANCE.get(
+            self.metadata_["precision"], _DEFAULT_LABEL_TOLERANCE
+        )
+        near = np.abs(score_samples - self.offset_) <= tolerance * max(
+            abs(self.offset_), np.finfo(np.float32).tiny
+        )
+        wrong = np.flatnonzero((graph_labels != labels) & ~near)
+        if len(wrong):
+            i = wrong[0]
+            raise ModelFileError(
+                self.path, f"labels image {first_index + i} {int(graph_labels[i]):+d} "
+                f"where its score {score_samples[i]:.6g} and the threshold "
+                f"{self.offset_:.6g} of its metadata give {int(labels[i]):+d}: its "
+                "graph and metadata disagree; refused (re-export the model).",
+            )  # fmt: skip
 
     def score_samples(self, X) -> np.ndarray:
         """``model.score_samples``: higher = more normal, float64 (n_images,)."""

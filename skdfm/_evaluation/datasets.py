@@ -11,6 +11,7 @@ from scipy import ndimage
 from sklearn.utils import Bunch, check_random_state
 from sklearn.utils._param_validation import Interval, StrOptions, validate_params
 
+from .._imaging.decode import image_files_below
 from .._imaging.images import IMAGE_SUFFIXES, open_image, read_image_size
 
 __all__ = [
@@ -210,10 +211,13 @@ def make_defect_images(
 
 
 def _image_files(folder: Path) -> list[Path]:
+    """The image files directly in ``folder``, sorted: every entry with an image
+    suffix that is not a folder, also broken symlinks, FIFOs and devices (a reader
+    refuses those with the reason, without opening them: listed, never dropped)."""
     return sorted(
         p
         for p in folder.iterdir()
-        if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
+        if p.suffix.lower() in IMAGE_SUFFIXES and not p.is_dir()
     )
 
 
@@ -384,19 +388,12 @@ _TRAINING_ADVICE = (
 )
 
 
-def _images_below(folder: Path) -> list[str]:
-    """Image files at any depth below ``folder``, sorted; symlinks kept even when
-    broken (a reader lists them as unreadable), never pipes or devices; symlinked
-    folders are not entered."""
-    found = []
-    for top, _, names in os.walk(folder):
-        for name in names:
-            path = Path(top) / name
-            if path.suffix.lower() in IMAGE_SUFFIXES and (
-                path.is_symlink() or path.is_file()
-            ):
-                found.append(os.fspath(path))
-    return sorted(found)
+def _images_below(folder: Path) -> tuple[list[str], list[tuple[str, str]]]:
+    """Image files at any depth below ``folder``, sorted, and the folders that
+    could not be listed: symlinked folders followed, each real folder once; also
+    broken symlinks, pipes and devices, which a reader lists as unreadable
+    (:func:`~skdfm._imaging.decode.image_files_below`)."""
+    return image_files_below(folder)
 
 
 def _check_good_images_only(root: Path, files: list[str]) -> None:
@@ -447,14 +444,17 @@ def training_images(folder) -> Bunch:
       ``train/good`` are taken (at any depth), ``test/`` and ``ground_truth/``
       never;
     * any other folder is a folder of good images: every image file in its tree
-      (subfolders, e.g. one per day or per camera, are searched), unless the tree
+      (subfolders, e.g. one per day or per camera, are searched; symlinked
+      folders are followed, each real folder once), unless the tree
       has the marks of the MVTec AD layout, which are refused: ``train/`` without
       ``good``, ``test/`` or ``ground_truth/`` (at any depth), or a ``good/``
       folder beside other folders of images (``good/`` and ``scratch/`` side by
       side: a test split). Defect folders named otherwise cannot be told from
       good ones: keep them out of the folder.
 
-    Nothing is decoded; the file names alone decide.
+    Nothing is decoded; the file names alone decide. Files that are not regular
+    files (FIFOs, devices, broken symlinks) are kept in ``paths``: a reader refuses
+    them, without opening them, and says why.
 
     Parameters
     ----------
@@ -464,9 +464,10 @@ def training_images(folder) -> Bunch:
     Returns
     -------
     images : :class:`~sklearn.utils.Bunch`
-        ``paths`` (list of str, sorted; may be empty), ``layout`` (``"mvtec"`` or
-        ``"folder"``), ``folder`` (str, the folder the images were taken from) and
-        ``description`` (str, what was taken, for messages).
+        ``paths`` (list of str, sorted; may be empty), ``unlisted`` (list of
+        ``(folder, reason)``: folders of the tree that could not be listed),
+        ``layout`` (``"mvtec"`` or ``"folder"``), ``folder`` (str, the folder the
+        images were taken from) and ``description`` (str, what was taken, for messages).
 
     Raises
     ------
@@ -499,19 +500,21 @@ def training_images(folder) -> Bunch:
         raise FileNotFoundError(f"{folder} is not a folder")
     good = root / "train" / "good"
     if good.is_dir():
-        files = _images_below(good)
+        files, unlisted = _images_below(good)
         _check_good_images_only(good, files)
         return Bunch(
             paths=files,
+            unlisted=unlisted,
             layout="mvtec",
             folder=os.fspath(good),
             description=f"{good} (the MVTec AD category's train/good; test/ and "
             "ground_truth/ not used)",
         )
-    files = _images_below(root)
+    files, unlisted = _images_below(root)
     _check_good_images_only(root, files)
     return Bunch(
         paths=files,
+        unlisted=unlisted,
         layout="folder",
         folder=os.fspath(root),
         description=f"{root} (a folder of good images, searched recursively)",

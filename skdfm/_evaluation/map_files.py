@@ -6,10 +6,17 @@ folder: ``root/test/crack/000.png`` gives ``maps/test/crack/000.png_map.png``. T
 image's whole file name is kept (``000.png`` and ``000.jpg`` of one folder get two
 maps), so two images never share a map file. An image outside the root (or with no
 root) mirrors its absolute path. Files are written atomically.
+
+Memory is bounded per image: maps and predicted masks are at most
+:data:`MAX_MAP_PIXELS` (the image's own size up to it, else the largest size of the
+image's aspect ratio within it), overlay pictures at most
+:data:`MAX_OVERLAY_PIXELS` (their blending takes ~100 bytes a pixel), so a small
+file declaring a huge image never needs gigabytes to draw.
 """
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 
@@ -18,6 +25,9 @@ import numpy as np
 from .._core.files import atomic_write
 
 __all__ = [
+    "MAX_MAP_PIXELS",
+    "MAX_OVERLAY_PIXELS",
+    "capped_size",
     "colour_scale",
     "map_caption",
     "map_file",
@@ -29,6 +39,21 @@ __all__ = [
 
 MAP_SUFFIX = "_map.png"
 MASK_SUFFIX = "_mask.png"
+#: Largest map or predicted mask written (4096 x 4096 = 16.8 MP: 134 MB as float64):
+#: larger images get theirs at the largest size of their aspect ratio within it.
+MAX_MAP_PIXELS = 2**24
+#: Largest overlay picture drawn (2048 x 2048 = 4.2 MP): larger ones are scaled down.
+MAX_OVERLAY_PIXELS = 2**22
+
+
+def capped_size(size, max_pixels: int) -> tuple[int, int]:
+    """``(height, width)`` of ``size``, or the largest size of its aspect ratio
+    with at most ``max_pixels`` pixels (each side at least 1)."""
+    height, width = (int(s) for s in size)
+    if height * width <= max_pixels:
+        return (height, width)
+    scale = math.sqrt(max_pixels / (height * width))
+    return (max(1, int(height * scale)), max(1, int(width * scale)))
 
 
 def map_file(folder, image_path, root=None) -> Path:
@@ -65,6 +90,10 @@ def overlay_picture(image, anomaly_map, *, scale=None, caption=None, mask=None):
         from .._imaging.decode import decode_image_file
 
         image = decode_image_file(image)
+    if isinstance(image, Image.Image):
+        height, width = capped_size((image.height, image.width), MAX_OVERLAY_PIXELS)
+        if (height, width) != (image.height, image.width):
+            image = image.resize((width, height), Image.Resampling.BILINEAR)
     pixels = np.asarray(image)
     height, width = (
         (image.height, image.width) if isinstance(image, Image.Image) else None
@@ -76,6 +105,9 @@ def overlay_picture(image, anomaly_map, *, scale=None, caption=None, mask=None):
                 (width, height), Image.Resampling.BILINEAR
             )
         )
+    if mask is not None and np.shape(mask) != (height, width):  # a scaled picture
+        mask = Image.fromarray(np.asarray(mask, bool).astype(np.uint8) * 255)
+        mask = np.asarray(mask.resize((width, height), Image.Resampling.NEAREST)) > 0
     low, high = (None, None) if scale is None else scale[:2]
     if mask is None:
         blended = overlay_anomaly_map(pixels, amap, vmin=low, vmax=high)
@@ -98,7 +130,8 @@ def write_map_overlay(target, image, anomaly_map, *, scale=None, caption=None) -
     pixel threshold marked on the colour bar; None scales each image to its own
     range (and says so). ``caption`` (e.g. the image score and label) is written
     above the colour bar. A map of another size than the image (a file decoded at
-    a reduced scale) is resized to it first.
+    a reduced scale) is resized to it first; a PIL image above
+    :data:`MAX_OVERLAY_PIXELS` is drawn scaled down to it.
     """
     picture = overlay_picture(image, anomaly_map, scale=scale, caption=caption)
     target = Path(target)

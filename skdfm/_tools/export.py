@@ -29,7 +29,17 @@ from pathlib import Path
 
 import numpy as np
 
-from .._deploy.runtime import file_sha256, first_line, require
+from .._deploy.runtime import (
+    DIGEST_KEY,
+    FORMAT_VERSION,
+    UNSEALED,
+    error_reason,
+    file_sha256,
+    output_names,
+    require,
+    seal_export,
+    weights_backups,
+)
 
 __all__ = ["FORMATS", "PRECISIONS", "export", "metadata_of"]
 
@@ -115,7 +125,7 @@ def metadata_of(transformer, detector, *, format: str, precision: str) -> dict:
 
     layer = transformer.layer_
     return {
-        "format_version": 1,
+        "format_version": FORMAT_VERSION,
         "skdfm_version": __version__,
         "format": format,
         "precision": precision,
@@ -145,13 +155,8 @@ def metadata_of(transformer, detector, *, format: str, precision: str) -> dict:
             "layout": "NCHW",
             "range": [0.0, 1.0],
         },  # fmt: skip
-        "outputs": _output_names(detector.score_type_),
+        "outputs": output_names(detector.score_type_),
     }
-
-
-def _output_names(score_type: str) -> list[str]:
-    names = ["score_samples", "label"]
-    return names + (["anomaly_map", "grid_map"] if score_type == "fre" else [])
 
 
 def _fitted_parts(model):
@@ -190,14 +195,14 @@ def _export_onnx(graph, transformer, destination: Path) -> None:
     height, width = transformer.input_size_
     example = torch.rand(2, 3, height, width)
     batch = torch.export.Dim("batch", min=1)
-    names = _output_names("fre" if len(graph(example)) == 4 else "nll")
+    names = output_names("fre" if len(graph(example)) == 4 else "nll")
     # The exporter reports its progress on stdout: not ours to print.
     with contextlib.redirect_stdout(io.StringIO()), torch.inference_mode(False):
         try:
             program = _torch_export(graph, example, names, batch)
         except Exception as error:  # torch.export raises many classes
             raise ValueError(
-                f"torch could not export this model to ONNX: {first_line(error)}"
+                f"torch could not export this model to ONNX: {error_reason(error)}"
             ) from None
     program.save(os.fspath(destination))
 
@@ -223,8 +228,9 @@ def _set_onnx_metadata(path: Path, metadata: dict) -> None:
 
     proto = onnx.load(os.fspath(path))
     del proto.metadata_props[:]
-    entry = proto.metadata_props.add()
-    entry.key, entry.value = METADATA_KEY, json.dumps(metadata)
+    for key, value in ((METADATA_KEY, json.dumps(metadata)), (DIGEST_KEY, UNSEALED)):
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = key, value
     onnx.save(proto, os.fspath(path))
 
 
@@ -267,7 +273,7 @@ def _quantize_int8(source: Path, destination: Path, calibration: np.ndarray) -> 
             per_channel=True,
         )
     except Exception as error:  # the quantiser raises many classes
-        raise ValueError(f"int8 quantisation failed: {first_line(error)}") from None
+        raise ValueError(f"int8 quantisation failed: {error_reason(error)}") from None
     finally:
         root.setLevel(level)
 
@@ -353,7 +359,10 @@ def export(model, path, *, format="onnx", precision="float32", calibration_image
     scikit-learn needed), or in any ONNX / OpenVINO runtime: one graph from a batch
     of images at the model's input size to the image scores, labels and (for
     ``"fre"``) anomaly maps. Written atomically: an interrupted export leaves no
-    half-written file.
+    half-written file, and an OpenVINO pair killed while it is replaced leaves the
+    previous pair loadable. The file carries a SHA-256 digest over its graph,
+    weights (OpenVINO's ``.bin`` too) and metadata, checked when
+    :class:`~skdfm.ExportedModel` loads it.
 
     Parameters
     ----------
@@ -461,27 +470,61 @@ def export(model, path, *, format="onnx", precision="float32", calibration_image
             onnx_path = quantized
         if format == "onnx":
             _set_onnx_metadata(onnx_path, metadata)
+            seal_export(onnx_path)
             os.replace(onnx_path, path)
             return path
         try:
             ov_model = ov.convert_model(os.fspath(onnx_path))
         except Exception as error:  # OpenVINO's own classes
             raise ValueError(
-                f"OpenVINO could not convert the model: {first_line(error)}"
+                f"OpenVINO could not convert the model: {error_reason(error)}"
             ) from None
         xml = Path(scratch) / "model.xml"
         compress = precision == "float16"
         ov.save_model(ov_model, os.fspath(xml), compress_to_fp16=compress)
-        # The .xml records the digest of its .bin: a pair half-replaced by an
-        # interrupted export is refused when loaded, never run.
+        # Read by skdfm releases before the digest, which covers the .bin too.
         metadata["weights_sha256"] = file_sha256(xml.with_suffix(".bin"))
         ov_model.set_rt_info(json.dumps(metadata), [METADATA_KEY])
+        ov_model.set_rt_info(UNSEALED, [DIGEST_KEY])
         ov.save_model(ov_model, os.fspath(xml), compress_to_fp16=compress)
         if file_sha256(xml.with_suffix(".bin")) != metadata["weights_sha256"]:
             raise RuntimeError("OpenVINO wrote different weights twice.")
-        os.replace(xml.with_suffix(".bin"), path.with_suffix(".bin"))
-        os.replace(xml, path)
+        seal_export(xml)
+        replace_openvino_pair(xml, path)
     return path
+
+
+def replace_openvino_pair(source: Path, path: Path) -> None:
+    """Move the OpenVINO pair ``source`` (.xml and .bin, sealed) to ``path``, so
+    that a process killed at any moment leaves a loadable pair: the previous one or
+    the new one.
+
+    Two renames cannot replace two files at once. The previous ``.bin`` is first
+    renamed to a backup beside it (``.model.bin.<16 hex>``, see
+    ``weights_backups`` in ``skdfm._deploy.runtime``), then the new ``.bin`` and the
+    new ``.xml`` are renamed into place, then the backups are removed. In between,
+    the previous ``.xml`` is still there and :class:`~skdfm.ExportedModel` finds its
+    weights among the backups by its digest (with a warning). An exception in
+    between (Ctrl-C, SIGTERM) puts the previous ``.bin`` back.
+    """
+    import secrets
+
+    weights = path.with_suffix(".bin")
+    backup = None
+    try:
+        if weights.exists():
+            backup = weights.with_name(f".{weights.name}.{secrets.token_hex(8)}")
+            os.replace(weights, backup)
+        os.replace(source.with_suffix(".bin"), weights)
+        os.replace(source, path)
+    except BaseException:
+        if backup is not None and source.exists():  # the new .xml is not in place
+            with contextlib.suppress(OSError):
+                os.replace(backup, weights)
+        raise
+    for stale in weights_backups(weights):
+        with contextlib.suppress(OSError):
+            stale.unlink()
 
 
 def _check_precision_of(transformer) -> None:

@@ -18,7 +18,11 @@ Before any array is read, the header's declared sizes are checked against the fi
 length; then the digest is checked, so a changed byte anywhere is an error rather
 than a different model; then only allow-listed classes are rebuilt, through the
 same ``__setstate__`` contract as a pickle (version warnings, a device that does not
-exist here becomes the CPU).
+exist here becomes the CPU). The digest is no signature: whoever forges a file can
+recompute it, so every value is checked as if hostile, and a value no fit makes
+(non-finite weights, a zero ``image_std_``, a feature grid the backbone does not
+give, a reversed ``score_range_``, a guard against decompression bombs turned off)
+is refused at load, never left to fail or mislead later.
 """
 
 from __future__ import annotations
@@ -29,13 +33,22 @@ import json
 import math
 import os
 import platform
+import warnings
 from pathlib import Path
 
 import numpy as np
 
 from .._core.files import ModelFileError, atomic_write
+from .._imaging.decode import MAX_IMAGE_PIXELS
 
-__all__ = ["SUFFIX", "ModelFileError", "is_model_file", "load", "save"]
+__all__ = [
+    "MAX_FILE_IMAGE_PIXELS",
+    "SUFFIX",
+    "ModelFileError",
+    "is_model_file",
+    "load",
+    "save",
+]
 
 #: The suffix the command line gives model files.
 SUFFIX = ".skdfm"
@@ -46,6 +59,9 @@ _FORMAT_VERSION = 1
 _MAX_HEADER_BYTES = 8 * 2**20
 _MAX_DIMENSIONS, _MAX_EXTENT = 8, 2**48
 _MAX_DEPTH = 16  # JSON nesting of a saved value (a dict of tuples is 3)
+#: The largest ``max_image_pixels`` a file may carry (32768 x 32768, 4 x the default):
+#: a file never lifts the decompression-bomb guard; code after loading may.
+MAX_FILE_IMAGE_PIXELS = 4 * MAX_IMAGE_PIXELS
 _DTYPES = {
     "F64": np.float64,
     "F32": np.float32,
@@ -103,6 +119,8 @@ class _Encoder:
 
     def __init__(self):
         self.tensors: dict[str, np.ndarray] = {}
+        #: max_image_pixels values above what a file holds (saved capped)
+        self.lowered_limits: list = []
 
     def value(self, value, key: str):
         import torch
@@ -173,6 +191,10 @@ class _Encoder:
             return {"class": name, "steps": steps, "verbose": bool(model.verbose)}
         check_is_fitted(model)
         state = model.__getstate__()
+        limit = state.get("max_image_pixels", 1)
+        if limit is None or (isinstance(limit, int) and limit > MAX_FILE_IMAGE_PIXELS):
+            state["max_image_pixels"] = MAX_FILE_IMAGE_PIXELS
+            self.lowered_limits.append(limit)
         return {
             "class": name,
             "state": {k: self.value(v, f"{prefix}{k}") for k, v in state.items()},
@@ -191,14 +213,41 @@ def _digest(document: str, tensors: dict) -> str:
 
 def _check_pipeline(pipeline) -> None:
     """A saved Pipeline is a DFM model: a transformer and a detector, fitted, with
-    plain unique step names (ValueError otherwise)."""
+    plain unique step names, the detector last (ValueError otherwise)."""
+    from .._detector import DFMDetector
     from .model import split_model
 
     names = [name for name, _ in pipeline.steps]
     plain = all(isinstance(n, str) and n and "__" not in n for n in names)
     if not plain or len(set(names)) != len(names):
         raise ValueError(f"Pipeline step names must be unique plain strings: {names}.")
+    for name, step in pipeline.steps:
+        if step is None:
+            raise ValueError(
+                f"Pipeline step {name!r} is None: drop it, or make it 'passthrough'."
+            )
     split_model(pipeline)
+    if not isinstance(pipeline.steps[-1][1], DFMDetector):
+        raise ValueError(
+            f"the Pipeline's last step, {names[-1]!r}, is not its DFMDetector: the "
+            "Pipeline would have no score_samples."
+        )
+
+
+def _check_pixel_limit(limit, path) -> None:
+    """A file's ``max_image_pixels``: a number of pixels, never None (no guard)."""
+    import reprlib
+
+    if isinstance(limit, bool) or not (
+        isinstance(limit, int) and 1 <= limit <= MAX_FILE_IMAGE_PIXELS
+    ):
+        raise ModelFileError(
+            path,
+            f"holds max_image_pixels={reprlib.repr(limit)}; a model file holds an "
+            f"int from 1 to {MAX_FILE_IMAGE_PIXELS:,}: it never turns the "
+            "decompression-bomb guard off (set max_image_pixels=None in code after "
+            "loading to do that).",
+        )
 
 
 def _versions() -> dict:
@@ -260,9 +309,14 @@ def save(model, path) -> Path:
     Parameters
     ----------
     model : DFMDetector, DeepFeatureTransformer or Pipeline
-        Fitted; a Pipeline may hold only these two (``"passthrough"`` steps
-        aside). A ``FeatureCache`` is not saved (a loaded model gets an empty one),
-        a pending ``partial_fit`` is finished first, as pickling does.
+        Fitted; a Pipeline may hold only these two, the detector last
+        (``"passthrough"`` steps aside; a ``None`` step is refused). A
+        ``FeatureCache`` is not saved (a loaded model gets an empty one), a
+        pending ``partial_fit`` is finished first, as pickling does. A
+        ``max_image_pixels`` of None (no limit) or above
+        ``MAX_FILE_IMAGE_PIXELS`` (32768 x 32768) is saved as that bound, with
+        a ``UserWarning``: a model file never lifts the decompression-bomb
+        guard; set it again after :func:`load`.
     path : str or path-like
         Where to write; the suffix is up to you (the command uses ``.skdfm``).
 
@@ -296,6 +350,15 @@ def save(model, path) -> Path:
         "skdfm": text,
         "sha256": _digest(text, encoder.tensors),
     }
+    for limit in encoder.lowered_limits:
+        warnings.warn(
+            f"max_image_pixels={limit!r} is saved as {MAX_FILE_IMAGE_PIXELS:,} "
+            "(32768 x 32768): a model file never lifts the decompression-bomb "
+            "guard further. Set max_image_pixels again after skdfm.load if you "
+            "trust the images.",
+            UserWarning,
+            stacklevel=2,
+        )
     data = save_tensors(encoder.tensors, metadata=metadata)
     path = Path(path)
     with atomic_write(path) as handle:
@@ -457,6 +520,8 @@ class _Decoder:
                     self.path, f"holds an attribute {key!r} that {name} does not have."
                 )
         state = {key: self.value(value) for key, value in state.items()}
+        if "max_image_pixels" in state:
+            _check_pixel_limit(state["max_image_pixels"], self.path)
         estimator = cls.__new__(cls)
         try:
             # Validates the parameters and the fitted state, and rebuilds the
@@ -494,8 +559,6 @@ class _Decoder:
 def _compare_versions(saved: dict) -> None:
     """Warn when another torch, timm, scikit-learn or numpy wrote the file (skdfm's
     own version is compared by the estimators, as for pickles)."""
-    import warnings
-
     from .._core.persistence import SkdfmVersionWarning
 
     if not isinstance(saved, dict):
@@ -513,16 +576,74 @@ def _compare_versions(saved: dict) -> None:
             )
 
 
-def _check_weights(model, path) -> None:
-    """The rebuilt backbone has the weights its recorded digest says."""
-    from .._cache import weights_digest
+def _check_backbone(transformer, path) -> None:
+    """The rebuilt backbone has the weights its recorded digest says, all finite
+    (variances >= 0), and gives the recorded feature grid at the recorded input
+    size: checked by a forward pass on the meta device (shapes only, no memory)."""
+    import torch
+    from torch.func import functional_call
 
-    transformer = _transformer_of(model)
-    if transformer is not None and (
-        weights_digest(transformer.backbone_) != transformer.weights_digest_
-    ):
+    from .._cache import weights_digest
+    from .._transformer import pool_feature_maps
+
+    backbone = transformer.backbone_
+    if weights_digest(backbone) != transformer.weights_digest_:
         raise ModelFileError(
             path, "holds backbone weights whose digest is not the recorded one."
+        )
+    state = backbone.state_dict()
+    for name, tensor in state.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise ModelFileError(
+                path, f"holds backbone weights {name!r} with NaN or infinity."
+            )
+        if name.endswith("running_var") and bool((tensor < 0).any()):
+            raise ModelFileError(
+                path, f"holds backbone variances {name!r} below 0: no fit makes them."
+            )
+    meta = {name: torch.empty_like(t, device="meta") for name, t in state.items()}
+    probe = torch.empty((1, 3, *transformer.input_size_), device="meta")
+    kernel = transformer.feature_params_["pooling_kernel_size"]
+    try:
+        with torch.no_grad():
+            maps = functional_call(backbone, meta, (probe,))
+            grid = tuple(pool_feature_maps(maps, kernel).shape[1:])
+    except NotImplementedError:  # an operation without shapes on meta: not checkable
+        return
+    except RuntimeError as error:  # too small for the network or the kernel
+        grid = f"no grid ({str(error).splitlines()[0]})"
+    if grid != transformer.feature_shape_:
+        raise ModelFileError(
+            path,
+            f"holds a DeepFeatureTransformer whose feature_shape_ "
+            f"{transformer.feature_shape_} is not what its backbone gives at "
+            f"input_size_={transformer.input_size_} with pooling_kernel_size="
+            f"{kernel}: {grid}.",
+        )
+
+
+def _check_model(model, path) -> None:
+    """What holds across the estimators of a loaded model: the backbone (see
+    :func:`_check_backbone`), and a detector fitted on that backbone's rows."""
+    from sklearn.pipeline import Pipeline
+
+    transformer = _transformer_of(model)
+    if transformer is None:
+        return
+    _check_backbone(transformer, path)
+    if not isinstance(model, Pipeline):
+        return
+    detector = model.steps[-1][1]
+    shape = transformer.feature_shape_
+    if detector.n_features_in_ != math.prod(shape) or detector.feature_shape_ not in (
+        None,
+        shape,
+    ):
+        raise ModelFileError(
+            path,
+            f"holds a DFMDetector fitted on {detector.n_features_in_} features "
+            f"(grid {detector.feature_shape_}) after a DeepFeatureTransformer that "
+            f"makes {math.prod(shape)} (grid {shape}).",
         )
 
 
@@ -532,8 +653,15 @@ def load(path):
     Checks, in order: the header's declared array sizes against the file's length
     (before anything is allocated), the SHA-256 digest of the whole content, the
     class names against a fixed allow-list (``DFMDetector``,
-    ``DeepFeatureTransformer``, scikit-learn's ``Pipeline``) and every value's
-    kind. The model loads on the CPU when its device does not exist here (with a
+    ``DeepFeatureTransformer``, scikit-learn's ``Pipeline``), every value's kind,
+    then every value as if forged (the digest is no signature): parameters as
+    ``fit`` validates them, fitted values a fit could make (finite weights and
+    arrays, a positive ``image_std_``, an ordered ``score_range_``, ...), the
+    feature grid the backbone gives at ``input_size_`` equal to the recorded one
+    and to the detector's, a Pipeline of a transformer then its detector, and a
+    ``max_image_pixels`` in ``[1, MAX_FILE_IMAGE_PIXELS]``: a file never turns the
+    decompression-bomb guard off (``max_image_pixels=None`` may be set after
+    loading). The model loads on the CPU when its device does not exist here (with a
     :class:`~skdfm.DeviceWarning`), without network, and warns
     (:class:`~skdfm.SkdfmVersionWarning`) when another skdfm version wrote it.
 
@@ -606,5 +734,5 @@ def load(path):
     unused = set(tensors) - decoder.used
     if unused:
         raise ModelFileError(path, f"holds arrays no estimator uses: {sorted(unused)}.")
-    _check_weights(model, path)
+    _check_model(model, path)
     return model

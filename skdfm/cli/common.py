@@ -9,7 +9,7 @@ import sys
 from contextlib import contextmanager
 from pathlib import Path
 
-from .._imaging.decode import IMAGE_SUFFIXES
+from .._imaging.decode import file_kind, image_files_below
 from .options import (
     EXPORTED_SUFFIXES,
     PICKLE_SUFFIXES,
@@ -20,6 +20,7 @@ from .options import (
 
 __all__ = [
     "build_pipeline",
+    "check_image_arguments",
     "cluster_errors",
     "collect_images",
     "connect",
@@ -30,37 +31,60 @@ __all__ = [
     "load_model",
     "maps_root",
     "read_model",
+    "spreadsheet_safe",
 ]
 
 
 def collect_images(targets: list[str]) -> tuple[list[str], list[tuple[str, str]]]:
     """Image files named, or found (recursively, sorted) in named folders, and
-    ``(target, reason)`` for folders without any (listed on stderr).
+    ``(target, reason)`` for folders without any or that cannot be listed (listed
+    on stderr).
 
-    Everything with an image suffix is kept, also dangling or looping symlinks and
-    named files that do not exist: decoding skips them with the reason, so they are
-    listed instead of silently dropped, and the other images are still processed.
+    Symlinked folders are followed, each real folder searched once
+    (:func:`~skdfm._imaging.decode.image_files_below`). Everything with an image
+    suffix is kept, also dangling or looping symlinks, FIFOs and devices, and
+    named files that do not exist: decoding skips them with the reason (a FIFO or
+    a device is never opened), so they are listed instead of silently dropped, and
+    the other images are still processed.
     """
     files, problems = [], []
     for target in targets:
-        path = Path(target)
-        if path.is_dir():
-            found = sorted(
-                os.fspath(p)
-                for p in path.rglob("*")
-                # files, and symlinks even when broken (listed when unreadable);
-                # never pipes or devices, which would block the reading
-                if p.suffix.lower() in IMAGE_SUFFIXES
-                and (p.is_symlink() or p.is_file())
-            )
-            if not found:
+        if os.path.isdir(target):
+            found, unlisted = image_files_below(target)
+            problems.extend(unlisted)
+            if not found and not unlisted:
                 problems.append((target, "no image files in this folder"))
             files.extend(found)
         else:
-            files.append(os.fspath(path))
+            files.append(os.fspath(target))
     for target, reason in problems:
         say(f"skdfm: skipped {target}: {reason}")
     return files, problems
+
+
+#: The first characters that make a spreadsheet read a CSV cell as a formula.
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+
+
+def spreadsheet_safe(cell: str) -> str:
+    """A text cell of a CSV file that a spreadsheet shows as text, never runs:
+    one starting with ``= + - @``, a tab or a carriage return (a file named
+    ``=HYPERLINK(...).png``) gets a leading single quote, as OWASP recommends
+    against CSV injection. Numbers are written as they are."""
+    return f"'{cell}" if cell.startswith(FORMULA_STARTS) else cell
+
+
+def check_image_arguments(parser, targets: list[str], flag: str) -> None:
+    """A FIFO, device or socket named on the command line (also through a
+    symlink) is refused before anything is read: reading one can block forever.
+    Missing files are not refused here: they are listed as skipped."""
+    for target in targets:
+        kind = file_kind(target)
+        if kind is not None and kind != "a folder":
+            parser.error(
+                f"argument {flag}: {target} is {kind}, not an image file or a "
+                "folder: not read"
+            )
 
 
 def file_batches(paths: list[str], reader, *, progress: bool):
@@ -236,18 +260,19 @@ def maps_root(arguments) -> str:
 
 def connect(address: str):
     """A client of the Dask scheduler at ``address``; a clear error when it cannot
-    be had (no dask installed, nothing listening)."""
+    be had (no dask installed, nothing listening, a server that stays silent or
+    does not speak Dask's protocol), within Dask's connect timeout
+    (``distributed.comm.timeouts.connect``, 30 s unless configured)."""
     try:
-        import dask
-        from distributed import Client
+        import distributed  # noqa: F401 - only whether it is installed
+
+        from ..distributed import connect as connect_client
     except ImportError as error:
         raise CommandError(
             "--scheduler needs dask: pip install 'skdfm[dask]'"
         ) from error
-    try:  # Dask's own connect timeout (distributed.comm.timeouts.connect)
-        return Client(
-            address, timeout=dask.config.get("distributed.comm.timeouts.connect")
-        )
+    try:  # the handshake too is bounded, in time and in size
+        return connect_client(address)
     except (OSError, TimeoutError, ValueError) as error:
         raise CommandError(
             f"cannot reach the Dask scheduler at {address}: {error}"

@@ -9,7 +9,7 @@ import os
 import numpy as np
 
 from .._core.files import atomic_write
-from .common import file_batches, load_model
+from .common import file_batches, load_model, spreadsheet_safe
 from .options import (
     EXIT_OK,
     EXIT_SKIPPED,
@@ -45,7 +45,11 @@ def add_parser(commands) -> None:
         help="also write every metric, overall and per defect type, as JSON",
     )
     evaluate.add_argument(
-        "--csv", metavar="FILE", help="also write each image's score and label as CSV"
+        "--csv",
+        metavar="FILE",
+        help="also write each image's score and label as CSV (a path or defect "
+        "type starting with = + - @, a tab or a carriage return gets a leading ' "
+        "so that spreadsheets show it as text, never run it as a formula)",
     )
     evaluate.add_argument(
         "--report",
@@ -163,7 +167,8 @@ def _write_csv(target, detector, result) -> None:
         )
         for i, k in enumerate(result.index):
             out.writerow(
-                [result.data.paths[k], result.defect_types[i],
+                [spreadsheet_safe(result.data.paths[k]),
+                 spreadsheet_safe(result.defect_types[i]),
                  "defective" if result.y[i] == -1 else "good", f"{-scores[i]:.6g}",
                  f"{normalized[i]:.4f}",
                  "anomalous" if labels[i] == -1 else "normal"]

@@ -144,10 +144,12 @@ def _training_files(args) -> tuple[list[str], list[tuple[str, str]]]:
 
     training = training_images(args.normal_images)
     print(f"training images: {len(training.paths)} files in {training.description}")
-    if training.paths:
-        return training.paths, []
-    say(f"skdfm: skipped {training.folder}: no image files in this folder")
-    return [], [(training.folder, "no image files in this folder")]
+    problems = list(training.unlisted)
+    if not training.paths and not problems:
+        problems.append((training.folder, "no image files in this folder"))
+    for folder, reason in problems:
+        say(f"skdfm: skipped {folder}: {reason}")
+    return training.paths, problems
 
 
 def run(args) -> int:

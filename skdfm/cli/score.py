@@ -8,7 +8,9 @@ import os
 import sys
 
 from .._core.files import atomic_write
+from .._imaging.decode import is_out_of_memory
 from .common import (
+    check_image_arguments,
     cluster_errors,
     collect_images,
     connect,
@@ -16,6 +18,7 @@ from .common import (
     is_exported,
     load_model,
     maps_root,
+    spreadsheet_safe,
 )
 from .options import (
     EXIT_OK,
@@ -52,7 +55,13 @@ def add_parser(commands) -> None:
         metavar="IMAGE_OR_DIR",
         help="image files, or folders searched recursively for images",
     )
-    score.add_argument("--csv", metavar="FILE", help="also write the table as CSV")
+    score.add_argument(
+        "--csv",
+        metavar="FILE",
+        help="also write the table as CSV (a path starting with = + - @, a tab or "
+        "a carriage return gets a leading ' so that spreadsheets show it as text, "
+        "never run it as a formula)",
+    )
     score.add_argument(
         "--maps",
         metavar="DIR",
@@ -77,6 +86,7 @@ def add_parser(commands) -> None:
 
 
 def check(parser, args) -> None:
+    check_image_arguments(parser, args.images, "IMAGE_OR_DIR")
     if not is_exported(args.model):
         check_device(parser, args.device)
     elif args.scheduler:  # exported models run on the CPU, without torch
@@ -109,8 +119,6 @@ def _load_exported(args):
 
 
 def run(args) -> int:
-    from .._deploy.results import AnomalyMaps, normalize_scores
-
     exported = is_exported(args.model)
     model = _load_exported(args) if exported else load_model(args.model, args)
     files, problems = collect_images(args.images)
@@ -137,74 +145,122 @@ def run(args) -> int:
     rows, skipped = [], list(problems)
     for batch in file_batches(files, reader, progress=not args.no_progress):
         skipped.extend(batch.failed)
-        if not batch.images:
-            continue
-        if not exported:
-            result = _scores_and_maps(
-                model, batch.images, maps=bool(args.maps or args.masks)
-            )
-        elif args.maps or args.masks:
-            result = model.anomaly_maps(batch.images)
-        else:
-            scores = model.score_samples(batch.images)
-            result = AnomalyMaps(None, scores, model.labels_from_scores(scores))
-        if args.maps:  # written as each batch finishes: no map is kept
-            _write_maps(args.maps, root, batch.paths, batch.images, result, detector)
-        if args.masks:
-            _write_masks(args.masks, root, batch.paths, result.masks)
-        normalized = normalize_scores(
-            result.score_samples, detector.offset_, detector.score_range_
-        )
-        rows.extend(
-            (path, -score, norm, "anomalous" if label == -1 else "normal")
-            for path, score, norm, label in zip(
-                batch.paths,
-                result.score_samples,
-                normalized,
-                result.labels,
-                strict=True,
-            )
-        )
+        if batch.images:
+            rows.extend(_score_batch(args, model, root, batch, skipped))
     return _print_scores(args, rows, skipped)
 
 
-def _scores_and_maps(model, images, *, maps: bool):
-    """Scores and labels (and maps at the images' size when ``maps``), one pass."""
-    from .. import AnomalyMaps, anomaly_maps
+def _score_batch(args, model, root: str, batch, skipped: list) -> list:
+    """The table rows of one batch. When memory runs out, its images are scored
+    one by one, and one that still does not fit is skipped (named, with the
+    reason) instead of failing the run."""
+    try:
+        return _score_images(args, model, root, batch.paths, batch.images)
+    except Exception as error:
+        if not is_out_of_memory(error) or len(batch.paths) == 1:
+            _skip_if_out_of_memory(error, batch.paths[0], skipped)
+            return []
+    rows = []
+    for path, image in zip(batch.paths, batch.images, strict=True):
+        try:
+            rows.extend(_score_images(args, model, root, [path], [image]))
+        except Exception as error:
+            _skip_if_out_of_memory(error, path, skipped)
+    return rows
 
-    if maps:
-        return anomaly_maps(model, images, size="image")
-    scores = model.score_samples(images)
-    return AnomalyMaps(None, scores, model[-1].labels_from_scores(scores))
+
+def _skip_if_out_of_memory(error: Exception, path: str, skipped: list) -> None:
+    if not is_out_of_memory(error):
+        raise error
+    reason = (
+        f"out of memory while scoring it ({type(error).__name__}); lower "
+        "--max-image-pixels to refuse such files up front, or --batch-size"
+    )
+    say(f"skdfm: skipped {path}: {reason}")
+    skipped.append((path, reason))
 
 
-def _write_maps(folder: str, root: str, paths, images, result, detector) -> None:
-    """Overlays on the model's one colour scale, each saying its score and label."""
+def _score_images(args, model, root: str, paths, images) -> list:
+    """Scores, labels and normalised scores of decoded images, as table rows; their
+    maps and masks written (one at a time, at most MAX_MAP_PIXELS each)."""
+    from .._deploy.results import normalize_scores
+
+    exported = is_exported(args.model)
+    detector = model if exported else model[-1]
+    if args.maps or args.masks:
+        scores, labels = _write_map_files(args, model, root, paths, images)
+    else:
+        scores = model.score_samples(images)
+        labels = detector.labels_from_scores(scores)
+    normalized = normalize_scores(scores, detector.offset_, detector.score_range_)
+    return [
+        (path, -score, norm, "anomalous" if label == -1 else "normal")
+        for path, score, norm, label in zip(
+            paths, scores, normalized, labels, strict=True
+        )
+    ]
+
+
+def _write_map_files(args, model, root: str, paths, images):
+    """Overlays (--maps) and predicted masks (--masks) of decoded images; their
+    scores and labels, from the same backbone pass.
+
+    The grid maps of the batch are computed at once, then each image's map is
+    made at its own size, capped at MAX_MAP_PIXELS (the largest size of its
+    aspect ratio within it), written and dropped: one full map at a time."""
+    from .._deploy.results import predicted_masks
     from .._evaluation.map_files import (
+        MAX_MAP_PIXELS,
+        capped_size,
         colour_scale,
         map_caption,
         map_file,
+        mask_file,
         write_map_overlay,
+        write_mask,
     )
+    from .._imaging.decode import original_size
+
+    exported = is_exported(args.model)
+    if exported:
+        from .._deploy.results import bilinear_resize
+
+        detector = model
+        result = model.anomaly_maps(images, size="grid")
+
+        def upsampled(grid, size):
+            return bilinear_resize(grid[None], size)[0]
+    else:
+        import torch
+
+        from .. import anomaly_maps
+        from .._tools.maps import upsample
+
+        detector = model[-1]
+        result = anomaly_maps(model, images, size="grid")
+
+        def upsampled(grid, size):
+            return upsample(torch.from_numpy(grid[None]), size)[0].numpy()
 
     scale = colour_scale(detector)
-    for path, image, amap, score, label in zip(
+    threshold = getattr(detector, "pixel_threshold_", None)
+    for path, image, grid, score, label in zip(
         paths, images, result.maps, result.score_samples, result.labels, strict=True
     ):
-        write_map_overlay(
-            map_file(folder, path, root),
-            image,
-            amap,
-            scale=scale,
-            caption=map_caption(score, label, detector.offset_),
-        )
-
-
-def _write_masks(folder: str, root: str, paths, masks) -> None:
-    from .._evaluation.map_files import mask_file, write_mask
-
-    for path, mask in zip(paths, masks, strict=True):
-        write_mask(mask_file(folder, path, root), mask)
+        amap = upsampled(grid, capped_size(original_size(image), MAX_MAP_PIXELS))
+        if args.maps:
+            write_map_overlay(
+                map_file(args.maps, path, root),
+                image,
+                amap,
+                scale=scale,
+                caption=map_caption(score, label, detector.offset_),
+            )
+        if args.masks:
+            write_mask(
+                mask_file(args.masks, path, root), predicted_masks(amap, threshold)
+            )
+    return result.score_samples, result.labels
 
 
 def _refuse_overwriting(args, files) -> None:
@@ -276,7 +332,7 @@ def _print_scores(args, rows, skipped) -> int:
         with atomic_write(args.csv, "w") as handle:
             out = csv.writer(handle)
             out.writerow(["path", "anomaly_score", "normalized", "label"])
-            out.writerows(rows)
+            out.writerows((spreadsheet_safe(path), *rest) for path, *rest in rows)
     say(
         f"skdfm: scored {len(rows)} images, {flagged} anomalous, {len(skipped)} skipped"
     )
