@@ -421,3 +421,18 @@ def test_an_exception_between_the_renames_restores_the_previous_pair(
         ExportedModel(folder / "m.xml").score_samples(images[:3]),
         fre_model.score_samples(images[:3]), rtol=1e-5,
     )  # fmt: skip
+
+
+def test_a_graph_the_loader_would_refuse_is_refused_at_export(
+    fre_model, tmp_path, monkeypatch
+):
+    # A backbone whose graph holds an operator off the reviewed list: the export
+    # fails and says which, instead of writing a file no ExportedModel loads.
+    import skdfm._deploy.runtime
+
+    reviewed = skdfm._deploy.runtime.ONNX_OPERATORS
+    monkeypatch.setattr(skdfm._deploy.runtime, "ONNX_OPERATORS", reviewed - {"Relu"})
+    target = tmp_path / "m.onnx"
+    with pytest.raises(ValueError, match=r"Cannot export 'test_resnet'.*\(Relu\)"):
+        export(fre_model, target)
+    assert list(tmp_path.iterdir()) == []

@@ -43,6 +43,7 @@ __all__ = [
     "error_reason",
     "file_sha256",
     "first_line",
+    "foreign_operators",
     "prepare_images",
     "require",
     "seal_export",
@@ -422,20 +423,34 @@ def _onnx_model(path: Path, data: bytes, refusal: str):
         ) from None
 
 
-def _check_onnx_operators(path: Path, proto) -> None:
+def foreign_operators(proto) -> list[str]:
+    """The operators of an ONNX model (``onnx.ModelProto``) that exported files may
+    not hold: those outside :data:`ONNX_OPERATORS` (custom domains as
+    ``domain.Op``), and ``"subgraph"`` / ``"function"`` where it holds either.
+    Empty for every graph :func:`skdfm.export` writes."""
     from onnx import AttributeProto
 
-    _check_operators(
-        path,
-        {n.op_type if n.domain in ("", "ai.onnx") else f"{n.domain}.{n.op_type}"
-         for n in proto.graph.node},
-        ONNX_OPERATORS,
-    )  # fmt: skip
-    if len(proto.functions) or any(
+    found = {
+        n.op_type if n.domain in ("", "ai.onnx") else f"{n.domain}.{n.op_type}"
+        for n in proto.graph.node
+    }
+    foreign = sorted(found - ONNX_OPERATORS)
+    if any(
         attribute.type in (AttributeProto.GRAPH, AttributeProto.GRAPHS)
         for node in proto.graph.node
         for attribute in node.attribute
-    ):  # fmt: skip
+    ):
+        foreign.append("subgraph")
+    if len(proto.functions):
+        foreign.append("function")
+    return foreign
+
+
+def _check_onnx_operators(path: Path, proto) -> None:
+    foreign = foreign_operators(proto)
+    structures = {"subgraph", "function"}
+    _check_operators(path, set(foreign) - structures, frozenset())
+    if structures & set(foreign):
         raise ModelFileError(
             path, "holds subgraphs or functions, which skdfm's exports never hold: "
             "refused, it was not written by skdfm.export.",

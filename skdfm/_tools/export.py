@@ -35,6 +35,7 @@ from .._deploy.runtime import (
     UNSEALED,
     error_reason,
     file_sha256,
+    foreign_operators,
     output_names,
     require,
     seal_export,
@@ -205,6 +206,21 @@ def _export_onnx(graph, transformer, destination: Path) -> None:
                 f"torch could not export this model to ONNX: {error_reason(error)}"
             ) from None
     program.save(os.fspath(destination))
+
+
+def _check_loadable(path: Path, transformer) -> None:
+    """Refuse, at export, a graph :class:`ExportedModel` would refuse at load: one
+    holding operators outside the reviewed list (a backbone skdfm has not seen)."""
+    import onnx
+
+    foreign = foreign_operators(onnx.load(os.fspath(path), load_external_data=False))
+    if foreign:
+        raise ValueError(
+            f"Cannot export {transformer.backbone!r}: its graph holds operators "
+            f"exported models may not hold ({', '.join(foreign)}); ExportedModel "
+            "loads only the operators skdfm has reviewed "
+            "(skdfm._deploy.runtime.ONNX_OPERATORS; control flow never)."
+        )
 
 
 def _torch_export(graph, example, names, batch):
@@ -468,6 +484,7 @@ def export(model, path, *, format="onnx", precision="float32", calibration_image
             _export_onnx(graph, transformer, onnx_path)
             _quantize_int8(onnx_path, quantized, calibration)
             onnx_path = quantized
+        _check_loadable(onnx_path, transformer)
         if format == "onnx":
             _set_onnx_metadata(onnx_path, metadata)
             seal_export(onnx_path)
