@@ -56,7 +56,15 @@ def __getattr__(name):  # PEP 562: import the defining module on first access
         module = _LAZY[name]
     except KeyError:
         raise AttributeError(f"module 'skdfm' has no attribute {name!r}") from None
-    value = getattr(_import_module(module, __name__), name)
+    try:
+        value = getattr(_import_module(module, __name__), name)
+    except ModuleNotFoundError as error:  # skdfm-runtime, or --no-deps
+        from ._deploy.runtime import needs_full_install
+
+        clear = needs_full_install(f"skdfm.{name}", error)
+        if clear is None:
+            raise
+        raise clear from error
     globals()[name] = value
     return value
 

@@ -430,26 +430,60 @@ def _check_timeout(timeout, caller: str):
     return time.monotonic() + float(timeout)
 
 
+#: Seconds a computation waits on a cluster that has no worker at all (all lost and
+#: none back, or none ever joined) before it ends with a TimeoutError: the bound of
+#: a wait without ``timeout``, which would otherwise never end.
+NO_WORKER_TIMEOUT = 60.0
+_POLL_SECONDS = 0.5
+
+
+def _workers(client) -> int:
+    try:
+        return len(client.scheduler_info(n_workers=-1).get("workers", ()))
+    except TypeError:  # distributed releases without n_workers
+        return len(client.scheduler_info().get("workers", ()))
+
+
 def _compute(value, client, *, deadline=None, timeout=None, what="", caller=""):
     """``value`` computed; on a distributed client the wait ends by ``deadline``
     (a ``time.monotonic()`` time) with a TimeoutError naming ``what`` and the
-    cluster, its tasks cancelled."""
+    cluster, its tasks cancelled, and, whatever ``deadline``, once the cluster has
+    had no worker for :data:`NO_WORKER_TIMEOUT` seconds."""
     dask = _dask()
     if client is None:
         return dask.compute(value)[0]
-    futures = client.compute(value)
-    if deadline is not None:
-        from distributed import wait
+    from distributed import wait
 
+    futures = client.compute(value)
+    without_workers = None  # since when the cluster has had no worker
+    while True:
+        now = time.monotonic()
+        step = _POLL_SECONDS if deadline is None else min(_POLL_SECONDS, deadline - now)
         try:
-            wait(futures, timeout=max(deadline - time.monotonic(), 0.001))
+            wait(futures, timeout=max(step, 0.001))
+            break
         except TimeoutError:
+            pass
+        now = time.monotonic()
+        if deadline is not None and now >= deadline:
             client.cancel(futures)
             raise TimeoutError(
                 f"{caller}: {what} did not finish within timeout={timeout:g} s on "
                 f"the Dask cluster at {client.scheduler.address} (its tasks were "
                 "cancelled); give a larger timeout, or None to wait as long as the "
                 "cluster works."
+            ) from None
+        if _workers(client):
+            without_workers = None
+        elif without_workers is None:
+            without_workers = now
+        elif now - without_workers >= NO_WORKER_TIMEOUT:
+            client.cancel(futures)
+            raise TimeoutError(
+                f"{caller}: {what} stopped: the Dask cluster at "
+                f"{client.scheduler.address} has had no worker for "
+                f"{NO_WORKER_TIMEOUT:g} s (its tasks were cancelled); start workers, "
+                "then run it again."
             ) from None
     return client.gather(futures)
 

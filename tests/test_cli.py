@@ -216,10 +216,12 @@ def test_fit_sets_a_pixel_threshold_and_score_writes_masks_and_legends(
     write_map_overlay(tmp_path / "b.png", gray, hot, scale=scale)
     a, b = (np.asarray(Image.open(tmp_path / f"{n}.png"))[5:40] for n in "ab")
     np.testing.assert_array_equal(a[:, 5:], b[:, 5:])
-    # a model without a pixel threshold (exported, or saved before): a clear error
-    assert main(["score", str(model_file), files[0], "--masks", str(masks),
-                 "--scheduler", "tcp://x:1", "--overwrite"]) == 1  # fmt: skip
-    assert "--masks is written on one machine" in capsys.readouterr().err
+    # masks are written on one machine: a usage error, said before anything is read
+    with pytest.raises(SystemExit) as exit_info:
+        main(["score", str(model_file), files[0], "--masks", str(masks),
+              "--scheduler", "tcp://x:1", "--overwrite"])  # fmt: skip
+    assert exit_info.value.code == 2
+    assert "--masks: written on one machine" in capsys.readouterr().err
 
 
 def test_masks_need_a_pixel_threshold_and_reports_a_usable_folder(
@@ -265,7 +267,9 @@ def test_score_maps_mirror_the_input_tree(model_file, tmp_path, capsys):
     again = ["score", str(model_file), str(tmp_path / "test"), "--maps", str(maps),
              "--device", "cpu", "--no-progress"]  # fmt: skip
     before = {p: p.stat().st_mtime_ns for p in maps.rglob("*.png")}
-    assert main(again) == 1
+    with pytest.raises(SystemExit) as exit_info:  # said before anything is read
+        main(again)
+    assert exit_info.value.code == 2
     assert "exists (from an earlier run?): pass --overwrite" in capsys.readouterr().err
     assert {p: p.stat().st_mtime_ns for p in maps.rglob("*.png")} == before
     assert main([*again, "--overwrite"]) == 0
@@ -295,7 +299,9 @@ def test_evaluate_an_mvtec_category(model_file, tmp_path, capsys):
         "AUPRO (FPR <= 0.3): ", "F1 at", "per defect type", "scratch", "hole",
     ):  # fmt: skip
         assert line in out
-    assert main(["evaluate", str(model_file), str(tmp_path)]) == 1
+    with pytest.raises(SystemExit) as exit_info:  # not a category: said first
+        main(["evaluate", str(model_file), str(tmp_path)])
+    assert exit_info.value.code == 2
 
 
 def test_nll_models_score_and_evaluate_without_maps(good_dir, tmp_path, capsys):
@@ -369,7 +375,11 @@ def test_pickles_are_refused_unless_allowed(model_file, good_dir, tmp_path, caps
     evil = tmp_path / "evil.joblib"
     joblib.dump(Evil(marker), evil)
     files = [str(p) for p in sorted(good_dir.glob("*.png"))[:2]]
-    for command in (["score", str(evil), *files], ["evaluate", str(evil), "x"]):
+    category = write_mvtec_tree(tmp_path / "bottle", size=(64, 64))
+    for command in (
+        ["score", str(evil), *files],
+        ["evaluate", str(evil), str(category)],
+    ):
         capsys.readouterr()
         assert main([*command, "--no-progress"]) == 1
         err = capsys.readouterr().err
@@ -742,12 +752,13 @@ def test_more_cells_than_the_grid_fails_before_the_features(
         "file_batches",
         lambda *a, **k: (batches.append(1) or b for b in real(*a, **k)),
     )
-    code = main(["fit", str(good_dir), "-o", str(tmp_path / "m.skdfm"), "--random-init",
-                 "--image-score", "17", "--batch-size", "4", *TINY])  # fmt: skip
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", str(good_dir), "-o", str(tmp_path / "m.skdfm"), "--random-init",
+              "--image-score", "17", "--batch-size", "4", *TINY])  # fmt: skip
     captured = capsys.readouterr()
-    assert code == 1
+    assert exit_info.value.code == 2  # the grid from the backbone's skeleton
     assert "the feature grid (4, 4) has only 16" in captured.err  # layer2: 4x4 grid
-    assert len(batches) == 1  # refused at the first batch, not after all of them
+    assert not batches  # refused before any image is read
     assert "Traceback" not in captured.err
 
 
@@ -806,16 +817,15 @@ def test_export_mistakes_are_one_line_errors(
 ):
     pytest.importorskip("onnxruntime")
     cases = [
-        (["--precision", "int8"], "needs --calibration"),
+        (["--precision", "int8"], "int8 needs --calibration"),
         (["--calibration", str(good_dir)], "only for --precision int8"),
-        (["--precision", "bfloat16"], "needs format='openvino'"),
+        (["--precision", "bfloat16"], "bfloat16 needs --format openvino"),
     ]
-    for extra, message in cases:
-        code = main(
-            ["export", str(fitted_model_file), str(tmp_path / "m.onnx"), *extra]
-        )
+    for extra, message in cases:  # usage errors: said before the model is read
+        with pytest.raises(SystemExit) as exit_info:
+            main(["export", str(fitted_model_file), str(tmp_path / "m.onnx"), *extra])
         err = capsys.readouterr().err
-        assert code == 1 and message in err and "Traceback" not in err
+        assert exit_info.value.code == 2 and message in err
     code = main(["score", str(tmp_path / "absent.onnx"), str(good_dir)])
     assert code == 1 and "No exported model file" in capsys.readouterr().err
     (tmp_path / "noise.onnx").write_bytes(b"\x00" * 100)

@@ -102,3 +102,35 @@ def test_complex_feature_rows_are_refused_in_one_short_line():
             with pytest.raises(ValueError, match="Complex data not supported") as info:
                 call(rows)
             assert len(str(info.value)) < 200
+
+
+def test_a_command_needing_a_missing_package_says_what_to_install(tmp_path):
+    # As where only skdfm-runtime is installed: torch cannot be imported. The
+    # command ends in one line naming the package, not a traceback.
+    import subprocess
+    import sys
+    import textwrap
+
+    folder = tmp_path / "good"
+    folder.mkdir()
+    script = textwrap.dedent(
+        f"""
+        import sys
+
+        class Absent:  # import torch: ModuleNotFoundError, as if not installed
+            def find_spec(self, name, path=None, target=None):
+                if name.split(".")[0] in ("torch", "torchvision", "timm"):
+                    raise ModuleNotFoundError(f"No module named {{name!r}}", name=name)
+
+        sys.meta_path.insert(0, Absent())
+        from skdfm.cli import main
+        sys.exit(main(["fit", {str(folder)!r}, "-o", {str(tmp_path / "m.skdfm")!r},
+                       "--random-init"]))
+        """
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 1, done.stderr
+    assert "Traceback" not in done.stderr
+    assert "skdfm fit needs torch, which is not installed" in done.stderr

@@ -396,6 +396,24 @@ def test_the_command_reports_an_unreachable_scheduler(image_files, tmp_path, cap
     assert not (tmp_path / "m.skdfm").exists()
 
 
+def test_the_command_bounds_the_cluster_work_with_timeout(
+    client, image_files, tmp_path, capsys
+):
+    from skdfm.cli import main
+
+    root, _, _ = image_files
+    address = client.scheduler.address
+    target = tmp_path / "m.skdfm"
+    args = ["fit", str(root / "good"), "-o", str(target), *CLI_MODEL]
+    assert main([*args, "--scheduler", address, "--timeout", "0.01"]) == 1
+    assert "did not finish within timeout=0.01 s" in capsys.readouterr().err
+    assert not target.exists()
+    with pytest.raises(SystemExit) as exit_info:  # said before any image is read
+        main([*args, "--timeout", "10"])
+    assert exit_info.value.code == 2
+    assert "argument --timeout: bounds a cluster's work" in capsys.readouterr().err
+
+
 # -- a grid search under joblib's Dask backend ---------------------------------------
 
 

@@ -5,6 +5,7 @@ Real Dask throughout: a LocalCluster of two worker processes on loopback, killed
 with SIGKILL (their nannies restart them), and plain sockets for the bad servers.
 """
 
+import concurrent.futures
 import functools
 import os
 import signal
@@ -403,3 +404,29 @@ def test_the_command_refuses_a_silent_scheduler_within_the_timeout(
     assert f"cannot reach the Dask scheduler at {silent.address}" in err
     assert "did not answer as a Dask scheduler within timeout=1 s" in err
     assert time.monotonic() - start < 5
+
+
+def test_a_cluster_without_workers_ends_the_wait(files, monkeypatch):
+    # Every worker lost and none back (here: none ever joined): without a timeout
+    # the wait used to last for ever; it ends once the cluster has had no worker
+    # for NO_WORKER_TIMEOUT seconds, its tasks cancelled.
+    monkeypatch.setattr(skd, "NO_WORKER_TIMEOUT", 1.0)
+    paths, y = files
+    pool = concurrent.futures.ThreadPoolExecutor(1)
+    try:
+        with (
+            distributed.LocalCluster(
+                n_workers=0, processes=True, host="127.0.0.1", dashboard_address=None
+            ) as empty,
+            distributed.Client(empty) as client,
+        ):
+            bag = skd.image_bag(list(paths[y == 1][:4]))
+            fitting = pool.submit(skd.fit, _pipeline(), bag, client=client)
+            try:
+                error = fitting.exception(timeout=60)
+            except TimeoutError:  # a regression: the client's close ends its wait
+                error = "still waiting after 60 s"
+    finally:
+        pool.shutdown(wait=False)
+    assert isinstance(error, TimeoutError), error
+    assert "has had no worker for 1 s" in str(error)

@@ -1,6 +1,8 @@
 """The package's layout: what lives where, and what each part may import."""
 
 import ast
+import importlib.util
+import json
 import pickle
 import pkgutil
 import subprocess
@@ -18,13 +20,18 @@ PACKAGE = Path(skdfm.__file__).parent
 #: the torch-free command line
 TORCH_FREE = sorted(
     {"skdfm._deploy", "skdfm._imaging.decode", "skdfm._evaluation.map_files"}
+    | {"skdfm._evaluation.plotting", "skdfm.cli"}  # score's maps, the command
     | {
         f"skdfm._deploy.{module.name}"
         for module in pkgutil.iter_modules([str(PACKAGE / "_deploy")])
     }
 )
-#: what an exported model runs without (the ``[onnx]``/``[openvino]`` extras)
-HEAVY = ("torch", "torchvision", "timm", "sklearn")
+#: what an exported model runs without: skdfm-runtime (tools/build_runtime_wheel.py)
+#: installs none of them
+HEAVY = (
+    "torch", "torchvision", "timm", "sklearn", "scipy", "onnx", "joblib",
+    "safetensors", "tqdm", "matplotlib",
+)  # fmt: skip
 
 #: the top level of skdfm/: the public modules ...
 PUBLIC = {"__init__", "__main__", "cli", "distributed"}  # cli: a module or package
@@ -53,6 +60,113 @@ def test_the_deployment_modules_never_load_torch_timm_or_sklearn():
     assert done.returncode == 0, done.stderr
     assert "skdfm._deploy.runtime" in TORCH_FREE
     assert done.stdout.splitlines() == [f"{name} []" for name in TORCH_FREE]
+
+
+def _modules_installed_by(requirements) -> set[str]:
+    """The top-level modules of the distributions ``requirements`` install here,
+    with their dependencies (what skdfm-runtime and that extra would install)."""
+    from importlib import metadata
+
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
+    seen, todo = set(), list(requirements)
+    while todo:
+        name = canonicalize_name(todo.pop())
+        if name not in seen:
+            seen.add(name)
+            for text in metadata.requires(name) or []:
+                requirement = Requirement(text)
+                if requirement.marker is None or requirement.marker.evaluate(
+                    {"extra": ""}
+                ):
+                    todo.append(requirement.name)
+    return {
+        module
+        for module, names in metadata.packages_distributions().items()
+        if {canonicalize_name(n) for n in names} & seen
+    }
+
+
+#: ``skdfm score`` in a process that can import only the standard library, skdfm
+#: and what skdfm-runtime installs: everything else is refused by the import system.
+ONLY_RUNTIME = """
+import importlib.abc, json, sys
+
+allowed = set(json.loads(sys.argv[1])) | set(sys.stdlib_module_names) | {"skdfm"}
+
+class Gate(importlib.abc.MetaPathFinder):  # others are not found, as if absent
+    def __init__(self, finders):
+        self.finders = finders
+
+    def find_spec(self, name, path, target=None):
+        if name.split(".")[0] in allowed:
+            for finder in self.finders:
+                spec = finder.find_spec(name, path, target)
+                if spec is not None:
+                    return spec
+        return None
+
+sys.meta_path[:] = [Gate(list(sys.meta_path))]
+from skdfm.cli import main
+
+code = main(["score", *sys.argv[2:], "--no-progress"])
+print("exit:", code)
+"""
+
+
+@pytest.fixture(scope="module")
+def exported_model(tmp_path_factory):
+    """A tiny model with a pixel threshold, exported in the formats installed here,
+    and 8 image files."""
+    from PIL import Image
+    from sklearn.pipeline import make_pipeline
+
+    from .conftest import SMALL_BACKBONE
+
+    folder = tmp_path_factory.mktemp("exported")
+    images, y, masks = skdfm.make_defect_images(20, 4, image_size=64, random_state=0)
+    model = make_pipeline(
+        skdfm.DeepFeatureTransformer(**SMALL_BACKBONE, layer="layer2"),
+        skdfm.DFMDetector(device="cpu"),
+    ).fit(images[y == 1][:16])
+    skdfm.calibrate_pixel_threshold(model, images, masks)
+    files = {}
+    for fmt, suffix, runtime in (("onnx", "onnx", "onnxruntime"),
+                                 ("openvino", "xml", "openvino")):  # fmt: skip
+        if importlib.util.find_spec(runtime):
+            files[suffix] = skdfm.export(model, folder / f"model.{suffix}", format=fmt)
+    for i, image in enumerate(images[16:]):
+        Image.fromarray(image).save(folder / f"{i}.png")
+    return files, folder
+
+
+@pytest.mark.parametrize(
+    "runtime, suffix",
+    [("onnxruntime", "onnx"), ("openvino", "onnx"), ("openvino", "xml")],
+)
+def test_exported_models_score_with_only_what_skdfm_runtime_installs(
+    exported_model, tmp_path, runtime, suffix
+):
+    """The command's scores, maps, masks and CSV of an exported model, with only
+    numpy, Pillow and one runtime (and their dependencies) importable: OpenVINO
+    alone scores .onnx files too."""
+    pytest.importorskip(runtime)
+    files, folder = exported_model
+    path = files.get(suffix) or pytest.skip(f"cannot export .{suffix} here")
+    allowed = _modules_installed_by(["numpy", "pillow", runtime])
+    assert not allowed & set(HEAVY)
+    done = subprocess.run(
+        [sys.executable, "-c", ONLY_RUNTIME, json.dumps(sorted(allowed)), str(path),
+         str(folder), "--csv", str(tmp_path / "s.csv"),
+         "--maps", str(tmp_path / "maps"), "--masks", str(tmp_path / "masks")],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert "exit: 0" in done.stdout, done.stderr
+    assert len(list((tmp_path / "maps").rglob("*.png"))) == 8
+    assert len(list((tmp_path / "masks").rglob("*.png"))) == 8
+    assert len((tmp_path / "s.csv").read_text().splitlines()) == 1 + 8
 
 
 @pytest.mark.parametrize("module, name", sorted(PICKLE_PATHS.items()))

@@ -1,8 +1,9 @@
 """ExportedModel: score with an exported skdfm model; onnxruntime or OpenVINO, no torch.
 
 This module and everything it imports (numpy, Pillow and skdfm's torch-free
-modules) load without torch, timm or scikit-learn: a line-side PC needs only
-``pip install 'skdfm[onnx]'`` (or ``[openvino]``) and the exported file.
+modules) load without torch, timm, scikit-learn, scipy or the onnx package: a
+line-side PC needs only ``skdfm-runtime[onnxruntime]`` (or ``[openvino]``, see
+``docs/deploying.rst``) and the exported file.
 """
 
 from __future__ import annotations
@@ -39,11 +40,18 @@ from .results import (
 
 __all__ = [
     "RUNTIMES",
+    "RUNTIME_DISTRIBUTION",
+    "RUNTIME_EXTRAS",
+    "TRAINING_PACKAGES",
     "ExportedModel",
+    "OnnxContents",
+    "distribution",
     "error_reason",
     "file_sha256",
     "first_line",
     "foreign_operators",
+    "install_hint",
+    "needs_full_install",
     "prepare_images",
     "require",
     "seal_export",
@@ -226,15 +234,76 @@ def _prepare_items(items, input_size, max_pixels, first_index: int):
 # -- runtimes -------------------------------------------------------------------------
 
 
+#: The distribution built from this repository for scoring machines
+#: (``tools/build_runtime_wheel.py``): the same package, no torch, timm or
+#: scikit-learn, and one runtime by extra.
+RUNTIME_DISTRIBUTION = "skdfm-runtime"
+#: The extras of skdfm-runtime: the runtime each installs.
+RUNTIME_EXTRAS = ("onnxruntime", "openvino")
+
+
+def distribution() -> str:
+    """The distribution this skdfm was installed as: ``"skdfm-runtime"`` (scores
+    exported models only) or ``"skdfm"``."""
+    from importlib import metadata
+
+    try:
+        metadata.distribution(RUNTIME_DISTRIBUTION)
+    except metadata.PackageNotFoundError:
+        return "skdfm"
+    return RUNTIME_DISTRIBUTION
+
+
+def install_hint(module: str, extra: str) -> str:
+    """How to install ``module``, skdfm's extra ``extra``, for this installation."""
+    if distribution() == "skdfm":
+        return f"pip install 'skdfm[{extra}]'"
+    if module in RUNTIME_EXTRAS:
+        return f"pip install {module} (the [{module}] extra of {RUNTIME_DISTRIBUTION})"
+    return (
+        f"{RUNTIME_DISTRIBUTION} scores exported models only; this needs the full "
+        f"skdfm with its [{extra}] extra, in another environment"
+    )
+
+
+#: What fitting, exporting and evaluating need beyond an exported model's runtime:
+#: skdfm-runtime installs none of them.
+TRAINING_PACKAGES = frozenset(
+    "torch torchvision timm sklearn scipy joblib safetensors tqdm onnx".split()
+)
+
+
+def needs_full_install(what: str, error: ModuleNotFoundError) -> ImportError | None:
+    """The ImportError to raise when ``what`` (``"skdfm.DFMDetector"``, ``"skdfm
+    fit"``) failed with ``error`` because a package of the training side is not
+    installed, saying which and what to install; None for any other missing
+    module."""
+    missing = (error.name or "").split(".")[0]
+    if missing not in TRAINING_PACKAGES:
+        return None
+    if distribution() == RUNTIME_DISTRIBUTION:
+        reason = (
+            f"{RUNTIME_DISTRIBUTION} scores exported models only "
+            "(skdfm.ExportedModel, 'skdfm score model.onnx'); fit, export and "
+            "evaluate with the full skdfm, installed in another environment"
+        )
+    else:
+        reason = "reinstall skdfm with its dependencies (not with --no-deps)"
+    return ImportError(
+        f"{what} needs {missing}, which is not installed: {reason}.", name=missing
+    )
+
+
 def require(module: str, extra: str):
-    """Import an optional runtime, or raise ImportError naming the extra."""
+    """Import an optional runtime, or raise ImportError saying how to install it
+    (skdfm's extra ``extra``, or skdfm-runtime's)."""
     import importlib
 
     try:
         return importlib.import_module(module)
     except ImportError as error:
         raise ImportError(
-            f"{module} is not installed: pip install 'skdfm[{extra}]'"
+            f"{module} is not installed: {install_hint(module, extra)}"
         ) from error
 
 
@@ -412,42 +481,186 @@ def _check_operators(path, found, allowed) -> None:
         )  # fmt: skip
 
 
-def _onnx_model(path: Path, data: bytes, refusal: str):
-    """The parsed ONNX model of ``data``; ``refusal`` says who cannot load it."""
-    onnx = require("onnx", "onnx")
+# -- reading an ONNX file without the onnx package ---------------------------------
+#
+# The few fields the checks need, read from protobuf's wire format: no onnx or
+# protobuf package, so onnxruntime-only and OpenVINO-only machines check a file as
+# skdfm's own machine does. Field numbers are onnx.proto's (ModelProto, GraphProto,
+# NodeProto, AttributeProto, StringStringEntryProto); every other field is skipped by
+# its length, never decoded. Repeated and singular message fields concatenate as
+# protobuf merges them (a graph given in two pieces has the nodes of both).
+
+_MODEL_GRAPH, _MODEL_METADATA, _MODEL_TRAINING, _MODEL_FUNCTIONS = 7, 14, 20, 25
+_GRAPH_NODE = 1
+_NODE_OP_TYPE, _NODE_ATTRIBUTE, _NODE_DOMAIN = 4, 5, 7
+_ATTRIBUTE_GRAPH, _ATTRIBUTE_GRAPHS, _ATTRIBUTE_TYPE = 6, 11, 20
+_ENTRY_KEY, _ENTRY_VALUE = 1, 2
+#: AttributeProto.AttributeType GRAPH and GRAPHS
+_GRAPH_TYPES = (5, 10)
+
+
+def _varint(data: memoryview, position: int) -> tuple[int, int]:
+    """The varint at ``position`` and the position after it."""
+    value = shift = 0
+    while True:
+        if position >= len(data) or shift > 63:
+            raise ValueError("a truncated or overlong varint")
+        byte = data[position]
+        position += 1
+        value |= (byte & 0x7F) << shift
+        shift += 7
+        if byte < 0x80:
+            return value, position
+
+
+def _fields(data: memoryview):
+    """(field number, value) of each field of a protobuf message: an int for
+    varints and fixed-width fields, a memoryview for length-delimited ones."""
+    position = 0
+    while position < len(data):
+        key, position = _varint(data, position)
+        number, wire = key >> 3, key & 7
+        if number == 0:
+            raise ValueError("a field numbered 0")
+        if wire == 0:
+            value, position = _varint(data, position)
+        elif wire in (1, 5):
+            width = 8 if wire == 1 else 4
+            if position + width > len(data):
+                raise ValueError("a truncated field")
+            value = int.from_bytes(data[position : position + width], "little")
+            position += width
+        elif wire == 2:
+            length, position = _varint(data, position)
+            if position + length > len(data):
+                raise ValueError("a field longer than the file")
+            value = data[position : position + length]
+            position += length
+        else:  # groups (3, 4) are not in onnx.proto; 6, 7 are not wire types
+            raise ValueError(f"wire type {wire}")
+        yield number, value
+
+
+def _message(value, what: str) -> memoryview:
+    if not isinstance(value, memoryview):
+        raise ValueError(f"{what} is not a message")
+    return value
+
+
+def _text(value, what: str) -> str:
     try:
-        return onnx.load_model_from_string(data)
-    except Exception as error:  # protobuf's and onnx's own classes
-        raise ModelFileError(
-            path, f"{refusal}: it is not a readable ONNX file ({error_reason(error)})"
-        ) from None
+        return bytes(_message(value, what)).decode("utf-8")
+    except UnicodeDecodeError:
+        raise ValueError(f"{what} is not UTF-8 text") from None
+
+
+class OnnxContents:
+    """What the load checks read from an ONNX file, read without the onnx package.
+
+    Attributes
+    ----------
+    properties : dict of str to str
+        The model's ``metadata_props`` (the last value of a repeated key, as a dict
+        built from ``onnx`` gives).
+    operators : set of str
+        The operators of the main graph's nodes, ``domain.Op`` outside the default
+        domain (as :func:`foreign_operators` names them).
+    subgraphs : bool
+        Whether a node has a graph attribute (control flow) or the model holds
+        training graphs.
+    functions : bool
+        Whether the model defines functions.
+    """
+
+    def __init__(self, data: bytes):
+        self.properties: dict[str, str] = {}
+        self.operators: set[str] = set()
+        self.subgraphs = self.functions = False
+        for number, value in _fields(memoryview(data)):
+            if number == _MODEL_GRAPH:
+                self._read_graph(_message(value, "the graph"))
+            elif number == _MODEL_METADATA:
+                self._read_entry(_message(value, "a metadata entry"))
+            elif number == _MODEL_TRAINING:
+                self.subgraphs = True
+            elif number == _MODEL_FUNCTIONS:
+                self.functions = True
+
+    def _read_entry(self, entry: memoryview) -> None:
+        key = value = ""
+        for number, field in _fields(entry):
+            if number == _ENTRY_KEY:
+                key = _text(field, "a metadata key")
+            elif number == _ENTRY_VALUE:
+                value = _text(field, "a metadata value")
+        self.properties[key] = value
+
+    def _read_graph(self, graph: memoryview) -> None:
+        for number, value in _fields(graph):
+            if number == _GRAPH_NODE:
+                self._read_node(_message(value, "a node"))
+
+    def _read_node(self, node: memoryview) -> None:
+        op_type, domain = "", ""
+        for number, value in _fields(node):
+            if number == _NODE_OP_TYPE:
+                op_type = _text(value, "an operator name")
+            elif number == _NODE_DOMAIN:
+                domain = _text(value, "an operator domain")
+            elif number == _NODE_ATTRIBUTE:
+                for field, content in _fields(_message(value, "an attribute")):
+                    if field in (_ATTRIBUTE_GRAPH, _ATTRIBUTE_GRAPHS) or (
+                        field == _ATTRIBUTE_TYPE and content in _GRAPH_TYPES
+                    ):
+                        self.subgraphs = True
+        self.operators.add(
+            op_type if domain in ("", "ai.onnx") else f"{domain}.{op_type}"
+        )
+
+
+def _foreign(operators, subgraphs: bool, functions: bool) -> list[str]:
+    """The rule of :func:`foreign_operators`, on what a file holds."""
+    foreign = sorted(set(operators) - ONNX_OPERATORS)
+    return foreign + ["subgraph"] * subgraphs + ["function"] * functions
 
 
 def foreign_operators(proto) -> list[str]:
-    """The operators of an ONNX model (``onnx.ModelProto``) that exported files may
-    not hold: those outside :data:`ONNX_OPERATORS` (custom domains as
-    ``domain.Op``), and ``"subgraph"`` / ``"function"`` where it holds either.
-    Empty for every graph :func:`skdfm.export` writes."""
+    """The operators of an ONNX model that exported files may not hold: those
+    outside :data:`ONNX_OPERATORS` (custom domains as ``domain.Op``), and
+    ``"subgraph"`` / ``"function"`` where it holds either.
+
+    ``proto`` is an ``onnx.ModelProto``, or the bytes of an ONNX file (read without
+    the onnx package, as :class:`ExportedModel` reads it). Empty for every graph
+    :func:`skdfm.export` writes."""
+    if isinstance(proto, (bytes, bytearray, memoryview)):
+        contents = OnnxContents(bytes(proto))
+        return _foreign(contents.operators, contents.subgraphs, contents.functions)
     from onnx import AttributeProto
 
     found = {
         n.op_type if n.domain in ("", "ai.onnx") else f"{n.domain}.{n.op_type}"
         for n in proto.graph.node
     }
-    foreign = sorted(found - ONNX_OPERATORS)
-    if any(
+    subgraphs = any(
         attribute.type in (AttributeProto.GRAPH, AttributeProto.GRAPHS)
         for node in proto.graph.node
         for attribute in node.attribute
-    ):
-        foreign.append("subgraph")
-    if len(proto.functions):
-        foreign.append("function")
-    return foreign
+    )
+    return _foreign(found, subgraphs, len(proto.functions) > 0)
 
 
-def _check_onnx_operators(path: Path, proto) -> None:
-    foreign = foreign_operators(proto)
+def _onnx_contents(path: Path, data: bytes, refusal: str) -> OnnxContents:
+    """What the checks read in ``data``; ``refusal`` says who cannot load it."""
+    try:
+        return OnnxContents(data)
+    except ValueError as error:
+        raise ModelFileError(
+            path, f"{refusal}: it is not a readable ONNX file ({error})"
+        ) from None
+
+
+def _check_onnx_operators(path: Path, contents: OnnxContents) -> None:
+    foreign = _foreign(contents.operators, contents.subgraphs, contents.functions)
     structures = {"subgraph", "function"}
     _check_operators(path, set(foreign) - structures, frozenset())
     if structures & set(foreign):
@@ -459,16 +672,17 @@ def _check_onnx_operators(path: Path, proto) -> None:
 
 def _read_onnx(path: Path, refusal: str) -> tuple[bytes, dict]:
     """The bytes of an exported ONNX file and its checked metadata: its digest, then
-    its operators and metadata verified (the runtime then reads these bytes)."""
+    its operators and metadata verified (the runtime then reads these bytes).
+    Needs no onnx package: onnxruntime or OpenVINO alone check a file."""
     data = path.read_bytes()
     span = _digest_span(path, data)
-    proto = _onnx_model(path, data, refusal)
-    properties = {p.key: p.value for p in proto.metadata_props}
+    contents = _onnx_contents(path, data, refusal)
+    properties = contents.properties
     if span is not None:
         _check_digest(path, data, span, properties.get(DIGEST_KEY))
     elif DIGEST_KEY in properties:
         raise ModelFileError(path, "has a damaged skdfm digest.")
-    _check_onnx_operators(path, proto)
+    _check_onnx_operators(path, contents)
     metadata = _check_metadata(path, properties.get(_METADATA_KEY))
     if span is None:
         _unverified(path, metadata)
@@ -634,7 +848,6 @@ class _OpenVinoRuntime:
         ov = require("openvino", "openvino")
         core = ov.Core()
         if path.suffix.lower() == ".onnx":
-            require("onnx", "onnx")  # the digest and operators are checked with it
             data, self.metadata = _read_onnx(path, "cannot be read by OpenVINO")
             model = self._read(path, core, data)
         else:

@@ -139,11 +139,38 @@ class MVTecEvaluation(NamedTuple):
     has_masks: bool
 
 
-def _batches_of(transformer) -> Callable[[list], Iterable]:
+def _batches_of(reader) -> Callable[[list], Iterable]:
+    """The files decoded in ``reader``'s (a transformer's or an exported model's)
+    batch size and pixel limit."""
     from .._imaging.decode import read_image_files
 
     return lambda paths: read_image_files(
-        paths, transformer.batch_size, transformer.max_image_pixels
+        paths, reader.batch_size, reader.max_image_pixels
+    )
+
+
+def _scoring_of(model):
+    """``(reader, has_maps, maps_of, labels_of)`` of a Pipeline or an exported
+    model: what reads the files (batch size, pixel limit), whether it has maps,
+    its maps at each image's size, its labels from scores."""
+    from .._deploy.runtime import ExportedModel
+
+    if isinstance(model, ExportedModel):
+        return (
+            model,
+            model.score_type_ == "fre",
+            lambda images: model.anomaly_maps(images, size="image"),
+            model.labels_from_scores,
+        )
+    from .._tools.maps import anomaly_maps
+    from .._tools.model import split_model
+
+    transformer, detector = split_model(model)
+    return (
+        transformer,
+        detector.score_type == "fre",
+        lambda images: anomaly_maps(model, images, size="image"),
+        detector.labels_from_scores,
     )
 
 
@@ -161,15 +188,18 @@ def evaluate_mvtec(model, category_dir, *, batches=None) -> MVTecEvaluation:
 
     Parameters
     ----------
-    model : Pipeline
-        A fitted ``Pipeline(DeepFeatureTransformer, DFMDetector)``.
+    model : Pipeline or ExportedModel
+        A fitted ``Pipeline(DeepFeatureTransformer, DFMDetector)``, or an
+        exported one (:class:`~skdfm.ExportedModel`: its own scores, labels at
+        its exported threshold and maps, run by onnxruntime or OpenVINO).
     category_dir : str or path-like
         The category folder (see :func:`~skdfm.load_mvtec`).
     batches : callable, default=None
         ``batches(paths)`` yields the files decoded, as
         :func:`~skdfm._imaging.decode.read_image_files` does (``paths``,
         ``images`` and ``failed`` of each batch), e.g. to show progress; None:
-        ``read_image_files`` in the transformer's batch size and pixel limit.
+        ``read_image_files`` in the transformer's (or the exported model's)
+        batch size and pixel limit.
 
     Returns
     -------
@@ -185,15 +215,12 @@ def evaluate_mvtec(model, category_dir, *, batches=None) -> MVTecEvaluation:
     """
     from .._deploy.results import AnomalyMaps
     from .._imaging.decode import original_size
-    from .._tools.maps import anomaly_maps
-    from .._tools.model import split_model
     from .datasets import load_mvtec, read_mvtec_mask
 
-    transformer, detector = split_model(model)
+    reader, has_maps, maps_of, labels_of = _scoring_of(model)
     data = load_mvtec(category_dir, load_masks=False, missing_masks="none")
-    has_maps = detector.score_type == "fre"
     has_masks = (Path(category_dir) / "ground_truth").is_dir()
-    read = batches if batches is not None else _batches_of(transformer)
+    read = batches if batches is not None else _batches_of(reader)
     position = {path: i for i, path in enumerate(data.paths)}
     index, scores, labels, masks, maps, skipped, unmasked = [], [], [], [], [], [], []
     for batch in read(data.paths):
@@ -201,12 +228,10 @@ def evaluate_mvtec(model, category_dir, *, batches=None) -> MVTecEvaluation:
         if not batch.images:
             continue
         if has_maps:
-            result = anomaly_maps(model, batch.images, size="image")
+            result = maps_of(batch.images)
         else:
             batch_scores = model.score_samples(batch.images)
-            result = AnomalyMaps(
-                None, batch_scores, detector.labels_from_scores(batch_scores)
-            )
+            result = AnomalyMaps(None, batch_scores, labels_of(batch_scores))
         for j, (path, image) in enumerate(zip(batch.paths, batch.images, strict=True)):
             i = position[path]
             index.append(i)

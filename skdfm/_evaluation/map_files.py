@@ -129,8 +129,10 @@ def write_map_overlay(target, image, anomaly_map, *, scale=None, caption=None) -
     hottest, the same for every image of a model so that colours compare, and the
     pixel threshold marked on the colour bar; None scales each image to its own
     range (and says so). ``caption`` (e.g. the image score and label) is written
-    above the colour bar. A map of another size than the image (a file decoded at
-    a reduced scale) is resized to it first; a PIL image above
+    above the colour bar, wrapped to the picture's width (the font shrinks for
+    narrow pictures, so that the whole caption shows at any size). A map of
+    another size than the image (a file decoded at a reduced scale) is resized to
+    it first; a PIL image above
     :data:`MAX_OVERLAY_PIXELS` is drawn scaled down to it.
     """
     picture = overlay_picture(image, anomaly_map, scale=scale, caption=caption)
@@ -153,10 +155,11 @@ def write_mask(target, mask) -> None:
 
 
 def map_caption(score: float, label: int, offset: float) -> str:
-    """What an overlay says: the anomaly score against the threshold, the label
-    (``score`` and ``offset`` in ``score_samples`` units)."""
+    """What an overlay says: the image's anomaly score against the image
+    threshold, the label (``score`` and ``offset`` in ``score_samples`` units).
+    The colour bar under it shows the map's own scale and pixel threshold."""
     verdict = "ANOMALOUS" if label == -1 else "normal"
-    return f"anomaly score {-score:.4g} (threshold {-offset:.4g}): {verdict}"
+    return f"anomaly score {-score:.4g} (image threshold {-offset:.4g}): {verdict}"
 
 
 def colour_scale(detector):

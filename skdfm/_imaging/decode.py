@@ -493,7 +493,7 @@ def image_files_below(folder) -> tuple[list[str], list[tuple[str, str]]]:
             keep.append(name)
         folders[:] = keep
         found.extend(
-            os.path.join(top, name)
+            os.fspath(Path(top, name))  # "x.png", not "./x.png", below "."
             for name in names
             if Path(name).suffix.lower() in IMAGE_SUFFIXES
         )

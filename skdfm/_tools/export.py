@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import numbers
 import os
 import tempfile
 from pathlib import Path
@@ -143,6 +144,23 @@ def metadata_of(transformer, detector, *, format: str, precision: str) -> dict:
         "threshold_method": detector.threshold_method_,
         "score_range": [float(v) for v in detector.score_range_],
         "n_components": int(detector.n_components_),
+        # named in the report's header; exports made before skdfm recorded them
+        # lack them (the report then says "not recorded")
+        "pca_level": (
+            int(detector.pca_level)
+            if isinstance(detector.pca_level, numbers.Integral)
+            else float(detector.pca_level)
+        ),
+        "weights_source": str(
+            getattr(transformer, "weights_source_", None) or "not recorded"
+        ),
+        **(
+            {"pixel_threshold_method": str(detector.pixel_threshold_method_)}
+            if getattr(detector, "pixel_threshold_method_", None) is not None
+            and getattr(detector, "pixel_threshold_", None) is not None
+            and precision != "int8"
+            else {}
+        ),
         # float maps only: int8 moves map values, and so where a threshold falls
         **(
             {"pixel_threshold": float(detector.pixel_threshold_)}

@@ -28,6 +28,8 @@ __all__ = [
     "fit_transformer",
     "is_exported",
     "layer_text",
+    "list_images",
+    "load_exported",
     "load_model",
     "maps_root",
     "read_model",
@@ -36,9 +38,17 @@ __all__ = [
 
 
 def collect_images(targets: list[str]) -> tuple[list[str], list[tuple[str, str]]]:
+    """:func:`list_images`, its problems said on stderr."""
+    files, problems = list_images(targets)
+    for target, reason in problems:
+        say(f"skdfm: skipped {target}: {reason}")
+    return files, problems
+
+
+def list_images(targets: list[str]) -> tuple[list[str], list[tuple[str, str]]]:
     """Image files named, or found (recursively, sorted) in named folders, and
-    ``(target, reason)`` for folders without any or that cannot be listed (listed
-    on stderr).
+    ``(target, reason)`` for folders without any or that cannot be listed. File
+    names only: nothing is opened.
 
     Symlinked folders are followed, each real folder searched once
     (:func:`~skdfm._imaging.decode.image_files_below`). Everything with an image
@@ -57,8 +67,6 @@ def collect_images(targets: list[str]) -> tuple[list[str], list[tuple[str, str]]
             files.extend(found)
         else:
             files.append(os.fspath(target))
-    for target, reason in problems:
-        say(f"skdfm: skipped {target}: {reason}")
     return files, problems
 
 
@@ -91,19 +99,19 @@ def file_batches(paths: list[str], reader, *, progress: bool):
     """Each file decoded once, a batch at a time (one batch ahead), in the
     reader's (a transformer's or an exported model's) batch size and pixel limit;
     the files that cannot be read are listed on stderr as they come and left out."""
-    from tqdm.auto import tqdm
+    import importlib.util
 
     from .._imaging.decode import read_image_files
 
     batch_size = reader.batch_size
-    batches = tqdm(
-        read_image_files(paths, batch_size, reader.max_image_pixels),
-        total=-(-len(paths) // batch_size),
-        desc="images",
-        unit="batch",
-        # a bar only on a terminal: in a log file its carriage returns are noise
-        disable=not progress or not sys.stderr.isatty(),
-    )
+    batches = read_image_files(paths, batch_size, reader.max_image_pixels)
+    # a bar only on a terminal (in a log file its carriage returns are noise) and
+    # where tqdm is installed (skdfm-runtime, which scores exported models, has none)
+    if progress and sys.stderr.isatty() and importlib.util.find_spec("tqdm"):
+        from tqdm.auto import tqdm
+
+        total = -(-len(paths) // batch_size)
+        batches = tqdm(batches, total=total, desc="images", unit="batch")
     for batch in batches:
         for path, reason in batch.failed:
             say(f"skdfm: skipped {path}: {reason}")
@@ -176,6 +184,24 @@ def load_model(path: str, args):
 def is_exported(path: str) -> bool:
     """An exported model (.onnx / .xml), run without torch."""
     return Path(path).suffix.lower() in EXPORTED_SUFFIXES
+
+
+def load_exported(args):
+    """An exported model (.onnx / .xml): run by onnxruntime or OpenVINO on the CPU,
+    no torch; the command line's batch size and pixel limit."""
+    from .._core.files import ModelFileError
+    from .._deploy.runtime import ExportedModel
+
+    try:
+        return ExportedModel(
+            args.model,
+            batch_size=args.batch_size or 16,
+            max_image_pixels=max_pixels(args),
+        )
+    except (ModelFileError, FileNotFoundError) as error:
+        raise CommandError(str(error)) from error
+    except ImportError as error:
+        raise CommandError(f"cannot run {args.model}: {error}") from error
 
 
 def build_pipeline(args, *, progress: bool = False, allow_random: bool = False):

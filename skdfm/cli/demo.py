@@ -12,10 +12,14 @@ from .common import build_pipeline, fit_transformer, layer_text
 from .options import (
     EXIT_OK,
     add_model_options,
+    add_overwrite,
     add_runtime,
+    check_backbone,
     check_device,
     check_image_score,
+    check_weights,
     positive_int,
+    refuse_existing,
 )
 
 __all__ = ["add_parser", "check", "run"]
@@ -47,6 +51,7 @@ def add_parser(commands) -> None:
         "--texture", choices=["woven", "brushed", "grain"], default="woven"
     )
     demo.add_argument("--random-state", type=int, default=0)
+    add_overwrite(demo, "the model and picture in --out")
     add_model_options(demo)
     add_runtime(demo)
     demo.set_defaults(func=run, check=check)
@@ -55,6 +60,13 @@ def add_parser(commands) -> None:
 def check(parser, args) -> None:
     check_device(parser, args.device)
     check_image_score(parser, args)
+    check_weights(parser, args)
+    check_backbone(parser, args)
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        parser.error(f"argument --out: {args.out} is a file, not a folder")
+    for name in ("model.skdfm", "anomaly_maps.png"):  # what run writes there
+        refuse_existing(parser, "--out", out / name, args.overwrite)
 
 
 def _split(args):
@@ -95,26 +107,53 @@ def _report(truth, masks, result) -> None:
     print(f"F1 at the threshold calibrated on the validation images: {f1:.3f}")
 
 
-def _picture(path: Path, images, truth, masks, result, threshold) -> None:
+def verdict(truth: int, label: int) -> str:
+    """What the threshold did, in the words of a known truth: a good part is
+    passed or FLAGGED (a false reject), a defective one found or MISSED."""
+    if truth == 1:
+        return "FLAGGED" if label == -1 else "passed"
+    return "found" if label == -1 else "MISSED"
+
+
+def picture_titles(truth, score_samples, labels, offset) -> list[str]:
+    """Each column's title: the part, the verdict, and its image score against
+    the image threshold (``-offset``)."""
+    titles = []
+    for t, score, label in zip(truth, score_samples, labels, strict=True):
+        titles.append(
+            f"{'good part' if t == 1 else 'defective part'}: {verdict(t, label)}\n"
+            f"image score {-score:.4g} {'>=' if label == -1 else '<'} {-offset:.4g}"
+        )
+    return titles
+
+
+def picture_legend(offset: float, threshold: float) -> str:
+    """What the titles and the colour bar show: two thresholds, two scales."""
+    return (
+        f"Titles: each part's image score against the image threshold "
+        f"{-offset:.4g} (at or above: flagged). Colours: the anomaly map, pixel by "
+        f"pixel, on its own scale; the mark is the pixel threshold {threshold:.4g}. "
+        "Green: the true defect."
+    )
+
+
+def _picture(path: Path, images, truth, masks, result, offset, threshold) -> None:
     from PIL import Image
 
     from .._evaluation.plotting import anomaly_map_grid
 
     show = np.r_[np.flatnonzero(truth == 1)[:3], np.flatnonzero(truth == -1)[:5]]
-    titles = [
-        f"{'good part' if truth[i] == 1 else 'defective part'}\n"
-        f"score {-result.score_samples[i]:.3g}: "
-        f"{'FLAGGED' if result.labels[i] == -1 else 'passed'}"
-        for i in show
-    ]
     picture = anomaly_map_grid(
         images[show],
         result.maps[show],
         masks=masks[show],
         vmin=0.0,  # the model's scale: the pixel threshold in the middle
         vmax=2.0 * threshold,
-        titles=titles,
+        titles=picture_titles(
+            truth[show], result.score_samples[show], result.labels[show], offset
+        ),
         threshold=threshold,
+        legend=picture_legend(offset, threshold),
     )
     with atomic_write(path) as handle:
         Image.fromarray(picture).save(handle, format="PNG")
@@ -146,15 +185,16 @@ def run(args) -> int:
     save(model, model_path)
     picture_path = out / "anomaly_maps.png"
     _picture(
-        picture_path, images[test], y[test], masks[test], result,
+        picture_path, images[test], y[test], masks[test], result, detector.offset_,
         detector.pixel_threshold_,
     )  # fmt: skip
     print(f"saved {model_path} ({model_path.stat().st_size / 1e6:.1f} MB)")
     print(
         f"saved {picture_path} (columns: held-out good then defective parts, "
-        "each titled with its score and verdict; top: images; bottom: anomaly "
-        "maps on one colour scale, pixel threshold in the middle, true defects "
-        "outlined in green)"
+        "each titled with its image score against the image threshold and the "
+        "verdict: good parts passed or FLAGGED, defective ones found or MISSED; "
+        "top: images; bottom: anomaly maps on one colour scale, the pixel "
+        "threshold marked on the colour bar, true defects outlined in green)"
     )
     print(f"wall time: {time.perf_counter() - start:.1f} s")
     return EXIT_OK

@@ -6,17 +6,23 @@ from __future__ import annotations
 import csv
 import os
 
-import numpy as np
-
 from .._core.files import atomic_write
-from .common import file_batches, load_model, spreadsheet_safe
+from .common import (
+    file_batches,
+    is_exported,
+    load_exported,
+    load_model,
+    spreadsheet_safe,
+)
 from .options import (
     EXIT_OK,
     EXIT_SKIPPED,
     CommandError,
     add_allow_pickle,
+    add_overwrite,
     add_runtime,
     check_device,
+    check_exported_runtime,
     say,
 )
 
@@ -27,11 +33,16 @@ def add_parser(commands) -> None:
     evaluate = commands.add_parser(
         "evaluate",
         help="image/pixel AUROC and AUPR, AUPRO and F1 on an MVTec-style category",
-        description="Evaluate a saved model on <category>/test: image metrics of "
-        "every readable image, pixel metrics where <category>/ground_truth has "
-        "masks, overall and per defect type.",
+        description="Evaluate a saved or exported model on <category>/test: image "
+        "metrics of every readable image, pixel metrics where "
+        "<category>/ground_truth has masks, overall and per defect type.",
     )
-    evaluate.add_argument("model", metavar="MODEL", help="model file from 'skdfm fit'")
+    evaluate.add_argument(
+        "model",
+        metavar="MODEL",
+        help="model file from 'skdfm fit', or an exported .onnx / OpenVINO .xml "
+        "from 'skdfm export' (run without torch: the exported model's own scores)",
+    )
     add_allow_pickle(evaluate)
     evaluate.add_argument(
         "category",
@@ -58,25 +69,42 @@ def add_parser(commands) -> None:
         "ROC and precision-recall curves, the score histogram with the threshold "
         "and the worst mistakes over their maps (needs matplotlib)",
     )
+    add_overwrite(evaluate, "the --json and --csv files and the --report page")
     add_runtime(evaluate)
     evaluate.set_defaults(func=run, check=check)
 
 
 def check(parser, args) -> None:
-    check_device(parser, args.device)
+    from .._evaluation.datasets import load_mvtec
+
+    if is_exported(args.model):
+        check_exported_runtime(parser, args.model, args.device)
+    else:
+        check_device(parser, args.device)
+    try:  # file names only, nothing decoded
+        load_mvtec(args.category, load_masks=False, missing_masks="none")
+    except (OSError, ValueError) as error:
+        parser.error(f"argument CATEGORY_DIR: {error}")
 
 
 def run(args) -> int:
     from .._evaluation.evaluation import evaluate_mvtec
 
-    model = load_model(args.model, args)
-    detector = model[-1]
+    exported = is_exported(args.model)
+    model = load_exported(args) if exported else load_model(args.model, args)
+    # what holds the thresholds, and what reads the files (batch size, pixel limit)
+    detector, reader = (model, model) if exported else (model[-1], model[0])
+    threshold_method = (
+        model.metadata_.get("threshold_method", "unknown")
+        if exported
+        else detector.threshold_method_
+    )
     progress = not args.no_progress
     try:
         result = evaluate_mvtec(
             model,
             args.category,
-            batches=lambda paths: file_batches(paths, model[0], progress=progress),
+            batches=lambda paths: file_batches(paths, reader, progress=progress),
         )
     except (FileNotFoundError, ValueError) as error:
         raise CommandError(str(error)) from error
@@ -88,9 +116,9 @@ def run(args) -> int:
         pixel_note = f"n/a (no ground_truth folder in {args.category})"
     else:
         pixel_note = "n/a (no usable masks with defective pixels)"
-    _print_evaluation(result.metrics, detector.threshold_method_, pixel_note)
+    _print_evaluation(result.metrics, threshold_method, pixel_note)
     if args.json:
-        _write_json(args, detector, result)
+        _write_json(args, threshold_method, result)
     if args.csv:
         _write_csv(args.csv, detector, result)
     if args.report:  # last: the numbers are written whatever happens to it
@@ -138,13 +166,13 @@ def _print_evaluation(metrics, threshold_method: str, pixel_note: str) -> None:
         print("  " + "  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)))
 
 
-def _write_json(args, detector, result) -> None:
+def _write_json(args, threshold_method: str, result) -> None:
     import json
 
     report = {
         "model": os.path.abspath(args.model),
         "category": os.path.abspath(args.category),
-        "threshold_method": detector.threshold_method_,
+        "threshold_method": threshold_method,
         **result.metrics,
         "skipped": [{"path": p, "reason": r} for p, r in result.skipped],
         "no_pixel_metrics": [
@@ -176,66 +204,11 @@ def _write_csv(target, detector, result) -> None:
 
 
 def _write_report(args, model, result) -> None:
-    """``--report DIR``: the HTML page, with the worst mistakes drawn again (one
-    small second pass over at most 8 images)."""
-    from .. import anomaly_maps
-    from .._evaluation.map_files import colour_scale, overlay_picture
+    """``--report DIR``: the HTML page (a Pipeline or an exported model; the worst
+    mistakes drawn again in one small second pass)."""
     from .._evaluation.report import write_report
 
-    y, scores, labels, kinds = (
-        result.y, result.score_samples, result.labels, result.defect_types,
-    )  # fmt: skip
-    masks = result.masks
-    detector = model[-1]
-    anomaly = -scores
-    good, bad = np.flatnonzero(y == 1), np.flatnonzero(y == -1)
-    flagged_good = good[labels[good] == -1]
-    passed_bad = bad[labels[bad] == 1]
-
-    def worst(pool, fallback, key):  # the mistakes, else the closest calls
-        pool = pool if len(pool) else fallback
-        return pool[np.argsort(key(pool), kind="stable")][:4]
-
-    worst_fp = worst(flagged_good, good, lambda p: -anomaly[p])
-    worst_fn = worst(passed_bad, bad, lambda p: anomaly[p])
-    picked = [*worst_fp, *worst_fn]
-    paths = [result.data.paths[result.index[i]] for i in picked]
-    pictures = []
-    if picked and detector.score_type == "fre":
-        drawn = anomaly_maps(model, paths, size="image")
-        scale = colour_scale(detector)
-        for j, i in enumerate(picked):
-            caption = (
-                f"{kinds[i]}: anomaly score {anomaly[i]:.4g} "
-                f"({'flagged' if labels[i] == -1 else 'passed'})"
-            )
-            picture = overlay_picture(
-                paths[j], drawn.maps[j], scale=scale, caption=caption,
-                mask=masks[i] if masks[i] is not None and masks[i].any() else None,
-            )  # fmt: skip
-            pictures.append((np.asarray(picture), f"{paths[j]}"))
-    else:  # nll: no maps to draw, the files and scores still say which
-        pictures = [
-            (None, f"{paths[j]}: {kinds[i]}, anomaly score {anomaly[i]:.4g} "
-                   f"({'flagged' if labels[i] == -1 else 'passed'})")
-            for j, i in enumerate(picked)
-        ]  # fmt: skip
-    notes = [
-        f"Model: {os.path.abspath(args.model)}; category: "
-        f"{os.path.abspath(args.category)}.",
-        f"Threshold: {-detector.offset_:.4g} ({detector.threshold_method_}); maps on "
-        "one colour scale, the pixel threshold in its middle, true defects "
-        "outlined in green.",
-    ]
     path = write_report(
-        args.report,
-        title=f"skdfm evaluation: {os.path.basename(os.path.abspath(args.category))}",
-        metrics=result.metrics,
-        y=y,
-        scores=scores,
-        offset=detector.offset_,
-        false_positives=pictures[: len(worst_fp)],
-        false_negatives=pictures[len(worst_fp) :],
-        notes=notes,
+        args.report, model, result, model_file=args.model, category=args.category
     )
     print(f"report: {path}")

@@ -8,18 +8,24 @@ from pathlib import Path
 
 import numpy as np
 
-from .common import collect_images, file_batches, load_model
+from .common import collect_images, file_batches, is_exported, load_model
 from .options import (
     EXIT_OK,
     EXIT_SKIPPED,
     CommandError,
     add_allow_pickle,
+    add_overwrite,
     add_runtime,
     check_device,
+    check_folder,
     check_output,
+    refuse_existing,
 )
 
-__all__ = ["add_parser", "check", "run"]
+__all__ = ["FORMAT_OF_SUFFIX", "add_parser", "check", "run"]
+
+#: The format OUT's suffix names.
+FORMAT_OF_SUFFIX = {".onnx": "onnx", ".xml": "openvino"}
 
 
 def add_parser(commands) -> None:
@@ -33,16 +39,26 @@ def add_parser(commands) -> None:
     )
     export.add_argument("model", metavar="MODEL", help="model file from 'skdfm fit'")
     export.add_argument(
-        "out", metavar="OUT", help="the file to write: model.onnx, or model.xml"
+        "out",
+        metavar="OUT",
+        help="the file to write: model.onnx (ONNX), or model.xml (OpenVINO, its "
+        "weights in model.bin beside it)",
     )
     add_allow_pickle(export)
-    export.add_argument("--format", choices=["onnx", "openvino"], default="onnx")
+    export.add_argument(
+        "--format",
+        choices=["onnx", "openvino"],
+        help="default: the one OUT's suffix names (.onnx: onnx, .xml: openvino)",
+    )
+    add_overwrite(export, "OUT (and the .bin beside an .xml)")
     export.add_argument(
         "--precision",
         choices=["float32", "float16", "bfloat16", "int8"],
         default="float32",
-        help="float32 (default, equal scores); bfloat16 and float16 (weights): "
-        "openvino only; int8: quantised convolutions, needs --calibration",
+        help="float32 (default: the model's scores to float32 rounding); bfloat16 "
+        "(computed in bfloat16 on CPUs with bf16 units) and float16 (weights "
+        "stored in half precision): openvino only; int8: quantised convolutions, "
+        "needs --calibration",
     )
     export.add_argument(
         "--calibration", metavar="DIR", help="normal images to calibrate int8 on"
@@ -58,14 +74,64 @@ def add_parser(commands) -> None:
 
 
 def check(parser, args) -> None:
+    """The format (from OUT's suffix), the precision, calibration and validation
+    folders, the packages the format needs, and OUT: all before anything is read."""
+    import importlib.util
+
     check_device(parser, args.device)
-    suffix = ".xml" if args.format == "openvino" else ".onnx"
-    if Path(args.out).suffix.lower() != suffix:
+    if is_exported(args.model):
         parser.error(
-            f"argument OUT: --format {args.format} writes a {suffix} file, not "
-            f"{args.out}"
+            f"argument MODEL: {args.model} is an exported model; export takes the "
+            ".skdfm model file 'skdfm fit' wrote"
         )
-    check_output(parser, args.out, flag="OUT", model=False)
+    named = FORMAT_OF_SUFFIX.get(Path(args.out).suffix.lower())
+    if args.format is None:
+        if named is None:
+            parser.error(
+                f"argument OUT: {args.out}: name it *.onnx (ONNX) or *.xml "
+                "(OpenVINO); the format follows the suffix"
+            )
+        args.format = named
+    elif named != args.format:
+        suffix = {v: k for k, v in FORMAT_OF_SUFFIX.items()}[args.format]
+        parser.error(
+            f"argument --format: {args.format} writes a {suffix} file, not {args.out}"
+        )
+    if args.precision in ("bfloat16", "float16") and args.format != "openvino":
+        parser.error(
+            f"argument --precision: {args.precision} needs --format openvino (an "
+            f".xml OUT): onnxruntime's CPU has no {args.precision} convolutions; "
+            "--precision int8 makes a smaller, faster ONNX file"
+        )
+    if args.precision == "int8":
+        if args.calibration is None:
+            parser.error(
+                "argument --precision: int8 needs --calibration DIR: normal images "
+                "to calibrate the activations' int8 ranges on (16-64 are enough)"
+            )
+        check_folder(parser, args.calibration, "--calibration")
+    elif args.calibration is not None:
+        parser.error("argument --calibration: only for --precision int8")
+    if args.validation is not None:
+        check_folder(parser, args.validation, "--validation")
+    needed = {"onnx": "onnx"}  # the conversion goes through ONNX
+    if args.format == "openvino":
+        needed["openvino"] = "openvino"
+    if args.precision == "int8":
+        needed["onnxruntime"] = "onnx"  # its quantiser
+    missing = [name for name in needed if importlib.util.find_spec(name) is None]
+    if missing:
+        from .._deploy.runtime import install_hint
+
+        extras = ",".join(sorted({needed[name] for name in missing}))
+        parser.error(
+            f"argument --format: {args.format} at {args.precision} needs "
+            f"{' and '.join(missing)}: {install_hint(missing[0], extras)}"
+        )
+    check_output(parser, args.out, flag="OUT", model=False, overwrite=args.overwrite)
+    if args.format == "openvino":
+        weights = Path(args.out).with_suffix(".bin")
+        refuse_existing(parser, "OUT", weights, args.overwrite)
 
 
 def _decoded(paths, reader):
@@ -101,19 +167,12 @@ def run(args) -> int:
 
     model = load_model(args.model, args)
     calibration, skipped = None, []
-    if args.precision == "int8":
-        if args.calibration is None:
-            raise CommandError(
-                "--precision int8 needs --calibration DIR: normal images to calibrate "
-                "the activations' int8 ranges on (16-64 are enough)"
-            )
+    if args.precision == "int8":  # --calibration given: checked
         files, problems = collect_images([args.calibration])
         _, calibration, failed = _decoded(files, model[0])
         skipped += problems + failed
         if not calibration:
             raise CommandError(f"--calibration {args.calibration}: no readable images")
-    elif args.calibration is not None:
-        raise CommandError("--calibration is only for --precision int8")
     t = time.perf_counter()
     try:
         path = export(

@@ -24,10 +24,13 @@ from .options import (
     EXIT_SKIPPED,
     CommandError,
     add_model_options,
+    add_overwrite,
     add_runtime,
     add_scheduler,
+    check_backbone,
     check_device,
     check_image_score,
+    check_weights,
     say,
     share,
 )
@@ -67,6 +70,7 @@ def add_parser(commands) -> None:
         metavar="MODEL",
         help="model file to write (.skdfm: data, safe to load; see 'skdfm.save')",
     )
+    add_overwrite(fit, "the MODEL file")
     fit.add_argument(
         "--holdout",
         type=share(0.0, 1.0, low_closed=True, high_closed=False),
@@ -102,9 +106,14 @@ def add_parser(commands) -> None:
 
 def check(parser, args) -> None:
     from .._evaluation.datasets import training_images, validation_images
+    from .._tools.fitting import holdout_split
 
     check_device(parser, args.device)
     check_image_score(parser, args)
+    check_weights(parser, args)
+    check_backbone(parser, args)
+    if args.timeout is not None and not args.scheduler:
+        parser.error("argument --timeout: bounds a cluster's work; give --scheduler")
     try:  # the layout rule: file names only, nothing decoded
         training = training_images(args.normal_images)
     except (OSError, ValueError) as error:
@@ -114,6 +123,11 @@ def check(parser, args) -> None:
         args.contamination = (
             CONTAMINATION if args.contamination is None else args.contamination
         )
+        if len(training.paths) >= 3:  # fewer: said as no readable images
+            try:  # fewer readable files cannot hold more out
+                holdout_split(len(training.paths), args.holdout)
+            except ValueError as error:
+                parser.error(f"argument --holdout: {error}")
         return
     for flag in ("holdout", "contamination"):
         if getattr(args, flag) is not None:
@@ -416,6 +430,7 @@ def _fit_on_cluster(args, model, files, problems, check) -> int:
                 model,
                 image_bag([os.path.abspath(p) for p in train]),
                 client=client,
+                timeout=args.timeout,
                 # --validation: no threshold pass here, set next on the client
                 threshold_images=None
                 if args.validation

@@ -24,19 +24,26 @@ __all__ = [
     "CommandError",
     "add_allow_pickle",
     "add_model_options",
+    "add_overwrite",
     "add_runtime",
     "add_scheduler",
+    "check_backbone",
     "check_device",
+    "check_exported_runtime",
+    "check_folder",
     "check_image_score",
     "check_output",
     "check_report",
+    "check_weights",
     "describe",
     "image_score",
     "layer_spec",
     "max_pixels",
     "pca_level",
     "pixel_limit",
+    "positive_float",
     "positive_int",
+    "refuse_existing",
     "say",
     "share",
 ]
@@ -75,6 +82,16 @@ def positive_int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"{value} must be at least 1")
+    return value
+
+
+def positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not (value > 0 and value != float("inf")):
+        raise argparse.ArgumentTypeError(f"{text} must be a positive finite number")
     return value
 
 
@@ -155,13 +172,16 @@ def max_pixels(args) -> int | None:
 def add_runtime(parser) -> None:
     group = parser.add_argument_group("runtime")
     group.add_argument(
-        "--device", help="'cpu', 'cuda', 'cuda:N' (default: CUDA when available)"
+        "--device",
+        help="'cpu', 'cuda', 'cuda:N' (default: CUDA when available; exported "
+        "models run on the CPU)",
     )
     group.add_argument(
         "--batch-size",
         type=positive_int,
         metavar="N",
-        help="images per backbone batch (default: the model's, 16 for a new one)",
+        help="images per backbone batch (default: the model's, 16 for a new or "
+        "an exported one)",
     )
     group.add_argument("--no-progress", action="store_true", help="no progress bars")
     group.add_argument(
@@ -181,6 +201,15 @@ def add_scheduler(parser) -> None:
         help="run the backbone passes on the Dask cluster whose scheduler is at "
         "ADDRESS (e.g. tcp://10.0.0.5:8786; needs skdfm[dask]); the files must be "
         "readable by the workers at the same paths",
+    )
+    parser.add_argument(
+        "--timeout",
+        type=positive_float,
+        metavar="SECONDS",
+        help="with --scheduler: end the cluster's work with an error (exit 1) if "
+        "it has not finished after SECONDS (default: wait as long as the cluster "
+        "works; a cluster left without any worker ends the run after 60 s either "
+        "way, and the scheduler must answer within Dask's connect timeout, 30 s)",
     )
 
 
@@ -256,6 +285,18 @@ def add_model_options(parser) -> None:
     )
 
 
+def add_overwrite(parser, what: str) -> None:
+    """``--overwrite``, the one flag by which a command replaces what it wrote
+    before; without it, an output that exists stops the command before anything is
+    read (exit 2)."""
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help=f"replace {what} that exist already (without it, one that exists stops "
+        "the command before anything is read, exit 2)",
+    )
+
+
 def add_allow_pickle(parser) -> None:
     parser.add_argument(
         "--allow-pickle",
@@ -268,7 +309,20 @@ def add_allow_pickle(parser) -> None:
 # -- checks of the command line (parser.error: exit 2, before any image is read) -----
 
 
-def check_output(parser, output, *, flag="-o/--output", model=True) -> None:
+def refuse_existing(parser, flag: str, path, overwrite: bool) -> None:
+    """An output that exists is replaced only with --overwrite."""
+    if not overwrite and os.path.lexists(path):
+        parser.error(
+            f"argument {flag}: {os.fspath(path)} exists: pass --overwrite to replace "
+            "it, or name another"
+        )
+
+
+def check_output(
+    parser, output, *, flag="-o/--output", model=True, overwrite=False
+) -> None:
+    """A file the command writes: a folder to write it in, a name the folder
+    takes, never a pickle for a model, and replaced only with ``overwrite``."""
     path = Path(output)
     if model and path.suffix.lower() in PICKLE_SUFFIXES:
         parser.error(
@@ -289,11 +343,18 @@ def check_output(parser, output, *, flag="-o/--output", model=True) -> None:
         parser.error(f"argument {flag}: {output} is a folder")
     if not os.access(folder, os.W_OK | os.X_OK):
         parser.error(f"argument {flag}: folder {folder} is not writable")
+    refuse_existing(parser, flag, path, overwrite)
 
 
-def check_report(parser, folder: str) -> None:
-    """--report: matplotlib importable and the folder writable, said before any
-    image is read."""
+def check_folder(parser, folder, flag: str) -> None:
+    """A folder the command reads images from."""
+    if not Path(folder).is_dir():
+        parser.error(f"argument {flag}: no folder {folder}")
+
+
+def check_report(parser, folder: str, *, overwrite=False) -> None:
+    """--report: matplotlib importable, the folder writable, and its report.html
+    replaced only with ``overwrite``; said before any image is read."""
     import importlib.util
 
     if importlib.util.find_spec("matplotlib") is None:
@@ -307,6 +368,7 @@ def check_report(parser, folder: str) -> None:
     parent = path if path.is_dir() else path.parent
     if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
         parser.error(f"argument --report: cannot write a folder in {parent}")
+    refuse_existing(parser, "--report", path / "report.html", overwrite)
 
 
 def check_device(parser, device) -> None:
@@ -332,3 +394,119 @@ def check_image_score(parser, args) -> None:
             f"argument --image-score: {args.image_score} needs --score-type fre (the "
             "nll score does not split over image locations)"
         )
+
+
+def check_exported_runtime(parser, path: str, device) -> None:
+    """An exported MODEL (.onnx / .xml): run on the CPU by onnxruntime or OpenVINO,
+    one of which must be installed."""
+    import importlib.util
+
+    if device not in (None, "cpu"):
+        parser.error(
+            f"argument --device: {device}: exported models run on the CPU "
+            "(onnxruntime or OpenVINO); --device is for .skdfm models"
+        )
+    xml = Path(path).suffix.lower() == ".xml"
+    runtimes = ("openvino",) if xml else ("onnxruntime", "openvino")
+    if not any(importlib.util.find_spec(name) for name in runtimes):
+        from .._deploy.runtime import install_hint
+
+        extra = "openvino" if xml else "onnx"
+        parser.error(
+            f"argument MODEL: {path} runs with {' or '.join(runtimes)}, not "
+            f"installed: {install_hint(runtimes[0], extra)}"
+        )
+
+
+def check_weights(parser, args) -> None:
+    """--checkpoint, --weights and --random-init name one source of weights; a
+    checkpoint must be a file; the offline weights are those of one backbone."""
+    from .._tools.recommended import RECOMMENDED
+
+    if args.random_init and args.weights not in ("auto", "random"):
+        parser.error(
+            f"argument --random-init: not with --weights {args.weights} "
+            "(--random-init is --weights random)"
+        )
+    asked = "random" if args.random_init else args.weights
+    if args.checkpoint is not None:
+        if asked != "auto":
+            parser.error(
+                f"argument --checkpoint: not with --weights {asked}: the checkpoint "
+                "is where the weights come from"
+            )
+        if not Path(args.checkpoint).is_file():
+            parser.error(f"argument --checkpoint: no such file {args.checkpoint}")
+    offline = RECOMMENDED["backbone"]  # the offline weights' architecture
+    if asked == "offline" and args.backbone != offline:
+        parser.error(
+            f"argument --weights: the offline weights are {offline}'s, not "
+            f"{args.backbone}'s: pass --backbone {offline}, or --checkpoint FILE"
+        )
+
+
+def _feature_grid(backbone: str, layer, input_size: int) -> tuple[list, tuple]:
+    """The layers of ``backbone`` (timm's ``feature_info``) and the (rows, columns)
+    of the feature map at ``layer`` for an input of ``input_size`` pixels, from the
+    model's skeleton on the meta device: no weights read, nothing computed.
+
+    Raises ValueError naming the problem, as the transformer's fit would."""
+    import timm
+    import torch
+
+    from .._imaging.backbone import layer_name
+
+    if not timm.is_model(backbone):
+        close = timm.list_models(f"*{backbone.split('.')[0][:5]}*")[:8]
+        hint = f"; close names: {', '.join(close)}" if close else ""
+        raise ValueError(f"{backbone!r} is not a timm model{hint}")
+    wanted = layer_name(backbone, layer)  # ValueError naming the valid layers
+    wanted = [wanted] if isinstance(wanted, str) else list(wanted)
+    with torch.device("meta"):
+        model = timm.create_model(backbone, pretrained=False, features_only=True)
+        names = model.feature_info.module_name()
+        model = timm.create_model(
+            backbone,
+            pretrained=False,
+            features_only=True,
+            out_indices=tuple(names.index(n) for n in wanted),
+        ).eval()
+        try:
+            maps = model(torch.zeros((1, 3, input_size, input_size)))
+        except RuntimeError as error:  # a kernel larger than what is left, ...
+            raise ValueError(
+                f"input size {input_size} is too small for {backbone} cut after "
+                f"{layer}: {error}"
+            ) from None
+    rows = min(int(m.shape[2]) for m in maps)
+    cols = min(int(m.shape[3]) for m in maps)
+    return names, (rows, cols)
+
+
+def check_backbone(parser, args) -> None:
+    """--backbone, --layer, --input-size, --pooling-kernel-size and an
+    --image-score of K cells checked together against the backbone's skeleton
+    (timm's, without weights): an unknown backbone or layer (the available layers
+    named), a feature map smaller than the pooling kernel, more cells than the
+    pooled grid holds. Run after :func:`check_image_score`."""
+    from .._kernels.scores import check_image_score as check_cells
+
+    try:
+        _, (rows, cols) = _feature_grid(args.backbone, args.layer, args.input_size)
+    except ValueError as error:
+        text = str(error)
+        flag = "--layer" if text.startswith("layer") else "--backbone"
+        flag = "--input-size" if text.startswith("input size") else flag
+        parser.error(f"argument {flag}: {text}")
+    k = args.pooling_kernel_size
+    if rows < k or cols < k:
+        parser.error(
+            f"argument --pooling-kernel-size: --input-size {args.input_size} gives "
+            f"a {rows}x{cols} feature map at {args.layer} of {args.backbone}, "
+            f"smaller than the kernel {k}: use a larger --input-size, an earlier "
+            "--layer or a smaller kernel"
+        )
+    try:
+        check_cells(args.image_score, args.score_type, (1, rows // k, cols // k))
+    except ValueError as error:
+        parser.error(f"argument --image-score: {error}")

@@ -16,6 +16,8 @@ from .common import (
     connect,
     file_batches,
     is_exported,
+    list_images,
+    load_exported,
     load_model,
     maps_root,
     spreadsheet_safe,
@@ -25,10 +27,11 @@ from .options import (
     EXIT_SKIPPED,
     CommandError,
     add_allow_pickle,
+    add_overwrite,
     add_runtime,
     add_scheduler,
     check_device,
-    max_pixels,
+    check_exported_runtime,
     say,
 )
 
@@ -68,12 +71,7 @@ def add_parser(commands) -> None:
         help="write anomaly-map overlays here, mirroring the folders of the images "
         "(test/crack/000.png -> DIR/crack/000.png_map.png)",
     )
-    score.add_argument(
-        "--overwrite",
-        action="store_true",
-        help="replace map and mask files of an earlier run (without it, an "
-        "existing one stops the command before any image is read)",
-    )
+    add_overwrite(score, "the --csv file, map and mask files")
     score.add_argument(
         "--masks",
         metavar="DIR",
@@ -94,33 +92,26 @@ def check(parser, args) -> None:
             "argument --scheduler: it runs .skdfm models; score an exported model "
             "without it"
         )
-
-
-def _load_exported(args):
-    """An exported model (.onnx / .xml): run by onnxruntime or OpenVINO, no torch."""
-    from .._core.files import ModelFileError
-    from .._deploy.runtime import ExportedModel
-
-    if args.device not in (None, "cpu"):
-        raise CommandError(
-            f"--device {args.device}: exported models run on the CPU (onnxruntime or "
-            "OpenVINO); --device is for .skdfm models"
+    else:
+        check_exported_runtime(parser, args.model, args.device)
+    if args.scheduler and args.masks:
+        parser.error("argument --masks: written on one machine, not with --scheduler")
+    if args.timeout is not None and not args.scheduler:
+        parser.error("argument --timeout: bounds a cluster's work; give --scheduler")
+    for flag, folder in (("--maps", args.maps), ("--masks", args.masks)):
+        if folder is not None and os.path.exists(folder) and not os.path.isdir(folder):
+            parser.error(f"argument {flag}: {folder} is a file, not a folder")
+    flag, target = _existing_map_file(args)
+    if target is not None:
+        parser.error(
+            f"argument {flag}: {target} exists (from an earlier run?): pass "
+            "--overwrite to replace such files, or write to another folder"
         )
-    try:
-        return ExportedModel(
-            args.model,
-            batch_size=args.batch_size or 16,
-            max_image_pixels=max_pixels(args),
-        )
-    except (ModelFileError, FileNotFoundError) as error:
-        raise CommandError(str(error)) from error
-    except ImportError as error:
-        raise CommandError(f"cannot run {args.model}: {error}") from error
 
 
 def run(args) -> int:
     exported = is_exported(args.model)
-    model = _load_exported(args) if exported else load_model(args.model, args)
+    model = load_exported(args) if exported else load_model(args.model, args)
     files, problems = collect_images(args.images)
     detector = model if exported else model[-1]
     score_type = model.score_type_ if exported else detector.score_type
@@ -133,10 +124,7 @@ def run(args) -> int:
             "--masks needs a model with a pixel threshold (skdfm fit sets one; in "
             "Python: skdfm.calibrate_pixel_threshold; int8 exports carry none)"
         )
-    _refuse_overwriting(args, files)
     if args.scheduler:
-        if args.masks:
-            raise CommandError("--masks is written on one machine, not --scheduler")
         if not files:
             raise CommandError("no readable images to score")
         return _score_on_cluster(args, model, files, problems)
@@ -263,24 +251,28 @@ def _write_map_files(args, model, root: str, paths, images):
     return result.score_samples, result.labels
 
 
-def _refuse_overwriting(args, files) -> None:
-    """Maps and masks never replace files silently: one that exists (an earlier
-    run's) stops the command before any image is read, unless --overwrite."""
+def _existing_map_file(args):
+    """``(flag, file)``: the first map or mask file of the images named that
+    exists already (an earlier run's), ``(None, None)`` when none does or with
+    --overwrite. File names only, nothing read: maps and masks never replace files
+    silently."""
     from .._evaluation.map_files import map_file, mask_file
 
-    if args.overwrite:
-        return
+    if args.overwrite or not (args.maps or args.masks):
+        return None, None
+    files, _ = list_images(args.images)
     root = maps_root(args.images)
-    for folder, name in ((args.maps, map_file), (args.masks, mask_file)):
-        if not folder:
+    for flag, folder, name in (
+        ("--maps", args.maps, map_file),
+        ("--masks", args.masks, mask_file),
+    ):
+        if not folder or not os.path.isdir(folder):
             continue
         for path in files:
             target = name(folder, path, root)
             if target.exists():
-                raise CommandError(
-                    f"{target} exists (from an earlier run?): pass --overwrite to "
-                    "replace such files, or write to another folder"
-                )
+                return flag, target
+    return None, None
 
 
 def _score_on_cluster(args, model, files, problems) -> int:
@@ -297,8 +289,10 @@ def _score_on_cluster(args, model, files, problems) -> int:
                 client=client,
                 maps_dir=args.maps,
                 root=maps_root(args.images),
+                compute=True,
+                timeout=args.timeout,
             )
-            frame = client.compute(table).result()
+            frame = table
     finally:
         client.close()
     skipped, rows = list(problems), []
