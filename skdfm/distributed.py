@@ -432,8 +432,9 @@ def _check_timeout(timeout, caller: str):
 
 #: Seconds a computation waits on a cluster that has no worker at all (all lost and
 #: none back, or none ever joined) before it ends with a TimeoutError: the bound of
-#: a wait without ``timeout``, which would otherwise never end.
-NO_WORKER_TIMEOUT = 60.0
+#: a wait without ``timeout``, which would otherwise never end. Ten minutes: an
+#: adaptive cluster scaled to zero may take minutes to start its first worker.
+NO_WORKER_TIMEOUT = 600.0
 _POLL_SECONDS = 0.5
 
 

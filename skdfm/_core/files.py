@@ -202,7 +202,14 @@ def terminate_as_exception(
         os.close(wake_read)
         os.close(wake_write)
         raise
-    watchdog.start()
+    # The watchdog is started with SIGTERM blocked, so it never takes the signal
+    # itself (threads inherit the mask): the signal stays the main thread's, which
+    # holds it while atomic_write makes a temporary file.
+    held = _hold_sigterm()
+    try:
+        watchdog.start()
+    finally:
+        _release(held)
     try:
         yield
     finally:

@@ -208,7 +208,7 @@ def add_scheduler(parser) -> None:
         metavar="SECONDS",
         help="with --scheduler: end the cluster's work with an error (exit 1) if "
         "it has not finished after SECONDS (default: wait as long as the cluster "
-        "works; a cluster left without any worker ends the run after 60 s either "
+        "works; a cluster left without any worker ends the run after 10 min either "
         "way, and the scheduler must answer within Dask's connect timeout, 30 s)",
     )
 
