@@ -19,6 +19,25 @@ def _own_weights_cache(tmp_path_factory):
         os.environ["SKDFM_CACHE"] = previous
 
 
+#: The command's model flags for the tiny random-weight backbone of the command tests.
+CLI_TINY = [
+    "--backbone", "test_resnet", "--layer", "layer2", "--input-size", "64",
+    "--pooling-kernel-size", "2", "--device", "cpu", "--no-progress",
+]  # fmt: skip
+
+
+@pytest.fixture
+def no_download(monkeypatch):
+    """Tests never download: no cached weights, and the network said unreachable,
+    so the command takes its offline paths."""
+    import skdfm._imaging.backbone
+
+    monkeypatch.setattr(skdfm._imaging.backbone, "_cached_weights", lambda cfg: None)
+    monkeypatch.setattr(
+        skdfm._imaging.backbone, "_download_blocker", lambda cfg: "tests never download"
+    )
+
+
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return

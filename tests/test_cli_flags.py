@@ -19,20 +19,10 @@ import skdfm._tools.saving
 import skdfm._transformer
 from skdfm.cli import build_parser, main
 
-from .conftest import write_mvtec_tree
+from .conftest import CLI_TINY, write_mvtec_tree
 
-TINY = [
-    "--backbone", "test_resnet", "--layer", "layer2", "--input-size", "64",
-    "--pooling-kernel-size", "2", "--device", "cpu", "--no-progress",
-]  # fmt: skip
-
-
-@pytest.fixture(autouse=True)
-def offline(monkeypatch):
-    monkeypatch.setattr(skdfm._imaging.backbone, "_cached_weights", lambda cfg: None)
-    monkeypatch.setattr(
-        skdfm._imaging.backbone, "_download_blocker", lambda cfg: "tests never download"
-    )
+TINY = CLI_TINY
+pytestmark = pytest.mark.usefixtures("no_download")
 
 
 @pytest.fixture

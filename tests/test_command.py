@@ -14,18 +14,10 @@ import skdfm.cli.export
 from skdfm.cli import main
 from skdfm.cli.options import describe
 
-TINY = [
-    "--backbone", "test_resnet", "--layer", "layer2", "--input-size", "64",
-    "--pooling-kernel-size", "2", "--device", "cpu", "--no-progress", "--random-init",
-]  # fmt: skip
+from .conftest import CLI_TINY
 
-
-@pytest.fixture(autouse=True)
-def offline(monkeypatch):
-    monkeypatch.setattr(skdfm._imaging.backbone, "_cached_weights", lambda cfg: None)
-    monkeypatch.setattr(
-        skdfm._imaging.backbone, "_download_blocker", lambda cfg: "tests never download"
-    )
+TINY = [*CLI_TINY, "--random-init"]
+pytestmark = pytest.mark.usefixtures("no_download")
 
 
 @pytest.fixture
