@@ -38,6 +38,14 @@ def no_download(monkeypatch):
     )
 
 
+#: A LocalCluster closes the nanny of a worker that has not come back within
+#: ``distributed.deploy.lost-worker-timeout`` (15 s): on 2 busy cores a killed
+#: worker's restart (a new process importing torch) can take longer, and the cluster
+#: would be left without workers. Real clusters (``dask worker --nanny``) restart
+#: without such a limit; the tests give the restart as long.
+RESTART_TIME = {"distributed.deploy.lost-worker-timeout": "600s"}
+
+
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return

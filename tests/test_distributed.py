@@ -12,7 +12,7 @@ from sklearn.pipeline import make_pipeline
 
 from skdfm import DeepFeatureTransformer, DFMDetector, stream_fit
 
-from .conftest import SMALL_BACKBONE, make_features
+from .conftest import RESTART_TIME, SMALL_BACKBONE, make_features
 
 dask = pytest.importorskip("dask")
 distributed = pytest.importorskip("distributed")
@@ -77,6 +77,7 @@ def test_without_a_client_the_local_scheduler_runs_the_same_fit(image_files):
 @pytest.fixture(scope="module")
 def client():
     with (
+        dask.config.set(RESTART_TIME),
         distributed.LocalCluster(
             n_workers=2,
             threads_per_worker=1,

@@ -21,7 +21,7 @@ from sklearn.pipeline import make_pipeline
 
 from skdfm import DeepFeatureTransformer, DFMDetector
 
-from .conftest import SMALL_BACKBONE
+from .conftest import RESTART_TIME, SMALL_BACKBONE
 
 dask = pytest.importorskip("dask")
 distributed = pytest.importorskip("distributed")
@@ -61,13 +61,18 @@ def fitted(files):
 
 @pytest.fixture(scope="module")
 def cluster():
-    with distributed.LocalCluster(
-        n_workers=2,
-        threads_per_worker=1,
-        processes=True,
-        host="127.0.0.1",
-        dashboard_address=None,
-    ) as cluster:
+    # Killed workers' restarts may take longer than the LocalCluster's 15 s (see
+    # conftest.RESTART_TIME): without this, it closes their nannies.
+    with (
+        dask.config.set(RESTART_TIME),
+        distributed.LocalCluster(
+            n_workers=2,
+            threads_per_worker=1,
+            processes=True,
+            host="127.0.0.1",
+            dashboard_address=None,
+        ) as cluster,
+    ):
         yield cluster
 
 
