@@ -153,8 +153,8 @@ def test_save_is_atomic_too(tmp_path):
 
 # Signals sent to the process itself are sent in a fresh one: the test process holds
 # torch's, onnxruntime's and OpenVINO's native threads by then, and a self-sent
-# SIGTERM there ended pytest with a segmentation fault in 2 of 6 runs (never in a
-# fresh process: 200 in a row with those libraries loaded).
+# SIGTERM there ended pytest with a segmentation fault in 3 of 7 long runs (not in a
+# fresh process: 200 in a row with those libraries loaded, none).
 RESTORES = textwrap.dedent(
     """
     import importlib.util, os, signal, time
