@@ -14,10 +14,7 @@ from .options import (
     add_model_options,
     add_overwrite,
     add_runtime,
-    check_backbone,
-    check_device,
-    check_image_score,
-    check_weights,
+    check_model_options,
     positive_int,
     refuse_existing,
 )
@@ -58,10 +55,7 @@ def add_parser(commands) -> None:
 
 
 def check(parser, args) -> None:
-    check_device(parser, args.device)
-    check_image_score(parser, args)
-    check_weights(parser, args)
-    check_backbone(parser, args)
+    check_model_options(parser, args)
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         parser.error(f"argument --out: {args.out} is a file, not a folder")

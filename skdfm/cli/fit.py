@@ -27,10 +27,7 @@ from .options import (
     add_overwrite,
     add_runtime,
     add_scheduler,
-    check_backbone,
-    check_device,
-    check_image_score,
-    check_weights,
+    check_model_options,
     say,
     share,
 )
@@ -108,10 +105,7 @@ def check(parser, args) -> None:
     from .._evaluation.datasets import training_images, validation_images
     from .._tools.fitting import holdout_split
 
-    check_device(parser, args.device)
-    check_image_score(parser, args)
-    check_weights(parser, args)
-    check_backbone(parser, args)
+    check_model_options(parser, args)
     if args.timeout is not None and not args.scheduler:
         parser.error("argument --timeout: bounds a cluster's work; give --scheduler")
     try:  # the layout rule: file names only, nothing decoded

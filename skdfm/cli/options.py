@@ -32,6 +32,7 @@ __all__ = [
     "check_exported_runtime",
     "check_folder",
     "check_image_score",
+    "check_model_options",
     "check_output",
     "check_report",
     "check_weights",
@@ -481,6 +482,15 @@ def _feature_grid(backbone: str, layer, input_size: int) -> tuple[list, tuple]:
     rows = min(int(m.shape[2]) for m in maps)
     cols = min(int(m.shape[3]) for m in maps)
     return names, (rows, cols)
+
+
+def check_model_options(parser, args) -> None:
+    """The model options of ``demo`` and ``fit`` (:func:`add_model_options`,
+    :func:`add_runtime`): device, image score, weights, backbone and layer."""
+    check_device(parser, args.device)
+    check_image_score(parser, args)
+    check_weights(parser, args)
+    check_backbone(parser, args)
 
 
 def check_backbone(parser, args) -> None:
